@@ -1,0 +1,1 @@
+"""Committing results: whole run folders and Hugging Face checkpoints appear complete or not at all."""

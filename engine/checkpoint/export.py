@@ -1,0 +1,97 @@
+"""Atomic outputs. A run builds its folder under a temporary name and moves it into place only when
+complete, so a crash never leaves a half-written result where a result is expected."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from engine.errors import OutputError
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work, to write over a folder that already holds something."""
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputError(
+            f"output_dir {str(out)!r} already holds results; choose another output_dir or pass overwrite=true "
+            "(the old folder is replaced only once the new run has completed)"
+        )
+    return out
+
+
+@contextmanager
+def staged_dir(output_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a staging folder ``<output_dir>.partial``; on success it replaces ``output_dir``. On failure
+    the staging folder is left for inspection and ``output_dir`` is untouched."""
+    out = check_output_dir(output_dir, overwrite)
+    stage = out.with_name(out.name + ".partial")
+    if stage.exists():
+        shutil.rmtree(stage)  # a previous failed attempt; its results were never committed
+    stage.mkdir(parents=True)
+    yield stage
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, out)
+
+
+def model_card(title: str, base_model: str | None, forget: dict | None, method: dict, metrics: dict) -> str:
+    """A Hugging Face model card (README.md) that records what was forgotten and how."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- machine-unlearning",
+        f"- {method.get('name', 'model')}",
+    ]
+    if base_model:
+        lines.append(f"base_model: {base_model}")
+    lines += ["---", "", f"# {title}", ""]
+    if forget:
+        lines += [
+            "## What was forgotten",
+            "",
+            f"- How the forget set was chosen: {forget['description']} (kind `{forget['kind']}`)",
+            f"- Size: {forget['size']} examples",
+            f"- sha256 of the sorted example ids: `{forget['ids_sha256']}`",
+            "",
+        ]
+    lines += ["## Method and settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in method.items()]
+    lines += ["", "## Metrics (errors and attacks in percent)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_checkpoint(model, path: Path, image: dict, card: str, record: dict) -> None:
+    """Save ``model`` as a Hugging Face checkpoint (safetensors) with its image processor, a model card
+    and ``unlearning.json`` (the machine-readable record)."""
+    from transformers import ViTImageProcessor
+
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    size = image.get("size")
+    # A plain processor any HF user can load with AutoImageProcessor: rescale + normalise (+ resize).
+    ViTImageProcessor(
+        do_resize=size is not None,
+        size={"height": size, "width": size} if size else None,
+        image_mean=image["mean"],
+        image_std=image["std"],
+    ).save_pretrained(tmp)
+    (tmp / "README.md").write_text(card)
+    (tmp / "unlearning.json").write_text(json.dumps(record, indent=2, default=str))
+    if path.exists():
+        raise OutputError(f"{path} exists already inside a fresh run folder")
+    os.replace(tmp, path)

@@ -1,0 +1,240 @@
+"""The typed run configuration: YAML file + ``key=value`` overrides, validated by pydantic.
+
+Unknown keys are errors (with a suggestion), values are type-checked, and the resolved config is
+written next to every result so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from engine.errors import ConfigError
+from engine.methods import ErmConfig, ScrubConfig
+from engine.methods.base import StrictModel
+
+
+class ModelConfig(StrictModel):
+    path: str | None = Field(
+        None,
+        description="Checkpoint to start from: a local Hugging Face folder or a hub id. Required by `run` and `eval`.",
+    )
+    arch: Literal["preact_resnet18", "allcnn"] | None = Field(
+        None,
+        description="Architecture `train` builds from scratch (when set, `train` ignores path; otherwise it fine-tunes path).",
+    )
+    width: float = Field(1.0, gt=0, description="Width multiplier of the from-scratch architecture.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `path`.")
+    trust_remote_code: bool = Field(
+        False, description="Allow a checkpoint's own Python code. Off unless asked for."
+    )
+
+
+class DataConfig(StrictModel):
+    dataset: str = Field(
+        "../shared/data/cifar10",
+        description="Local folder/file (parquet, json, csv, or a `datasets.save_to_disk` folder) or a hub dataset id.",
+    )
+    train_split: str = Field(
+        "train", description="Split holding the training data (forget + retain + validation)."
+    )
+    test_split: str = Field("test", description="Split used as the test set.")
+    image_column: str | None = Field(None, description="Image column; detected from the features when empty.")
+    label_column: str | None = Field(None, description="Label column; detected (a ClassLabel) when empty.")
+    id_column: str | None = Field(
+        None, description="Column of stable example ids; the row index in the train split when empty."
+    )
+    classes: list[int] | None = Field(
+        None, description="Keep only these label indices (remapped to 0..K-1 in this order)."
+    )
+    max_per_class: int | None = Field(
+        None, ge=1, description="Keep the first N train rows of each class (CPU-sized runs)."
+    )
+    max_test_per_class: int | None = Field(
+        None, ge=1, description="Keep the first N test rows of each class."
+    )
+    val_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Fraction of each class's train rows held out as validation."
+    )
+    split_seed: int = Field(0, description="Seed of the per-class validation hold-out.")
+    image_size: int | None = Field(
+        None, ge=1, description="Resize images to this square size (None: keep the dataset's size)."
+    )
+    mean: list[float] = Field(
+        default_factory=lambda: [0.4914, 0.4822, 0.4465],
+        description="Normalisation mean for models without an image processor.",
+    )
+    std: list[float] = Field(
+        default_factory=lambda: [0.2470, 0.2435, 0.2616],
+        description="Normalisation std for models without an image processor.",
+    )
+
+
+class ForgetConfig(StrictModel):
+    kind: Literal["class", "selective", "random", "ids"] = Field(
+        "class",
+        description="class: every train example of `label`; selective: `count` examples of `label`; "
+        "random: a `fraction` of the train set; ids: the explicit `ids` / `ids_file`.",
+    )
+    label: int | str | None = Field(
+        None, description="Class index (after `data.classes` remapping) or class name."
+    )
+    count: int | None = Field(None, ge=1, description="selective: number of examples of `label` to forget.")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="random: fraction of the train set to forget."
+    )
+    ids: list[int | str] | None = Field(None, description="ids: example ids to forget.")
+    ids_file: str | None = Field(None, description="ids: a file with one id per line (or a JSON list).")
+    seed: int = Field(0, description="Seed of the selective / random draw.")
+
+
+class EvalConfig(StrictModel):
+    batch_size: int = Field(256, ge=1, description="Batch size of evaluation forwards.")
+    reference: str | None = Field(
+        None, description="Retrain checkpoint to report side by side (and for SCRUB+R's comparison)."
+    )
+    every_epoch: bool = Field(
+        True, description="Evaluate forget/retain/test/val after every epoch (plots, SCRUB+R)."
+    )
+    mia_seed: int = Field(0, description="Seed of the membership attacks' subsampling and splits.")
+
+
+class LoggingConfig(StrictModel):
+    progress: bool = Field(True, description="Show progress bars.")
+    wandb: bool = Field(False, description="Log to Weights & Biases.")
+    wandb_project: str = Field("unlearning", description="W&B project.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline works without a network; sync later."
+    )
+
+
+class BackendConfig(StrictModel):
+    name: Literal["single"] = Field("single", description="Where the loop runs: single = one process.")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch.set_num_threads for this process (1 is fastest for small CPU models)."
+    )
+
+
+class RunConfig(StrictModel):
+    seed: int = Field(0, description="Seed of initialisation, data order and augmentation.")
+    output_dir: str = Field(
+        "runs/default", description="Where results go. Must be empty or absent unless overwrite=true."
+    )
+    overwrite: bool = Field(
+        False, description="Replace an existing output_dir (only once the new run has completed)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    forget: ForgetConfig = Field(default_factory=ForgetConfig)
+    method: Annotated[ScrubConfig | ErmConfig, Field(discriminator="name")] = Field(
+        default_factory=ScrubConfig, description="The unlearning method of `run`."
+    )
+    train: ErmConfig = Field(
+        default_factory=ErmConfig, description="The recipe of `train` (Original and Retrain)."
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["method.alpha=0.5", "forget.ids=[1,2]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (for example: method.alpha=0.5)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _known_keys(model_cls, loc: tuple) -> list[str]:
+    """Field names available at ``loc`` (for 'did you mean' hints)."""
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields")]
+        if not candidates:
+            return []
+        cls = candidates[0]
+    return list(cls.model_fields) if hasattr(cls, "model_fields") else []
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if isinstance(p, str) and p not in ("scrub", "erm"))
+        where = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(loc[-1], _known_keys(RunConfig, loc), n=1)
+            known = ", ".join(_known_keys(RunConfig, loc))
+            msg = (
+                f"unknown key {where!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; known keys here: {known}"
+            )
+        else:
+            msg = f"{where}: {e['msg']} (got {e.get('input')!r})"
+        lines.append("  - " + msg)
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (the shipped ones are under configs/)")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
+        data, source = loaded, str(p)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += " + overrides " + " ".join(overrides)
+    # A method section that omits `name` means SCRUB; the discriminator needs it spelled out.
+    if isinstance(data.get("method"), dict):
+        data["method"].setdefault("name", "scrub")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,29 @@
+"""One exception family. Every message says what went wrong and what to do about it."""
+
+
+class EngineError(Exception):
+    """Base class: the CLI prints these without a traceback and exits with status 2."""
+
+    exit_code = 2
+
+
+class ConfigError(EngineError):
+    """A config file or a ``key=value`` override is invalid."""
+
+
+class DataError(EngineError):
+    """The data (or the forget request) cannot be used as asked."""
+
+
+class ModelError(EngineError):
+    """A checkpoint cannot be loaded or does not fit the data."""
+
+
+class OutputError(EngineError):
+    """The output folder cannot be written as asked."""
+
+
+class DivergenceError(EngineError):
+    """A loss became non-finite: training stopped before committing the bad step."""
+
+    exit_code = 3

@@ -1,0 +1,259 @@
+"""A run's report: ``report.json`` (machine-readable), ``report.md`` (for people) and plots under ``plots/``.
+
+Every file is written atomically (temporary name in the same folder, then ``os.replace``), so a reader never sees a
+half-written report, even if the run is killed while writing it. Plots are drawn on a ``Figure`` with an explicit
+Agg canvas instead of through ``pyplot``: no global backend switch, no GUI, safe from worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["write_report"]
+
+# (key in a metrics dict, row label); errors and MIA values are all in percent.
+_ROWS = [
+    ("forget_error", "Forget error (%)"),
+    ("retain_error", "Retain error (%)"),
+    ("test_error", "Test error (%)"),
+    ("val_error", "Val error (%)"),
+    ("mia", "Basic MIA (%)"),
+    ("mia_efficacy", "MIA-efficacy (%)"),
+]
+# SalUn's summary: mean |value - Retrain| over UA, RA, TA and MIA-efficacy (gaps in accuracy equal gaps in error).
+_GAP_KEYS = ("forget_error", "retain_error", "test_error", "mia_efficacy")
+_HISTORY_KEYS = [
+    "epoch",
+    "lr",
+    "forget_error",
+    "retain_error",
+    "test_error",
+    "val_error",
+    "max_loss",
+    "min_loss",
+]
+_COLOURS = {"forget_error": "tab:red", "retain_error": "tab:blue", "test_error": "tab:green"}
+_DASH = "–"
+
+
+def write_report(run_dir: str | Path, report: dict) -> None:
+    """Write ``report.json``, ``report.md`` and ``plots/*.png`` for one run into ``run_dir``.
+
+    Keys of ``report`` (any may be absent or None; errors and MIA values in percent):
+    ``title``; ``command`` ("run" | "train" | "eval"); ``method`` ({"name": ..., settings...});
+    ``forget`` ({kind, description, size, ids_sha256}); ``metrics``, ``original`` (before unlearning) and
+    ``reference`` (Retrain), each {forget_error, retain_error, test_error, val_error, mia, mia_efficacy};
+    ``rewound`` (SCRUB+R: {epoch, target_error, forget_errors, metrics}); ``history`` (one dict per epoch, epoch 0
+    before unlearning: epoch, lr, forget/retain/test/val_error, max_loss, min_loss); ``losses`` ({"max": [...],
+    "min": [...]} per step); ``seconds``; ``artifacts`` ({name: path relative to run_dir}).
+
+    The Markdown metrics table has one column per model present (Original, this run, SCRUB+R, Retrain).
+    Non-finite floats become ``null`` in the JSON. ``plots/errors.png`` is written when there is a history,
+    ``plots/losses.png`` when there are per-step losses.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
+    if _plot_errors(run_dir / "plots" / "errors.png", report.get("history") or [], report.get("reference")):
+        plots["Errors per epoch"] = "plots/errors.png"
+    if _plot_losses(run_dir / "plots" / "losses.png", report.get("losses") or {}):
+        plots["Losses per step"] = "plots/losses.png"
+    text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+    _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
+    markdown = _markdown(report, plots)
+    _atomic_write(run_dir / "report.md", lambda f: f.write(markdown.encode("utf-8")))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name in the same folder (so os.replace is atomic); open() honours the umask, unlike mkstemp's 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(obj: Any) -> Any:
+    """Plain JSON types only: NaN/inf -> None, numpy scalars/arrays -> Python, paths -> str."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _num(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    x = _num(value)
+    return _DASH if x is None else format(x, spec)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        value = json.dumps(_json_safe(value), separators=(",", ":"))
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _markdown(report: dict, plots: dict[str, str]) -> str:
+    method = report.get("method") or {}
+    name = str(method.get("name") or "This run")
+    out = [f"# {report.get('title') or 'Unlearning report'}", ""]
+    if report.get("command"):
+        out += [f"Command: `{report['command']}`", ""]
+
+    columns: list[tuple[str, dict]] = []
+    if report.get("original"):
+        columns.append(("Original", report["original"]))
+    columns.append((name, report.get("metrics") or {}))
+    rewound = report.get("rewound")
+    if rewound:
+        columns.append(("SCRUB+R", rewound.get("metrics") or {}))
+    reference = report.get("reference")
+    if reference:
+        columns.append(("Retrain", reference))
+    rows = [[label] + [_fmt(m.get(key)) for _, m in columns] for key, label in _ROWS]
+    if reference:
+        rows.append(["Avg. gap to Retrain (SalUn)"] + [_fmt(_gap(m, reference)) for _, m in columns])
+    out += ["## Metrics", "", *_table(["Metric"] + [c for c, _ in columns], rows), ""]
+    if rewound:
+        out += [
+            f"SCRUB+R rewound to epoch {rewound.get('epoch', _DASH)} (target forget error "
+            f"{_fmt(rewound.get('target_error'))}%; forget error per epoch from epoch 0: "
+            f"{', '.join(_fmt(e) for e in rewound.get('forget_errors') or []) or _DASH}).",
+            "",
+        ]
+
+    forget = report.get("forget") or {}
+    if forget:
+        out += ["## Forget set", ""]
+        out += [f"- Kind: {forget.get('kind', _DASH)}", f"- Description: {forget.get('description', _DASH)}"]
+        out += [
+            f"- Size: {forget.get('size', _DASH)}",
+            f"- IDs (sha256): `{forget.get('ids_sha256', _DASH)}`",
+        ]
+        out.append("")
+
+    settings = [[k, v] for k, v in method.items() if k != "name"]
+    out += [f"## Method: {name}", ""]
+    out += [*_table(["Setting", "Value"], settings), ""] if settings else ["No settings recorded.", ""]
+
+    history = report.get("history") or []
+    if history:
+        specs = {"epoch": ".0f", "lr": ".3g", "max_loss": ".4f", "min_loss": ".4f"}
+        hrows = [[_fmt(h.get(k), specs.get(k, ".2f")) for k in _HISTORY_KEYS] for h in history]
+        out += ["## History (epoch 0 = before unlearning)", "", *_table(_HISTORY_KEYS, hrows), ""]
+
+    seconds = _num(report.get("seconds"))
+    if seconds is not None:
+        whole = round(seconds)
+        out += [
+            "## Time",
+            "",
+            f"{seconds:.1f} s ({whole // 3600} h {whole % 3600 // 60} min {whole % 60} s)",
+            "",
+        ]
+    if plots:
+        out += ["## Plots", ""] + [f"![{title}]({path})\n" for title, path in plots.items()]
+    artifacts = report.get("artifacts") or {}
+    if artifacts:
+        out += ["## Artifacts", ""] + [f"- {k}: [{v}]({v})" for k, v in artifacts.items()] + [""]
+    return "\n".join(out)
+
+
+def _gap(metrics: dict, reference: dict) -> float | None:
+    gaps = []
+    for key in _GAP_KEYS:
+        a, b = _num(metrics.get(key)), _num(reference.get(key))
+        if a is None or b is None:
+            return None
+        gaps.append(abs(a - b))
+    return sum(gaps) / len(gaps)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)  # attaches an Agg canvas to the figure
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def _plot_errors(path: Path, history: list[dict], reference: dict | None) -> bool:
+    if not history:
+        return False
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    epochs = [_num(h.get("epoch")) for h in history]
+    xs = [i if e is None else e for i, e in enumerate(epochs)]
+    for key, colour in _COLOURS.items():
+        ys = [_num(h.get(key)) for h in history]
+        label = key.replace("_", " ")
+        ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", color=colour, label=label)
+        ref = _num((reference or {}).get(key))
+        if ref is not None:
+            ax.axhline(ref, color=colour, linestyle="--", linewidth=1, label=f"{label} (Retrain)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (0 = before unlearning)")
+    ax.set_ylabel("error (%)")
+    ax.set_title("Errors per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def _plot_losses(path: Path, losses: dict) -> bool:
+    series = {key: [_num(v) for v in losses.get(key) or []] for key in ("max", "min")}
+    if not any(series.values()):
+        return False
+    fig = Figure(figsize=(9, 3.8))
+    titles = {"max": "max-step loss (forget set)", "min": "min-step loss (retain set)"}
+    for i, key in enumerate(("max", "min")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        if series[key]:
+            ys = [np.nan if y is None else y for y in series[key]]
+            ax.plot(range(len(ys)), ys, linewidth=1, color="tab:purple" if i == 0 else "tab:blue")
+        else:
+            ax.text(0.5, 0.5, f"no {key}-steps", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(titles[key], fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    return True

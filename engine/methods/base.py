@@ -1,0 +1,74 @@
+"""What every method shares: the optimizer settings, the per-epoch learning-rate rule, and the
+small types through which a method talks to the loop (phases in, loss sums out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimizerSettings(StrictModel):
+    """One optimizer, built once and shared by every phase of a method (SCRUB.md, "Schedule")."""
+
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd (with momentum) or adam; weight decay is coupled L2 for both."
+    )
+    lr: float = Field(5e-4, gt=0, description="Initial learning rate lr0.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam).")
+    weight_decay: float = Field(
+        5e-4, ge=0, description="Coupled L2 weight decay (torch's weight_decay, not AdamW's)."
+    )
+    lr_decay_epochs: list[int] = Field(
+        default_factory=lambda: [3, 5, 9],
+        description="Epochs d after which the lr is multiplied by lr_decay_rate: lr(e) = lr0 * rate ** #{d : e > d}.",
+    )
+    lr_decay_rate: float = Field(
+        0.1, gt=0, le=1, description="Multiplier applied once per passed decay epoch."
+    )
+    epochs: int = Field(10, ge=1, description="Total epochs E.")
+
+    @model_validator(mode="after")
+    def _decay_epochs_increasing(self) -> OptimizerSettings:
+        if sorted(self.lr_decay_epochs) != list(self.lr_decay_epochs):
+            raise ValueError(f"lr_decay_epochs must be increasing, got {self.lr_decay_epochs}")
+        return self
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of 1-based ``epoch``, as the authors' ``adjust_learning_rate`` (strict >)."""
+        passed = sum(1 for d in self.lr_decay_epochs if epoch > d)
+        return self.lr * self.lr_decay_rate**passed
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One pass over one stream. ``name`` is what the method's ``loss`` is told; ``stream`` is
+    which data the loop draws (``"forget"`` or ``"retain"``)."""
+
+    name: str
+    stream: str
+    batch_size: int
+
+
+@dataclass
+class LossTerms:
+    """A batch's loss as a SUM over counted items (examples or tokens) plus their count, so that the
+    loop, not the method, decides the normaliser (the global count when data is sharded), plus an
+    un-normalised ``penalty`` added once per step."""
+
+    total: torch.Tensor
+    count: int
+    penalty: torch.Tensor | None = None

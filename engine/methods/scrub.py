@@ -1,0 +1,94 @@
+"""SCRUB (Kurmanji et al., NeurIPS 2023) and SCRUB+R, as ../shared/docs/SCRUB.md states them.
+
+The student starts at the teacher (a frozen copy of the original). Each epoch e <= msteps first makes
+one pass of max-steps over the forget set (ascent on the teacher-student divergence), then every epoch
+makes one pass of min-steps over the retain set (stay close to the teacher, fit the labels). One
+optimizer is shared by both phases; the learning rate is set per epoch by ``lr_at``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from engine.methods.base import LossTerms, OptimizerSettings, Phase
+from engine.methods.losses import cross_entropy_sum, distill_kl_sum, parameter_distance
+
+
+class ScrubConfig(OptimizerSettings):
+    """Defaults are the paper's large-scale row (SCRUB.md, "Hyperparameters the authors used")."""
+
+    name: Literal["scrub"] = Field("scrub", description="Method name.")
+    epochs: int = Field(3, ge=1, description="Total epochs E (max+min epochs first, then min-only epochs).")
+    msteps: int = Field(2, ge=0, description="M: epochs 1..M start with a max-step pass over the forget set.")
+    temperature: float = Field(
+        4.0, gt=0, description="T of the divergence; the T^2 factor applies in both phases."
+    )
+    gamma: float = Field(0.99, ge=0, description="Weight of the retain cross-entropy in a min-step.")
+    alpha: float = Field(0.001, ge=0, description="Weight of the retain divergence in a min-step.")
+    forget_batch_size: int = Field(512, ge=1, description="B_f: batch size of the max-step pass.")
+    retain_batch_size: int = Field(256, ge=1, description="B_r: batch size of the min-step pass.")
+    rewind: bool = Field(
+        False,
+        description="SCRUB+R: also export the epoch whose forget error is closest to the final forget-validation error.",
+    )
+    param_distance: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the paper-era penalty sum ||theta - theta_orig||_F added to every batch loss (0.5 in that code). Off: 0.",
+    )
+    augment: bool = Field(
+        False,
+        description="Random crop + flip on unlearning batches (off as the authors' unlearning loaders).",
+    )
+
+    @model_validator(mode="after")
+    def _msteps_within_epochs(self) -> ScrubConfig:
+        if self.msteps > self.epochs:
+            raise ValueError(f"msteps ({self.msteps}) cannot exceed epochs ({self.epochs})")
+        return self
+
+
+class Scrub:
+    """The SCRUB method: phases per epoch and the per-batch losses. Knows nothing of where it runs."""
+
+    needs_teacher = True
+
+    def __init__(self, config: ScrubConfig):
+        self.config = config
+
+    def phases(self, epoch: int) -> list[Phase]:
+        c = self.config
+        retain = Phase("min", "retain", c.retain_batch_size)
+        if epoch <= c.msteps:
+            return [Phase("max", "forget", c.forget_batch_size), retain]  # max first, then min
+        return [retain]
+
+    def loss(
+        self, phase: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> LossTerms:
+        c = self.config
+        kl = distill_kl_sum(student_logits, teacher_logits, c.temperature)
+        if phase == "max":
+            total = -kl  # ascent on the divergence; labels unused, weight 1
+        elif phase == "min":
+            total = c.gamma * cross_entropy_sum(student_logits, labels) + c.alpha * kl
+        else:
+            raise ValueError(f"SCRUB has phases 'max' and 'min', not {phase!r}")
+        return LossTerms(total=total, count=int(student_logits.shape[0]))
+
+    def penalty(self, student: torch.nn.Module, teacher: torch.nn.Module) -> torch.Tensor | None:
+        if self.config.param_distance == 0:
+            return None
+        return self.config.param_distance * parameter_distance(student.parameters(), teacher.parameters())
+
+
+def select_rewind_epoch(forget_errors: list[float], target_error: float) -> int:
+    """SCRUB+R: the epoch j (0 = the original) whose forget-set error is closest to ``target_error``
+    (the final model's error on the forget-validation set); ties go to the earliest epoch."""
+    if not forget_errors:
+        raise ValueError("SCRUB+R needs the forget error of at least epoch 0")
+    distances = [abs(e - target_error) for e in forget_errors]
+    return distances.index(min(distances))  # index() returns the first minimum: earliest epoch wins ties

@@ -1,0 +1,1 @@
+"""Commands assembled from the components: one readable file per command."""

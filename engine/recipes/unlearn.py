@@ -1,0 +1,181 @@
+"""`unlearn run`: unlearn a checkpoint (SCRUB, SCRUB+R, or another registered method).
+
+Reads top to bottom: check inputs -> load data and models -> evaluate the original (epoch 0) ->
+the one loop, evaluating (and, for SCRUB+R, snapshotting) after each epoch -> final scores with the
+membership attacks -> SCRUB+R selection -> export checkpoints, report and model card atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.backends import build_backend
+from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
+from engine.config import RunConfig, dump_config
+from engine.data.vision import ImageStream
+from engine.errors import ConfigError
+from engine.eval.report import write_report
+from engine.loop import LoopHooks, run_loop
+from engine.methods import build_method
+from engine.methods.scrub import select_rewind_epoch
+from engine.models.loading import classifier_logits, load_classifier
+from engine.recipes.common import Evaluator, describe, load_data_and_transform, seed_everything
+from engine.tracking import Tracker
+
+REPORTED = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
+
+
+def run_unlearning(cfg: RunConfig, log=print) -> Path:
+    t_start = time.perf_counter()
+    if cfg.model.path is None:
+        raise ConfigError(
+            "`unlearn run` needs model.path: the checkpoint to unlearn (e.g. runs/cifar5-train/original)"
+        )
+    check_output_dir(cfg.output_dir, cfg.overwrite)  # refuse before any work
+    seed_everything(cfg.seed)
+    backend = build_backend(cfg.backend)
+    data, image, transform = load_data_and_transform(cfg, cfg.model.path)
+    log(
+        f"forget set: {data.description}: {len(data.forget)} examples; retain {len(data.retain)}, "
+        f"val {len(data.val)}, test {len(data.test)}"
+    )
+    student = load_classifier(
+        cfg.model.path, data.num_labels, cfg.model.revision, cfg.model.trust_remote_code
+    )
+    reference = load_classifier(cfg.eval.reference, data.num_labels) if cfg.eval.reference else None
+    method = build_method(cfg.method)
+    teacher = (
+        copy.deepcopy(student) if method.needs_teacher or getattr(cfg.method, "param_distance", 0) else None
+    )
+    student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
+    augment = getattr(cfg.method, "augment", False)
+    streams = {
+        "forget": ImageStream(data.forget, transform, augment=augment),
+        "retain": ImageStream(data.retain, transform, augment=augment),
+    }
+
+    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
+        dump_config(cfg, stage / "config.yaml")
+        tracker = Tracker(
+            cfg.logging, stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json")
+        )
+        evaluator = Evaluator(data, transform, cfg, backend.device, tracker)
+        original = evaluator(student, attacks=True)
+        evaluator.record(0, student, None, {})
+        log(f"original: {describe(original)}")
+        rewind = bool(getattr(cfg.method, "rewind", False))
+        snapshots = stage / "epochs"
+        if rewind:
+            snapshots.mkdir()
+            save_file(_cpu_state(student), snapshots / "epoch_0.safetensors")
+
+        def on_epoch_end(epoch: int, losses: dict[str, float]) -> None:
+            row = (
+                evaluator.record(epoch, student, cfg.method.lr_at(epoch), losses)
+                if cfg.eval.every_epoch
+                else {}
+            )
+            if rewind:
+                save_file(_cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
+            log(f"epoch {epoch}: losses {losses} {describe(row)}")
+
+        t_loop = time.perf_counter()
+        state = run_loop(
+            method,
+            backend,
+            student,
+            teacher,
+            streams,
+            classifier_logits,
+            seed=cfg.seed,
+            epochs=cfg.method.epochs,
+            hooks=LoopHooks(on_epoch_end=on_epoch_end),
+            progress=cfg.logging.progress,
+        )
+        loop_seconds = time.perf_counter() - t_loop
+        final = evaluator(student, attacks=True)
+        log(f"{cfg.method.name}: {describe(final)}")
+        ref_metrics = evaluator(reference.to(backend.device), attacks=True) if reference is not None else None
+
+        settings = cfg.method.model_dump(mode="json")
+        record = {"forget": data.forget_summary(), "method": settings, "base_model": cfg.model.path}
+        title = f"{cfg.method.name.upper()} unlearning: {data.description}"
+        card_metrics = {k: final[k] for k in REPORTED}
+        save_checkpoint(
+            student,
+            stage / "model",
+            image,
+            model_card(title, cfg.model.path, data.forget_summary(), settings, card_metrics),
+            {**record, "metrics": final},
+        )
+        artifacts = {"model": "model", "config": "config.yaml"}
+
+        rewound = None
+        if rewind:
+            # SCRUB+R: target = the final model's error on the forget-validation set; pick the saved
+            # epoch (0 = original) whose forget error is closest (ties: earliest).
+            if not cfg.eval.every_epoch:
+                raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
+            errors = [row["forget_error"] for row in evaluator.history]
+            target = final["forget_val_error"]
+            j = select_rewind_epoch(errors, target)
+            chosen = copy.deepcopy(student)
+            chosen.load_state_dict(load_file(snapshots / f"epoch_{j}.safetensors"))
+            rewound_metrics = evaluator(chosen, attacks=True)
+            rewound = {
+                "epoch": j,
+                "target_error": target,
+                "forget_errors": errors,
+                "metrics": rewound_metrics,
+            }
+            rsettings = {**settings, "rewound_to_epoch": j}
+            save_checkpoint(
+                chosen,
+                stage / "model_rewound",
+                image,
+                model_card(
+                    f"SCRUB+R (epoch {j}): {data.description}",
+                    cfg.model.path,
+                    data.forget_summary(),
+                    rsettings,
+                    {k: rewound_metrics[k] for k in REPORTED},
+                ),
+                {**record, "method": rsettings, "metrics": rewound_metrics},
+            )
+            artifacts["model_rewound"] = "model_rewound"
+            log(f"SCRUB+R: target forget error {target:.2f} -> epoch {j}: {describe(rewound_metrics)}")
+            for f in snapshots.iterdir():  # the chosen one is exported; the rest are scratch
+                f.unlink()
+            snapshots.rmdir()
+
+        tracker.finish()
+        write_report(
+            stage,
+            {
+                "title": title,
+                "command": "run",
+                "method": settings,
+                "forget": data.forget_summary(),
+                "metrics": final,
+                "original": original,
+                "reference": ref_metrics,
+                "rewound": rewound,
+                "history": evaluator.history,
+                "losses": state.losses,
+                "seconds": time.perf_counter() - t_start,
+                "loop_seconds": loop_seconds,
+                "artifacts": artifacts,
+            },
+        )
+    out = Path(cfg.output_dir)
+    log(f"done: model in {out / 'model'}, report in {out / 'report.md'}")
+    return out
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}

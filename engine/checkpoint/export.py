@@ -76,7 +76,7 @@ def model_card(title: str, base_model: str | None, forget: dict | None, method: 
 def save_checkpoint(model, path: Path, image: dict, card: str, record: dict) -> None:
     """Save ``model`` as a Hugging Face checkpoint (safetensors) with its image processor, a model card
     and ``unlearning.json`` (the machine-readable record)."""
-    from transformers import ViTImageProcessor
+    from transformers import ViTImageProcessorPil as ViTImageProcessor  # no torchvision needed
 
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():

@@ -26,7 +26,6 @@ TARGETS = ("original", "retrain")
 
 
 def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) -> Path:
-    t_start = time.perf_counter()
     if cfg.model.path is None and cfg.model.arch is None:
         raise ConfigError(
             "`unlearn train` needs model.arch (e.g. preact_resnet18) or model.path to fine-tune"

@@ -98,6 +98,8 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             progress=cfg.logging.progress,
         )
         loop_seconds = time.perf_counter() - t_loop
+        # Time spent unlearning, without the per-epoch evaluation the hook did inside the loop.
+        train_seconds = loop_seconds - sum(r["eval_seconds"] for r in evaluator.history if r["epoch"] >= 1)
         final = evaluator(student, attacks=True)
         log(f"{cfg.method.name}: {describe(final)}")
         ref_metrics = evaluator(reference.to(backend.device), attacks=True) if reference is not None else None
@@ -169,6 +171,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
                 "losses": state.losses,
                 "seconds": time.perf_counter() - t_start,
                 "loop_seconds": loop_seconds,
+                "train_seconds": train_seconds,
                 "artifacts": artifacts,
             },
         )

@@ -1,0 +1,87 @@
+"""The commands end to end on real CIFAR-10 images: train Original and Retrain, unlearn a class with
+SCRUB+R, score a checkpoint. Checks the artefacts a user relies on and that forgetting happened."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForImageClassification
+
+from engine.cli import main
+from engine.data.vision import ids_sha256
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cifar, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    over = tiny_overrides(tiny_cifar, tmp, **{"forget.label": "airplane", "output_dir": str(tmp / "models"),
+                                              "train.epochs": "6", "train.lr": "0.05", "model.width": "0.25"})  # fmt: skip
+    assert main(["train", "configs/demo.yaml", *over]) == 0
+    return tmp, over
+
+
+def test_train_writes_original_and_retrain(trained):
+    tmp, _ = trained
+    for target in ("original", "retrain"):
+        folder = tmp / "models" / target
+        assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+        report = json.loads((folder / "report.json").read_text())
+        assert len(report["history"]) == 6
+    retrain = json.loads((tmp / "models" / "retrain" / "report.json").read_text())["metrics"]
+    assert retrain["forget_error"] == 100.0  # never saw the class: it cannot predict it
+    original = json.loads((tmp / "models" / "original" / "report.json").read_text())["metrics"]
+    assert original["forget_error"] < 60.0
+
+
+def test_scrub_r_run_forgets_and_records_what_it_forgot(trained):
+    tmp, over = trained
+    run = [
+        *over,
+        f"output_dir={tmp / 'scrub'}",
+        f"model.path={tmp / 'models' / 'original'}",
+        f"eval.reference={tmp / 'models' / 'retrain'}",
+        "method.rewind=true",
+        "method.epochs=3",
+        "method.msteps=2",
+        "method.lr=0.005",
+    ]
+    assert main(["run", "configs/demo.yaml", *run]) == 0
+    out = tmp / "scrub"
+    report = json.loads((out / "report.json").read_text())
+    assert [row["epoch"] for row in report["history"]] == [0, 1, 2, 3]
+    before, after = report["original"]["forget_error"], report["metrics"]["forget_error"]
+    assert after >= before + 30.0, f"SCRUB did not forget: forget error {before} -> {after}"
+    assert report["metrics"]["test_error"] <= report["original"]["test_error"] + 15.0
+    # SCRUB+R picked the epoch closest to the final forget-validation error.
+    rw = report["rewound"]
+    dist = [abs(e - rw["target_error"]) for e in rw["forget_errors"]]
+    assert rw["epoch"] == dist.index(min(dist))
+    # The model card says what was forgotten, with the sha256 of the sorted ids.
+    record = json.loads((out / "model" / "unlearning.json").read_text())
+    card = (out / "model" / "README.md").read_text()
+    assert record["forget"]["size"] == 40 and record["forget"]["ids_sha256"] in card
+    assert len(record["forget"]["ids_sha256"]) == 64
+    assert "airplane" in card and "temperature" in card and "forget_error" in card
+    # Plain transformers loads the unlearned checkpoint and its rewound sibling.
+    for name in ("model", "model_rewound"):
+        model = AutoModelForImageClassification.from_pretrained(out / name)
+        assert model.config.num_labels == 3
+    assert (out / "report.md").exists() and (out / "plots" / "errors.png").exists()
+    assert not (tmp / "scrub.partial").exists()
+
+
+def test_eval_scores_a_checkpoint(trained):
+    tmp, over = trained
+    assert main(["eval", "configs/demo.yaml", *over, f"output_dir={tmp / 'eval'}",
+                 f"model.path={tmp / 'models' / 'retrain'}", "eval.reference=null"]) == 0  # fmt: skip
+    report = json.loads((tmp / "eval" / "report.json").read_text())
+    assert report["metrics"]["forget_error"] == 100.0
+    assert 0.0 <= report["metrics"]["mia"] <= 100.0
+
+
+def test_ids_sha256_is_order_independent():
+    assert ids_sha256([3, 1, 2]) == ids_sha256([1, 2, 3]) != ids_sha256([1, 2])

@@ -1,0 +1,145 @@
+"""Every bad input gets a clear error before any training starts, and nothing half-written is left
+where a result is expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.checkpoint.export import staged_dir
+from engine.cli import main
+from engine.config import load_config
+from engine.data.vision import prepare_data
+from engine.errors import ConfigError, DataError, ModelError, OutputError
+from engine.models.loading import load_classifier
+from engine.models.vision import build_vision_model
+from tests.conftest import tiny_overrides
+
+
+def data_for(tiny_cifar, tmp_path, **extra):
+    cfg = load_config(None, tiny_overrides(tiny_cifar, tmp_path, **extra))
+    return prepare_data(cfg.data, cfg.forget)
+
+
+def test_forget_ids_missing_from_the_data_are_counted_and_shown(tiny_cifar, tmp_path):
+    with pytest.raises(DataError) as err:
+        data_for(tiny_cifar, tmp_path, **{"forget.kind": "ids", "forget.ids": "[99999, 99998, 1]"})
+    msg = str(err.value)
+    assert "2 of 3 forget ids are not in the training data" in msg and "99999" in msg and "99998" in msg
+
+
+def test_forget_ids_from_a_file_and_duplicates(tiny_cifar, tmp_path):
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("5\n5\n")
+    with pytest.raises(DataError, match="more than once"):
+        data_for(tiny_cifar, tmp_path, **{"forget.kind": "ids", "forget.ids_file": str(ids_file)})
+
+
+def test_forget_ids_select_exactly_those_examples(tiny_cifar, tmp_path):
+    full = data_for(tiny_cifar, tmp_path, **{"forget.label": "0"})
+    wanted = full.retain.ids[:3]
+    data = data_for(tiny_cifar, tmp_path, **{"forget.kind": "ids", "forget.ids": str(wanted)})
+    assert sorted(data.forget.ids) == sorted(wanted)
+    assert not set(data.forget.ids) & set(data.retain.ids)
+    assert len(data.forget) + len(data.retain) == len(full.forget) + len(full.retain)
+
+
+def test_empty_forget_set(tiny_cifar, tmp_path):
+    with pytest.raises(DataError, match="forget set is empty"):
+        data_for(tiny_cifar, tmp_path, **{"forget.kind": "random", "forget.fraction": "0.001"})
+
+
+def test_empty_retain_set(tiny_cifar, tmp_path):
+    with pytest.raises(DataError, match="retain set is empty"):
+        data_for(tiny_cifar, tmp_path, **{"data.classes": "[0]", "forget.label": "0"})
+
+
+@pytest.mark.parametrize("label", ["unicorn", "7"])
+def test_unknown_class(tiny_cifar, tmp_path, label):
+    with pytest.raises(DataError, match="unknown class"):
+        data_for(tiny_cifar, tmp_path, **{"forget.label": label})
+
+
+def test_class_by_name_and_validation_hold_out(tiny_cifar, tmp_path):
+    data = data_for(tiny_cifar, tmp_path, **{"forget.label": "automobile"})
+    assert data.forget_classes == [1] and set(data.forget.labels.tolist()) == {1}
+    assert len(data.val) == 3 * 10  # 20% of 50 per class, held out per class
+    assert len(data.forget) == 40 and len(data.forget_val) == 10
+    assert not set(data.val.ids) & (set(data.forget.ids) | set(data.retain.ids))
+
+
+def test_selective_and_random_are_seeded(tiny_cifar, tmp_path):
+    a = data_for(
+        tiny_cifar, tmp_path, **{"forget.kind": "selective", "forget.label": "2", "forget.count": "7"}
+    )
+    b = data_for(
+        tiny_cifar, tmp_path, **{"forget.kind": "selective", "forget.label": "2", "forget.count": "7"}
+    )
+    c = data_for(
+        tiny_cifar,
+        tmp_path,
+        **{"forget.kind": "selective", "forget.label": "2", "forget.count": "7", "forget.seed": "1"},
+    )
+    assert a.forget.ids == b.forget.ids != c.forget.ids and len(a.forget) == 7
+    r = data_for(tiny_cifar, tmp_path, **{"forget.kind": "random", "forget.fraction": "0.1"})
+    assert len(r.forget) == 12  # 10% of 120 training rows
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("method.alpah=0.5", "did you mean 'alpha'"),
+        ("bogus.key=1", "unknown key 'bogus'"),
+        ("method.temperature=-1", "method.temperature"),
+        ("forget.kind=everything", "forget.kind"),
+        ("method.msteps=9", "msteps"),
+        ("novalue", "not key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_checkpoint_class_count_must_match_the_data(tmp_path):
+    build_vision_model("preact_resnet18", num_labels=10, width=0.125).save_pretrained(tmp_path / "ten")
+    with pytest.raises(ModelError, match="predicts 10 classes but the data has 3"):
+        load_classifier(str(tmp_path / "ten"), num_labels=3)
+
+
+def test_remote_code_needs_a_pinned_revision(tmp_path):
+    with pytest.raises(ModelError, match="revision"):
+        load_classifier(str(tmp_path), num_labels=3, trust_remote_code=True)
+
+
+def test_output_dir_with_results_is_refused_and_staging_is_atomic(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    with pytest.raises(OutputError, match="already holds results"):
+        with staged_dir(out, overwrite=False):
+            pass
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with staged_dir(fresh, overwrite=False) as stage:
+            (stage / "report.json").write_text("half")
+            raise RuntimeError("killed mid-run")
+    assert not fresh.exists()  # nothing where the result is expected
+    with staged_dir(out, overwrite=True) as stage:
+        (stage / "report.json").write_text("new")
+    assert (out / "report.json").read_text() == "new" and not (tmp_path / "out.partial").exists()
+
+
+def test_cli_refuses_bad_input_before_training(tiny_cifar, tmp_path, capsys):
+    """The CLI reports the error in one line, exits 2, and has written no result."""
+    over = tiny_overrides(tiny_cifar, tmp_path, **{"forget.label": "unicorn"})
+    assert main(["train", "configs/demo.yaml", *over]) == 2
+    assert "unknown class 'unicorn'" in capsys.readouterr().err
+    assert not Path(tmp_path / "out").exists()
+    assert main(["run", "configs/demo.yaml", *over[:-1], "model.path=" + str(tmp_path / "nothing-here")]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)

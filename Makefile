@@ -1,0 +1,29 @@
+# Set-up is part of every target: a fresh machine needs only python3 (3.10+) and make.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# One thread per process: on 2 cores torch's default thread count makes small models several times slower.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first and pinned: the CPU wheel; anything that pulled torch unpinned could fetch a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: SCRUB forgets one CIFAR-10 class (configs/demo.yaml). The first time, it trains the
+# Original and the Retrain reference it needs (runs/demo-models); results land in runs/demo.
+demo: setup
+	test -f runs/demo-models/original/model.safetensors || \
+		$(VENV)/bin/unlearn train configs/demo.yaml output_dir=runs/demo-models overwrite=true
+	$(VENV)/bin/unlearn run configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -24,7 +24,7 @@ def tiny_cifar(tmp_path_factory) -> Path:
     import datasets
 
     if not CIFAR.exists():
-        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
+        pytest.fail(f"real CIFAR-10 not found at {CIFAR}: the tests need ../shared/data beside the checkout")
     out = tmp_path_factory.mktemp("tiny_cifar")
     for split, per_class in (("train", 50), ("test", 20)):
         ds = datasets.load_dataset(

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars drown the engine's own progress
+    import datasets
+
+    datasets.disable_progress_bars()
     try:
         from engine.config import load_config
 

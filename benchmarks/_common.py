@@ -1,0 +1,156 @@
+"""Small helpers shared by the benchmark scripts: where and when a result was produced, and how it is written.
+
+Every benchmark writes ``results.json`` (machine-readable) and ``results.md`` (for people), both headed by the
+same facts: the command line, the git commit of the checkout, the machine and the date, so a number can always be
+traced back to what produced it. Files are written atomically (temporary name in the same folder, then
+``os.replace``), so a reader never sees a half-written result.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DASH = "–"
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    """``git rev-parse --short HEAD`` of ``repo`` (with ``+dirty`` when tracked files changed), or None."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        commit = head.stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit + ("+dirty" if status.returncode == 0 and status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> str:
+    """Platform, CPU count and the CPU cores this process may use (they differ under a cgroup/affinity)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    proc = platform.processor() or platform.machine()
+    return f"{platform.platform()} ({proc}), {os.cpu_count()} CPUs ({usable} usable)"
+
+
+def run_header(argv: list[str] | None = None) -> dict:
+    """The facts every result starts with: command, commit, machine, date, versions."""
+    import torch
+
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "command": " ".join(shlex.quote(a) for a in ["python", _script_path(), *args]),
+        "commit": git_commit(),
+        "machine": machine(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _script_path() -> str:
+    main = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if main is None or not main.exists():
+        return "benchmarks/<script>.py"
+    try:
+        return str(main.relative_to(REPO))
+    except ValueError:
+        return str(main)
+
+
+def header_markdown(header: dict) -> list[str]:
+    """The header as Markdown bullet lines."""
+    return [
+        f"- Command: `{header.get('command', DASH)}`",
+        f"- Commit: `{header.get('commit') or 'unknown (not a git checkout)'}`",
+        f"- Machine: {header.get('machine', DASH)}",
+        f"- Date: {header.get('date', DASH)}",
+        f"- Python {header.get('python', DASH)}, torch {header.get('torch', DASH)}, "
+        f"{header.get('torch_threads', DASH)} torch thread(s)",
+    ]
+
+
+def num(value: Any) -> float | None:
+    """``value`` as a finite float, or None."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def fmt(value: Any, spec: str = ".2f") -> str:
+    x = num(value)
+    return DASH if x is None else format(x, spec)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table (cells are str()-ed, ``|`` escaped)."""
+
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON types only: NaN/inf -> None, tuples -> lists, paths -> str, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return json_safe(obj.item())
+        except (TypeError, ValueError):
+            return str(obj)
+    return obj
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (strict: no NaN) to ``path`` atomically."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")

@@ -37,12 +37,15 @@ class Evaluator:
             seed=self.cfg.eval.mia_seed,
         )
 
-    def record(self, epoch: int, model, lr: float | None, losses: dict[str, float]) -> dict:
+    def record(
+        self, epoch: int, model, lr: float | None, losses: dict[str, float], metrics: dict | None = None
+    ) -> dict:
+        """Append one history row; ``metrics`` already computed for this model are reused, not recomputed."""
         t = time.perf_counter()
         row = {
             "epoch": epoch,
             "lr": lr,
-            **self(model),
+            **(metrics if metrics is not None else self(model)),
             "max_loss": losses.get("max"),
             "min_loss": losses.get("min"),
         }

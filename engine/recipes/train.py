@@ -37,7 +37,6 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
     data, image, transform = load_data_and_transform(cfg, None if cfg.model.arch else cfg.model.path)
     log(f"forget set: {data.description}: {len(data.forget)} examples; retain {len(data.retain)}")
     backend = build_backend(cfg.backend)
-    summary: dict = {}
     with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
         dump_config(cfg, stage / "config.yaml")
         for target in targets:
@@ -122,7 +121,6 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
                     "artifacts": {"model": "."},
                 },
             )
-            summary[target] = {"metrics": metrics, "seconds": loop_seconds}
     out = Path(cfg.output_dir)
     log(f"done: {', '.join(str(out / t) for t in targets)}")
     return out

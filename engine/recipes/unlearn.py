@@ -66,7 +66,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
         )
         evaluator = Evaluator(data, transform, cfg, backend.device, tracker)
         original = evaluator(student, attacks=True)
-        evaluator.record(0, student, None, {})
+        evaluator.record(0, student, None, {}, metrics=original)
         log(f"original: {describe(original)}")
         rewind = bool(getattr(cfg.method, "rewind", False))
         snapshots = stage / "epochs"

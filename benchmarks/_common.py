@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shlex
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
+# Formatting and atomic writes are the engine's own (engine/eval/report.py): one implementation for both.
+from engine.eval.report import DASH, fmt, json_safe, md_table, num  # noqa: F401  (re-exported)
+from engine.eval.report import write_text_atomic as write_text  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
-DASH = "–"
 
 
 def git_commit(repo: Path = REPO) -> str | None:
@@ -91,64 +92,6 @@ def header_markdown(header: dict) -> list[str]:
         f"- Python {header.get('python', DASH)}, torch {header.get('torch', DASH)}, "
         f"{header.get('torch_threads', DASH)} torch thread(s)",
     ]
-
-
-def num(value: Any) -> float | None:
-    """``value`` as a finite float, or None."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def fmt(value: Any, spec: str = ".2f") -> str:
-    x = num(value)
-    return DASH if x is None else format(x, spec)
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    """A Markdown table (cells are str()-ed, ``|`` escaped)."""
-
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-
-
-def json_safe(obj: Any) -> Any:
-    """Plain JSON types only: NaN/inf -> None, tuples -> lists, paths -> str, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return json_safe(obj.item())
-        except (TypeError, ValueError):
-            return str(obj)
-    return obj
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:

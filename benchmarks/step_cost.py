@@ -49,6 +49,7 @@ from engine.data.vision import (
     detect_columns,
     load_splits,
 )
+from engine.eval.report import json_safe, write_text_atomic
 from engine.methods.erm import Erm, ErmConfig
 from engine.methods.scrub import Scrub, ScrubConfig
 from engine.models.loading import classifier_logits
@@ -414,8 +415,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "results.md").write_text(table + "\n")
+        # Atomic and NaN-safe, through the same writer as the engine's reports.
+        write_text_atomic(
+            args.out / "results.json", json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"
+        )
+        write_text_atomic(args.out / "results.md", table + "\n")
     return result
 
 

@@ -44,7 +44,7 @@ _HISTORY_KEYS = [
     "min_loss",
 ]
 _COLOURS = {"forget_error": "tab:red", "retain_error": "tab:blue", "test_error": "tab:green"}
-_DASH = "–"
+DASH = "–"
 
 
 def write_report(run_dir: str | Path, report: dict) -> None:
@@ -69,7 +69,7 @@ def write_report(run_dir: str | Path, report: dict) -> None:
         plots["Errors per epoch"] = "plots/errors.png"
     if _plot_losses(run_dir / "plots" / "losses.png", report.get("losses") or {}):
         plots["Losses per step"] = "plots/losses.png"
-    text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
     _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
     markdown = _markdown(report, plots)
     _atomic_write(run_dir / "report.md", lambda f: f.write(markdown.encode("utf-8")))
@@ -90,24 +90,34 @@ def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
         raise
 
 
-def _json_safe(obj: Any) -> Any:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def json_safe(obj: Any) -> Any:
     """Plain JSON types only: NaN/inf -> None, numpy scalars/arrays -> Python, paths -> str."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
+        return json_safe(obj.tolist())
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # torch scalars
+        try:
+            return json_safe(obj.item())
+        except (TypeError, ValueError):
+            return str(obj)
     return obj
 
 
-def _num(value: Any) -> float | None:
+def num(value: Any) -> float | None:
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -115,19 +125,20 @@ def _num(value: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _fmt(value: Any, spec: str = ".2f") -> str:
-    x = _num(value)
-    return _DASH if x is None else format(x, spec)
+def fmt(value: Any, spec: str = ".2f") -> str:
+    x = num(value)
+    return DASH if x is None else format(x, spec)
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, (dict, list, tuple)):
-        value = json.dumps(_json_safe(value), separators=(",", ":"))
+        value = json.dumps(json_safe(value), separators=(",", ":"))
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table; cells are str()-ed (containers as compact JSON) with ``|`` escaped."""
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
@@ -148,39 +159,39 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
     reference = report.get("reference")
     if reference:
         columns.append(("Retrain", reference))
-    rows = [[label] + [_fmt(m.get(key)) for _, m in columns] for key, label in _ROWS]
+    rows = [[label] + [fmt(m.get(key)) for _, m in columns] for key, label in _ROWS]
     if reference:
-        rows.append(["Avg. gap to Retrain (SalUn)"] + [_fmt(_gap(m, reference)) for _, m in columns])
-    out += ["## Metrics", "", *_table(["Metric"] + [c for c, _ in columns], rows), ""]
+        rows.append(["Avg. gap to Retrain (SalUn)"] + [fmt(_gap(m, reference)) for _, m in columns])
+    out += ["## Metrics", "", *md_table(["Metric"] + [c for c, _ in columns], rows), ""]
     if rewound:
         out += [
-            f"SCRUB+R rewound to epoch {rewound.get('epoch', _DASH)} (target forget error "
-            f"{_fmt(rewound.get('target_error'))}%; forget error per epoch from epoch 0: "
-            f"{', '.join(_fmt(e) for e in rewound.get('forget_errors') or []) or _DASH}).",
+            f"SCRUB+R rewound to epoch {rewound.get('epoch', DASH)} (target forget error "
+            f"{fmt(rewound.get('target_error'))}%; forget error per epoch from epoch 0: "
+            f"{', '.join(fmt(e) for e in rewound.get('forget_errors') or []) or DASH}).",
             "",
         ]
 
     forget = report.get("forget") or {}
     if forget:
         out += ["## Forget set", ""]
-        out += [f"- Kind: {forget.get('kind', _DASH)}", f"- Description: {forget.get('description', _DASH)}"]
+        out += [f"- Kind: {forget.get('kind', DASH)}", f"- Description: {forget.get('description', DASH)}"]
         out += [
-            f"- Size: {forget.get('size', _DASH)}",
-            f"- IDs (sha256): `{forget.get('ids_sha256', _DASH)}`",
+            f"- Size: {forget.get('size', DASH)}",
+            f"- IDs (sha256): `{forget.get('ids_sha256', DASH)}`",
         ]
         out.append("")
 
     settings = [[k, v] for k, v in method.items() if k != "name"]
     out += [f"## Method: {name}", ""]
-    out += [*_table(["Setting", "Value"], settings), ""] if settings else ["No settings recorded.", ""]
+    out += [*md_table(["Setting", "Value"], settings), ""] if settings else ["No settings recorded.", ""]
 
     history = report.get("history") or []
     if history:
         specs = {"epoch": ".0f", "lr": ".3g", "max_loss": ".4f", "min_loss": ".4f"}
-        hrows = [[_fmt(h.get(k), specs.get(k, ".2f")) for k in _HISTORY_KEYS] for h in history]
-        out += ["## History (epoch 0 = before unlearning)", "", *_table(_HISTORY_KEYS, hrows), ""]
+        hrows = [[fmt(h.get(k), specs.get(k, ".2f")) for k in _HISTORY_KEYS] for h in history]
+        out += ["## History (epoch 0 = before unlearning)", "", *md_table(_HISTORY_KEYS, hrows), ""]
 
-    seconds = _num(report.get("seconds"))
+    seconds = num(report.get("seconds"))
     if seconds is not None:
         whole = round(seconds)
         out += [
@@ -200,7 +211,7 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
 def _gap(metrics: dict, reference: dict) -> float | None:
     gaps = []
     for key in _GAP_KEYS:
-        a, b = _num(metrics.get(key)), _num(reference.get(key))
+        a, b = num(metrics.get(key)), num(reference.get(key))
         if a is None or b is None:
             return None
         gaps.append(abs(a - b))
@@ -218,13 +229,13 @@ def _plot_errors(path: Path, history: list[dict], reference: dict | None) -> boo
         return False
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    epochs = [_num(h.get("epoch")) for h in history]
+    epochs = [num(h.get("epoch")) for h in history]
     xs = [i if e is None else e for i, e in enumerate(epochs)]
     for key, colour in _COLOURS.items():
-        ys = [_num(h.get(key)) for h in history]
+        ys = [num(h.get(key)) for h in history]
         label = key.replace("_", " ")
         ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", color=colour, label=label)
-        ref = _num((reference or {}).get(key))
+        ref = num((reference or {}).get(key))
         if ref is not None:
             ax.axhline(ref, color=colour, linestyle="--", linewidth=1, label=f"{label} (Retrain)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -238,7 +249,7 @@ def _plot_errors(path: Path, history: list[dict], reference: dict | None) -> boo
 
 
 def _plot_losses(path: Path, losses: dict) -> bool:
-    series = {key: [_num(v) for v in losses.get(key) or []] for key in ("max", "min")}
+    series = {key: [num(v) for v in losses.get(key) or []] for key in ("max", "min")}
     if not any(series.values()):
         return False
     fig = Figure(figsize=(9, 3.8))

@@ -37,6 +37,10 @@ class Evaluator:
             seed=self.cfg.eval.mia_seed,
         )
 
+    def training_seconds(self, loop_seconds: float) -> float:
+        """``loop_seconds`` less the per-epoch evaluations the epoch hook ran inside the loop."""
+        return loop_seconds - sum(r["eval_seconds"] for r in self.history if r["epoch"] >= 1)
+
     def record(
         self, epoch: int, model, lr: float | None, losses: dict[str, float], metrics: dict | None = None
     ) -> dict:

@@ -82,10 +82,7 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
                 progress=cfg.logging.progress,
             )
             loop_seconds = time.perf_counter() - t_loop
-            # Time spent unlearning/training, without the per-epoch evaluation the hook did inside the loop.
-            train_seconds = loop_seconds - sum(
-                r["eval_seconds"] for r in evaluator.history if r["epoch"] >= 1
-            )
+            train_seconds = evaluator.training_seconds(loop_seconds)
             metrics = evaluator(model, attacks=True)
             tracker.finish()
             log(f"{target}: {describe(metrics)} ({loop_seconds:.1f}s)")

@@ -98,8 +98,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             progress=cfg.logging.progress,
         )
         loop_seconds = time.perf_counter() - t_loop
-        # Time spent unlearning, without the per-epoch evaluation the hook did inside the loop.
-        train_seconds = loop_seconds - sum(r["eval_seconds"] for r in evaluator.history if r["epoch"] >= 1)
+        train_seconds = evaluator.training_seconds(loop_seconds)
         final = evaluator(student, attacks=True)
         log(f"{cfg.method.name}: {describe(final)}")
         ref_metrics = evaluator(reference.to(backend.device), attacks=True) if reference is not None else None

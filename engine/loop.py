@@ -75,7 +75,7 @@ def run_loop(
                     with torch.no_grad():
                         teacher_logits = forward(teacher, batch)
                 student_logits = forward(student, batch)
-                terms = method.loss(phase.name, student_logits, teacher_logits, batch["labels"])
+                terms = method.loss(phase.name, student_logits, teacher_logits, batch["labels"], batch=batch)
                 loss = terms.total / backend.global_count(terms.count)
                 penalty = method.penalty(student, teacher)
                 if penalty is not None:

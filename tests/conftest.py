@@ -63,3 +63,86 @@ def tiny_overrides(dataset: Path, tmp: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+TOFU = ROOT.parent / "shared" / "data" / "tofu"
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained in milliseconds on ``texts``, with bos/eos/pad tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **config):
+    """A 2-layer Llama of hidden size 32 built from a config in-process (no hub)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    settings.update(config)
+    return LlamaForCausalLM(LlamaConfig(**settings))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A folder holding a tiny Llama + its tokenizer, saved with save_pretrained (loaded back by path)."""
+    import json
+
+    if not TOFU.exists():
+        pytest.fail(f"TOFU not found at {TOFU}: the tests need ../shared/data beside the checkout")
+    texts = []
+    for name in ("full", "holdout10", "real_authors_perturbed", "world_facts_perturbed"):
+        for line in (TOFU / f"{name}.jsonl").read_text().splitlines()[:400]:
+            row = json.loads(line)
+            texts += [row["question"], row["answer"]]
+    tokenizer = build_tiny_tokenizer(texts)
+    model = build_tiny_llama(len(tokenizer))
+    out = tmp_path_factory.mktemp("tiny_lm")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
+    """A TOFU run in seconds: 10 authors (1 forgotten), short answers, one epoch."""
+    base = {
+        "task": "tofu",
+        "tofu.dataset": str(TOFU),
+        "tofu.num_authors": "10",
+        "tofu.max_length": "64",
+        "tofu.utility_examples": "8",
+        "tofu.max_new_tokens": "8",
+        "model.path": str(model),
+        "output_dir": str(tmp / "out"),
+        "train.epochs": "1",
+        "train.optimizer": "adamw",
+        "train.lr": "0.003",
+        "train.batch_size": "16",
+        "train.augment": "false",
+        "train.lr_decay_epochs": "[]",
+        "logging.progress": "false",
+        "backend.num_threads": "1",
+        "eval.batch_size": "32",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

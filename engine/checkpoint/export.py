@@ -73,23 +73,28 @@ def model_card(title: str, base_model: str | None, forget: dict | None, method: 
     return "\n".join(lines) + "\n"
 
 
-def save_checkpoint(model, path: Path, image: dict, card: str, record: dict) -> None:
-    """Save ``model`` as a Hugging Face checkpoint (safetensors) with its image processor, a model card
-    and ``unlearning.json`` (the machine-readable record)."""
+def image_processor(image: dict):
+    """A plain processor any HF user can load with AutoImageProcessor: rescale + normalise (+ resize)."""
     from transformers import ViTImageProcessorPil as ViTImageProcessor  # no torchvision needed
 
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
     size = image.get("size")
-    # A plain processor any HF user can load with AutoImageProcessor: rescale + normalise (+ resize).
-    ViTImageProcessor(
+    return ViTImageProcessor(
         do_resize=size is not None,
         size={"height": size, "width": size} if size else None,
         image_mean=image["mean"],
         image_std=image["std"],
-    ).save_pretrained(tmp)
+    )
+
+
+def save_checkpoint(model, path: Path, processor, card: str, record: dict) -> None:
+    """Save ``model`` as a Hugging Face checkpoint (safetensors) with its processor (an image processor
+    or a tokenizer: anything with ``save_pretrained``), a model card and ``unlearning.json`` (the
+    machine-readable record)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
     (tmp / "unlearning.json").write_text(json.dumps(record, indent=2, default=str))
     if path.exists():

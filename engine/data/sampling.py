@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-STREAM_CODES = {"forget": 1, "retain": 2}
+STREAM_CODES = {"forget": 1, "retain": 2, "paired": 3}
 
 
 def order_seed(seed: int, epoch: int, stream: str) -> int:

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "write_text_atomic", "json_safe", "md_table", "fmt", "num", "plot_losses"]
 
 # (key in a metrics dict, row label); errors and MIA values are all in percent.
 _ROWS = [
@@ -67,7 +67,7 @@ def write_report(run_dir: str | Path, report: dict) -> None:
     plots: dict[str, str] = {}
     if _plot_errors(run_dir / "plots" / "errors.png", report.get("history") or [], report.get("reference")):
         plots["Errors per epoch"] = "plots/errors.png"
-    if _plot_losses(run_dir / "plots" / "losses.png", report.get("losses") or {}):
+    if plot_losses(run_dir / "plots" / "losses.png", report.get("losses") or {}):
         plots["Losses per step"] = "plots/losses.png"
     text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
     _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
@@ -248,20 +248,23 @@ def _plot_errors(path: Path, history: list[dict], reference: dict | None) -> boo
     return True
 
 
-def _plot_losses(path: Path, losses: dict) -> bool:
-    series = {key: [num(v) for v in losses.get(key) or []] for key in ("max", "min")}
+def plot_losses(path: Path, losses: dict) -> bool:
+    """One panel per phase: SCRUB's max and min (both shown, even if one is empty), or whatever
+    phases another method has (e.g. GradDiff's "paired")."""
+    keys = ["max", "min"] if {"max", "min"} & set(losses) else list(losses)
+    series = {key: [num(v) for v in losses.get(key) or []] for key in keys}
     if not any(series.values()):
         return False
-    fig = Figure(figsize=(9, 3.8))
+    fig = Figure(figsize=(4.5 * len(keys), 3.8))
     titles = {"max": "max-step loss (forget set)", "min": "min-step loss (retain set)"}
-    for i, key in enumerate(("max", "min")):
-        ax = fig.add_subplot(1, 2, i + 1)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
         if series[key]:
             ys = [np.nan if y is None else y for y in series[key]]
             ax.plot(range(len(ys)), ys, linewidth=1, color="tab:purple" if i == 0 else "tab:blue")
         else:
             ax.text(0.5, 0.5, f"no {key}-steps", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(titles[key], fontsize=10)
+        ax.set_title(titles.get(key, f"{key} loss"), fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

@@ -19,8 +19,9 @@ class StrictModel(BaseModel):
 class OptimizerSettings(StrictModel):
     """One optimizer, built once and shared by every phase of a method (SCRUB.md, "Schedule")."""
 
-    optimizer: Literal["sgd", "adam"] = Field(
-        "sgd", description="sgd (with momentum) or adam; weight decay is coupled L2 for both."
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd",
+        description="sgd (with momentum) or adam: weight decay is coupled L2; adamw: decoupled (language models).",
     )
     lr: float = Field(5e-4, gt=0, description="Initial learning rate lr0.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam).")
@@ -50,6 +51,8 @@ class OptimizerSettings(StrictModel):
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
@@ -66,7 +69,8 @@ class Phase:
 @dataclass
 class LossTerms:
     """A batch's loss as a SUM over counted items (examples or tokens) plus their count, so that the
-    loop, not the method, decides the normaliser (the global count when data is sharded), plus an
+    loop, not the method, decides the normaliser (the global count when data is sharded; ``count=1``
+    marks a loss the method already averaged, e.g. two means over different token sets), plus an
     un-normalised ``penalty`` added once per step."""
 
     total: torch.Tensor

@@ -36,7 +36,12 @@ class Erm:
         return [Phase("min", "retain", self.config.batch_size)]
 
     def loss(
-        self, phase: str, student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor
+        self,
+        phase: str,
+        student_logits: torch.Tensor,
+        teacher_logits,
+        labels: torch.Tensor,
+        batch: dict | None = None,
     ) -> LossTerms:
         return LossTerms(total=cross_entropy_sum(student_logits, labels), count=int(labels.shape[0]))
 

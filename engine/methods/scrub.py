@@ -43,6 +43,33 @@ class ScrubConfig(OptimizerSettings):
         False,
         description="Random crop + flip on unlearning batches (off as the authors' unlearning loaders).",
     )
+    chunk_rows: int | None = Field(
+        4096,
+        ge=1,
+        description="Rows (examples, or answer tokens of a causal LM) per chunk of the divergence: at most "
+        "chunk_rows x vocab float32 probabilities exist at once. None: the whole batch at once.",
+    )
+    # Remedies for the start-at-teacher problem (SCRUB.md, "Known property"): a causal LM with dropout 0
+    # starts with student == teacher, where the divergence and its gradient are exactly 0, so
+    # faithful max-steps cannot move it. All off = the faithful method.
+    forget_nll: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a forget-set NLL ascent term added to the max-step loss (-d_T - w * NLL). "
+        "Gives the first max-step a non-zero gradient. 0: faithful SCRUB.",
+    )
+    min_first: bool = Field(
+        False,
+        description="In max+min epochs run the min pass before the max pass, so the student has left the "
+        "teacher when the first max-step comes. False: faithful order (max first).",
+    )
+    student_dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Set the student's dropout (causal LMs: attention/hidden dropout in its config) for "
+        "unlearning; the teacher keeps eval mode, so train-mode noise separates the two. None: unchanged.",
+    )
 
     @model_validator(mode="after")
     def _msteps_within_epochs(self) -> ScrubConfig:
@@ -63,16 +90,24 @@ class Scrub:
         c = self.config
         retain = Phase("min", "retain", c.retain_batch_size)
         if epoch <= c.msteps:
-            return [Phase("max", "forget", c.forget_batch_size), retain]  # max first, then min
+            forget = Phase("max", "forget", c.forget_batch_size)
+            return [retain, forget] if c.min_first else [forget, retain]  # faithful: max first
         return [retain]
 
     def loss(
-        self, phase: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+        self,
+        phase: str,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        batch: dict | None = None,
     ) -> LossTerms:
         c = self.config
-        kl = distill_kl_sum(student_logits, teacher_logits, c.temperature)
+        kl = distill_kl_sum(student_logits, teacher_logits, c.temperature, c.chunk_rows)
         if phase == "max":
             total = -kl  # ascent on the divergence; labels unused, weight 1
+            if c.forget_nll:
+                total = total - c.forget_nll * cross_entropy_sum(student_logits, labels)
         elif phase == "min":
             total = c.gamma * cross_entropy_sum(student_logits, labels) + c.alpha * kl
         else:

@@ -11,7 +11,13 @@ import time
 from pathlib import Path
 
 from engine.backends import build_backend
-from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
+from engine.checkpoint.export import (
+    check_output_dir,
+    image_processor,
+    model_card,
+    save_checkpoint,
+    staged_dir,
+)
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream
 from engine.errors import ConfigError
@@ -95,7 +101,7 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
             save_checkpoint(
                 model,
                 stage / target,
-                image,
+                image_processor(image),
                 model_card(title, cfg.model.path, forget, settings, {k: v for k, v in metrics.items()}),
                 {"forget": data.forget_summary(), "method": settings, "metrics": metrics, "target": target},
             )

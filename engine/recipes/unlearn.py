@@ -15,7 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.backends import build_backend
-from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
+from engine.checkpoint.export import (
+    check_output_dir,
+    image_processor,
+    model_card,
+    save_checkpoint,
+    staged_dir,
+)
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream
 from engine.errors import ConfigError
@@ -110,7 +116,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
         save_checkpoint(
             student,
             stage / "model",
-            image,
+            image_processor(image),
             model_card(title, cfg.model.path, data.forget_summary(), settings, card_metrics),
             {**record, "metrics": final},
         )
@@ -138,7 +144,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             save_checkpoint(
                 chosen,
                 stage / "model_rewound",
-                image,
+                image_processor(image),
                 model_card(
                     f"SCRUB+R (epoch {j}): {data.description}",
                     cfg.model.path,

@@ -1,0 +1,46 @@
+"""NPO (Zhang et al. 2024, "Negative Preference Optimization"; open-unlearning ``NPO``): the forget
+answers are treated as dispreferred responses against the frozen original (the reference model):
+loss = gamma * mean_seq[-2/beta * log sigmoid(-beta * (log pi(y|x) - log pi_ref(y|x)))] + alpha * NLL_retain,
+with log pi the summed log-probability of the whole answer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from engine.methods.base import LossTerms, Phase
+from engine.methods.grad_ascent import token_mean_nll
+from engine.methods.grad_diff import GradDiffConfig
+from engine.methods.losses import npo_sum, sequence_nll
+
+
+class NpoConfig(GradDiffConfig):
+    name: Literal["npo"] = Field("npo", description="Method name.")
+    beta: float = Field(0.1, gt=0, description="NPO's inverse temperature beta.")
+
+
+class Npo:
+    needs_teacher = True  # the reference model pi_ref = the frozen original
+
+    def __init__(self, config: NpoConfig):
+        self.config = config
+
+    def phases(self, epoch: int) -> list[Phase]:
+        return [Phase("paired", "paired", self.config.batch_size)]
+
+    def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
+        c = self.config
+        if batch is None or "is_forget" not in batch:
+            raise ValueError("NPO needs batches from a PairedStream (forget rows paired with retain rows)")
+        n = int(batch["is_forget"].shape[0])
+        seq, is_f = batch["sequence"], batch["is_forget"]
+        nll = sequence_nll(student_logits, labels, seq, n)[is_f]
+        ref_nll = sequence_nll(teacher_logits.detach(), labels, seq, n)[is_f]
+        forget = npo_sum(nll, ref_nll, c.beta) / max(int(is_f.sum()), 1)
+        r = ~batch["forget_token"]
+        total = c.gamma * forget + c.alpha * token_mean_nll(student_logits[r], labels[r])
+        return LossTerms(total=total, count=1)  # already a mean (sequence mean + token mean)
+
+    def penalty(self, student, teacher) -> None:
+        return None

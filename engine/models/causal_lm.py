@@ -1,0 +1,119 @@
+"""Causal language models: loading (``AutoModelForCausalLM``, safetensors only, remote code off unless
+pinned), the tokenizer, and the loop's LM forward, which returns the logits of counted answer tokens
+only: a [N, vocab] matrix whose rows are (token position, next-token target) pairs. With tokens as
+rows, the classifier losses (SCRUB's divergence, cross-entropy) apply unchanged at token level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(
+    path: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: str = "float32",
+):
+    from transformers import AutoModelForCausalLM
+
+    if trust_remote_code and not revision:
+        raise ModelError(
+            "model.trust_remote_code=true runs the checkpoint's own Python code: pin it with model.revision=<commit>"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            dtype=DTYPES[dtype],
+        )
+    except OSError as exc:
+        hint = "" if Path(path).exists() else " (it is not a local folder; hub ids need a network)"
+        gguf = list(Path(path).glob("*.gguf")) if Path(path).is_dir() else []
+        if gguf:
+            hint = f" (it holds a GGUF file: convert it first with `unlearn convert-gguf {gguf[0]} OUT_DIR`)"
+        raise ModelError(f"cannot load a causal LM from {path!r}{hint}: {exc}") from exc
+    except ValueError as exc:
+        raise ModelError(f"{path!r} is not a causal-LM checkpoint: {exc}") from exc
+    return model
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer; a missing pad token becomes the end-of-sequence token (padding is
+    masked everywhere, so its id never matters)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelError(f"the tokenizer of {path!r} has neither a pad nor an end-of-sequence token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_vocab(model, tokenizer, path: str) -> None:
+    """Refuse a tokenizer whose ids the model's embedding cannot hold."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"the tokenizer of {path!r} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            "use the tokenizer saved with this checkpoint"
+        )
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded row computes what a right-padded one does."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logits(model, batch: dict) -> torch.Tensor:
+    """The loop's forward for causal LMs: logits at the counted positions, [N, vocab], in the same
+    row-major order as ``batch["labels"]`` (see ``engine.data.text.collate``): the logits at position
+    t predict token t + 1, and only positions whose next token is an answer token are kept."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids(batch["attention_mask"]),
+        use_cache=False,
+    )
+    counted = batch["token_labels"][:, 1:] != -100
+    return out.logits[:, :-1][counted]
+
+
+def sequence_log_probs(model, batch: dict) -> torch.Tensor:
+    """Per sequence, the sum over counted tokens of log p(token): [B] (for NPO and evaluation)."""
+    logits = token_logits(model, batch)
+    logp = -torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    out = torch.zeros(batch["input_ids"].shape[0], dtype=logp.dtype, device=logp.device)
+    return out.index_add(0, batch["sequence"], logp)
+
+
+def set_dropout(model, p: float) -> int:
+    """Set every dropout of ``model`` to ``p``: ``nn.Dropout`` modules and the float rates attention
+    layers keep as attributes (Llama's ``attention_dropout``). Returns how many were set, so a model
+    without any dropout site is reported rather than silently left deterministic."""
+    from engine.errors import ConfigError
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p, count = p, count + 1
+        for name in ("attention_dropout", "dropout_p"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)
+                count += 1
+    if hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = p
+    if count == 0:
+        raise ConfigError(f"{type(model).__name__} has no dropout to set: unset method.student_dropout")
+    return count

@@ -197,14 +197,24 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if key.strip() == "method" and isinstance(value, str):
+            # `method=npo` switches methods: that method's defaults replace the file's method section
+            # (whose keys, e.g. SCRUB's msteps, the new method may not have); later method.* apply on top.
+            value = {"name": value, REPLACE: True}
+        _set_dotted(tree, key.strip(), value)
     return tree
+
+
+REPLACE = "__replace__"
 
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value.pop(REPLACE, False):
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -241,6 +251,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 f"unknown key {where!r}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + f"; known keys here: {known}"
+                + (
+                    "; to switch methods pass method=NAME, which starts from that method's defaults"
+                    if loc and loc[0] == "method"
+                    else ""
+                )
             )
         else:
             msg = f"{where}: {e['msg']} (got {e.get('input')!r})"

@@ -129,7 +129,7 @@ def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
         "task": "tofu",
         "tofu.dataset": str(TOFU),
         "tofu.num_authors": "10",
-        "tofu.max_length": "64",
+        "tofu.max_length": "192",
         "tofu.utility_examples": "8",
         "tofu.max_new_tokens": "8",
         "model.path": str(model),

@@ -45,7 +45,14 @@ def staged_dir(output_dir: str | Path, overwrite: bool) -> Iterator[Path]:
         os.replace(stage, out)
 
 
-def model_card(title: str, base_model: str | None, forget: dict | None, method: dict, metrics: dict) -> str:
+def model_card(
+    title: str,
+    base_model: str | None,
+    forget: dict | None,
+    method: dict,
+    metrics: dict,
+    metrics_heading: str = "Metrics (errors and attacks in percent)",
+) -> str:
     """A Hugging Face model card (README.md) that records what was forgotten and how."""
     lines = [
         "---",
@@ -68,8 +75,8 @@ def model_card(title: str, base_model: str | None, forget: dict | None, method: 
         ]
     lines += ["## Method and settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in method.items()]
-    lines += ["", "## Metrics (errors and attacks in percent)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", f"## {metrics_heading}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -82,7 +82,7 @@ class TofuData:
             "kind": "tofu",
             "split": self.forget_split,
             "authors": self.forget_authors,
-            "count": len(ids),
+            "size": len(ids),
             "ids_sha256": hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest(),
             "description": self.description,
         }

@@ -147,7 +147,7 @@ def test_tofu_slice_keeps_the_benchmark_structure():
     assert [r["id"] for r in data.retain] == list(range(0, 180))  # the first 9 authors
     assert len(data.holdout) == 20 and len(data.forget_eval) == 20 and len(data.retain_eval) == 180
     assert {r["question"] for r in data.holdout}.isdisjoint(r["question"] for r in data.full)
-    assert data.forget_summary()["count"] == 20
+    assert data.forget_summary()["size"] == 20
 
 
 def test_scrub_forget_step_moves_the_student_and_never_the_teacher(tiny_lm):

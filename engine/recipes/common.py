@@ -66,6 +66,12 @@ def load_data_and_transform(cfg, model_path: str | None):
     return data, image, ImageTransform(image["mean"], image["std"], image["size"])
 
 
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the weights (SCRUB+R's per-epoch snapshots); tied tensors become separate
+    copies, which safetensors requires."""
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+
+
 def describe(metrics: dict) -> str:
     keys = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
     return "  ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)

@@ -36,7 +36,7 @@ from engine.loop import LoopHooks, run_loop
 from engine.methods import Erm, build_method
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, set_dropout, token_logits
-from engine.recipes.common import seed_everything
+from engine.recipes.common import cpu_state, seed_everything
 from engine.tracking import Tracker
 
 CACHE = "tofu_eval.json"
@@ -63,7 +63,9 @@ class TofuSetup:
             "holdout": TextStream(self.data.holdout, self.formatter, pad),
             # the per-epoch retain NLL is measured on a probe as large as the forget set (it is a trend, not
             # a metric; the full retain set would cost more than the epoch on a CPU)
-            "retain_probe": TextStream(self.data.retain[: max(len(self.data.forget), 40)], self.formatter, pad),
+            "retain_probe": TextStream(
+                self.data.retain[: max(len(self.data.forget), 40)], self.formatter, pad
+            ),
         }
         self.streams["paired"] = PairedStream(self.streams["forget"], self.streams["retain"])
 
@@ -253,7 +255,7 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
         snapshots = stage / "epochs"
         if rewind:
             snapshots.mkdir()
-            save_file(_cpu_state(student), snapshots / "epoch_0.safetensors")
+            save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
 
         if rewind and not cfg.eval.every_epoch:
             raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
@@ -264,7 +266,7 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             history.append(_history_row(setup, student, device, epoch, losses))
             tracker.log({k: v for k, v in history[-1].items() if v is not None}, step=epoch)
             if rewind:
-                save_file(_cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
+                save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
             log(f"epoch {epoch}: {history[-1]}")
 
         t_loop = time.perf_counter()
@@ -366,7 +368,3 @@ def run_tofu_eval(cfg: RunConfig, log=print) -> Path:
             },
         )
     return Path(cfg.output_dir)
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}

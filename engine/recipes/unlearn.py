@@ -11,7 +11,6 @@ import copy
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from engine.backends import build_backend
@@ -30,7 +29,7 @@ from engine.loop import LoopHooks, run_loop
 from engine.methods import build_method
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.loading import classifier_logits, load_classifier
-from engine.recipes.common import Evaluator, describe, load_data_and_transform, seed_everything
+from engine.recipes.common import Evaluator, cpu_state, describe, load_data_and_transform, seed_everything
 from engine.tracking import Tracker
 
 REPORTED = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
@@ -78,7 +77,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
         snapshots = stage / "epochs"
         if rewind:
             snapshots.mkdir()
-            save_file(_cpu_state(student), snapshots / "epoch_0.safetensors")
+            save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
 
         def on_epoch_end(epoch: int, losses: dict[str, float]) -> None:
             row = (
@@ -87,7 +86,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
                 else {}
             )
             if rewind:
-                save_file(_cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
+                save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
             log(f"epoch {epoch}: losses {losses} {describe(row)}")
 
         t_loop = time.perf_counter()
@@ -183,7 +182,3 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
     out = Path(cfg.output_dir)
     log(f"done: model in {out / 'model'}, report in {out / 'report.md'}")
     return out
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}

@@ -20,7 +20,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["write_report", "write_text_atomic", "json_safe", "md_table", "fmt", "num", "plot_losses"]
+__all__ = [
+    "write_report",
+    "write_text_atomic",
+    "json_safe",
+    "md_table",
+    "fmt",
+    "num",
+    "plot_losses",
+    "markdown_footer",
+]
 
 # (key in a metrics dict, row label); errors and MIA values are all in percent.
 _ROWS = [
@@ -191,21 +200,25 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
         hrows = [[fmt(h.get(k), specs.get(k, ".2f")) for k in _HISTORY_KEYS] for h in history]
         out += ["## History (epoch 0 = before unlearning)", "", *md_table(_HISTORY_KEYS, hrows), ""]
 
+    return "\n".join(out + markdown_footer(report, plots))
+
+
+def markdown_footer(report: dict, plots: dict[str, str]) -> list[str]:
+    """The Time, Plots and Artifacts sections every report ends with."""
+    out: list[str] = []
     seconds = num(report.get("seconds"))
     if seconds is not None:
         whole = round(seconds)
-        out += [
-            "## Time",
-            "",
-            f"{seconds:.1f} s ({whole // 3600} h {whole % 3600 // 60} min {whole % 60} s)",
-            "",
-        ]
+        line = f"{seconds:.1f} s ({whole // 3600} h {whole % 3600 // 60} min {whole % 60} s)"
+        if num(report.get("train_seconds")) is not None:
+            line += f"; {fmt(report['train_seconds'], '.1f')} s of it training / unlearning"
+        out += ["## Time", "", line, ""]
     if plots:
         out += ["## Plots", ""] + [f"![{title}]({path})\n" for title, path in plots.items()]
     artifacts = report.get("artifacts") or {}
     if artifacts:
         out += ["## Artifacts", ""] + [f"- {k}: [{v}]({v})" for k, v in artifacts.items()] + [""]
-    return "\n".join(out)
+    return out
 
 
 def _gap(metrics: dict, reference: dict) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.eval.report import fmt, json_safe, md_table, num, plot_losses, write_text_atomic
+from engine.eval.report import fmt, json_safe, markdown_footer, md_table, plot_losses, write_text_atomic
 
 # (key, label, which direction is "forgotten" / "kept") for the Markdown table.
 ROWS = [
@@ -70,17 +70,4 @@ def _markdown(report: dict, plots: dict) -> str:
         keys = [k for k in history[-1] if k != "eval_seconds"]
         rows = [[fmt(h.get(k), ".0f" if k == "epoch" else ".4f") for k in keys] for h in history]
         out += ["## History (answer NLL per epoch; epoch 0 = start)", "", *md_table(keys, rows), ""]
-    seconds = num(report.get("seconds"))
-    if seconds is not None:
-        out += [
-            "## Time",
-            "",
-            f"{seconds:.1f} s in all; {fmt(report.get('train_seconds'), '.1f')} s training",
-            "",
-        ]
-    if plots:
-        out += ["## Plots", ""] + [f"![{t}]({p})\n" for t, p in plots.items()]
-    artifacts = report.get("artifacts") or {}
-    if artifacts:
-        out += ["## Artifacts", ""] + [f"- {k}: [{v}]({v})" for k, v in artifacts.items()] + [""]
-    return "\n".join(out)
+    return "\n".join(out + markdown_footer(report, plots))

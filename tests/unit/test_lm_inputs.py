@@ -70,3 +70,21 @@ def test_method_switch_on_the_command_line():
     assert cfg.method.name == "npo" and cfg.method.beta == 0.2 and cfg.method.lr == 1e-5
     with pytest.raises(ConfigError, match="pass method=NAME"):
         load_config("configs/tofu.yaml", ["method.name=npo"])  # SCRUB's keys stay: refused, with the way out
+
+
+@pytest.mark.parametrize("split,authors", [("forget01", 2), ("forget05", 10), ("forget10", 20)])
+def test_whole_tofu_splits_are_the_hub_forget_retain_and_holdout_files(split, authors):
+    import json
+
+    cfg = SimpleNamespace(dataset=str(TOFU), forget_split=split, num_authors=None, utility_examples=None)
+    data = prepare_tofu(cfg)
+    suffix = {"forget01": "99", "forget05": "95", "forget10": "90"}[split]
+
+    def questions(name):
+        return [json.loads(line)["question"] for line in (TOFU / f"{name}.jsonl").read_text().splitlines()]
+
+    assert [r["question"] for r in data.forget] == questions(split)
+    assert [r["question"] for r in data.retain] == questions(f"retain{suffix}")
+    assert [r["question"] for r in data.holdout] == questions(split.replace("forget", "holdout"))
+    assert len(data.forget) == authors * 20 and data.forget_authors == authors
+    assert len(data.retain_eval) == 400  # retain_perturbed: the first 20 authors, all retained

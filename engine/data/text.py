@@ -11,7 +11,7 @@ only answer tokens. The chat template is used when the tokenizer has one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,7 +72,6 @@ class TofuData:
     real_authors: list[dict]
     world_facts: list[dict]
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
     def forget_summary(self) -> dict:
         import hashlib

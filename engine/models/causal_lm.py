@@ -90,14 +90,6 @@ def token_logits(model, batch: dict) -> torch.Tensor:
     return out.logits[:, :-1][counted]
 
 
-def sequence_log_probs(model, batch: dict) -> torch.Tensor:
-    """Per sequence, the sum over counted tokens of log p(token): [B] (for NPO and evaluation)."""
-    logits = token_logits(model, batch)
-    logp = -torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-    out = torch.zeros(batch["input_ids"].shape[0], dtype=logp.dtype, device=logp.device)
-    return out.index_add(0, batch["sequence"], logp)
-
-
 def set_dropout(model, p: float) -> int:
     """Set every dropout of ``model`` to ``p``: ``nn.Dropout`` modules and the float rates attention
     layers keep as attributes (Llama's ``attention_dropout``). Returns how many were set, so a model

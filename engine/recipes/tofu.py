@@ -17,8 +17,10 @@ settings), so the retain model and the original are scored once, not once per me
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -81,14 +83,17 @@ class TofuSetup:
         }
 
     def evaluate(self, model, device, reference: dict | None = None, cache_dir: str | Path | None = None):
-        """TOFU metrics of ``model``; read from / written to ``cache_dir/tofu_eval.json`` when given
-        and its settings match (a cached result without a reference is re-scored against one)."""
-        settings = self.eval_settings()
+        """TOFU metrics of ``model`` (a model, or a function that loads it: called only when the cache
+        misses). Read from / written to ``cache_dir/tofu_eval.json`` when given; a cached result counts
+        only if it was computed with the same settings and against the same reference."""
+        settings = {**self.eval_settings(), "reference": _fingerprint(reference)}
         cache = Path(cache_dir) / CACHE if cache_dir else None
         if cache is not None and cache.is_file():
             stored = json.loads(cache.read_text())
-            if stored.get("settings") == settings and (reference is None or stored.get("has_reference")):
+            if stored.get("settings") == settings:
                 return stored["metrics"]
+        if not isinstance(model, torch.nn.Module):
+            model = model()
         metrics = evaluate_tofu(
             model.to(device),
             self.tokenizer,
@@ -101,9 +106,17 @@ class TofuSetup:
             progress=self.cfg.logging.progress,
         )
         if cache is not None and cache.parent.is_dir():
-            record = {"settings": settings, "has_reference": reference is not None, "metrics": metrics}
+            record = {"settings": settings, "metrics": metrics}
             write_text_atomic(cache, json.dumps(record, default=float) + "\n")
         return metrics
+
+
+def _fingerprint(reference: dict | None) -> str | None:
+    """What forget quality and privleak depend on in a reference evaluation, hashed."""
+    if reference is None:
+        return None
+    keyed = {"tr": reference["per_example"]["forget_truth_ratio_by_id"], "auc": reference["mia_min_k"]}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=float).encode()).hexdigest()
 
 
 @torch.no_grad()
@@ -232,9 +245,8 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
     check_vocab(student, setup.tokenizer, cfg.model.path)
     reference = None
     if cfg.eval.reference:
-        ref_model = load_causal_lm(cfg.eval.reference, dtype=cfg.model.dtype)
-        reference = setup.evaluate(ref_model, device, cache_dir=cfg.eval.reference)
-        del ref_model
+        load_reference = partial(load_causal_lm, cfg.eval.reference, dtype=cfg.model.dtype)
+        reference = setup.evaluate(load_reference, device, cache_dir=cfg.eval.reference)
     original = setup.evaluate(student, device, reference, cache_dir=cfg.model.path)
     log(f"original: {describe(original)}")
 
@@ -346,11 +358,8 @@ def run_tofu_eval(cfg: RunConfig, log=print) -> Path:
     setup = TofuSetup(cfg, cfg.model.path)
     reference = None
     if cfg.eval.reference:
-        reference = setup.evaluate(
-            load_causal_lm(cfg.eval.reference, dtype=cfg.model.dtype),
-            backend.device,
-            cache_dir=cfg.eval.reference,
-        )
+        load_reference = partial(load_causal_lm, cfg.eval.reference, dtype=cfg.model.dtype)
+        reference = setup.evaluate(load_reference, backend.device, cache_dir=cfg.eval.reference)
     model = load_causal_lm(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype)
     check_vocab(model, setup.tokenizer, cfg.model.path)
     metrics = setup.evaluate(model, backend.device, reference)

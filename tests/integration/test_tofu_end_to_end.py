@@ -29,6 +29,8 @@ def test_tofu_train_run_eval(tiny_lm, tmp_path):
     hist_r = json.loads((models / "retain" / "report.json").read_text())["history"]
     assert hist_o[-1]["forget_nll"] < hist_r[-1]["forget_nll"]
 
+    # the original's and retain model's evaluations are cached by `train` and reused by every `run`
+    cached = {t: (models / t / "tofu_eval.json").stat().st_mtime_ns for t in ("original", "retain")}
     for method in ("scrub", "grad_diff", "npo"):
         out = tmp_path / method
         extra = {
@@ -51,6 +53,7 @@ def test_tofu_train_run_eval(tiny_lm, tmp_path):
         gap = [h["forget_nll"] - h["retain_nll"] for h in report["history"]]
         assert gap[-1] > gap[0], f"{method}: forget-retain NLL gap {gap}"
     assert (tmp_path / "scrub" / "model_rewound" / "model.safetensors").is_file()
+    assert cached == {t: (models / t / "tofu_eval.json").stat().st_mtime_ns for t in ("original", "retain")}
 
     out = tmp_path / "eval"
     args = tofu_overrides(tiny_lm, tmp_path, output_dir=out)

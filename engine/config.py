@@ -143,10 +143,52 @@ class LoggingConfig(StrictModel):
 
 
 class BackendConfig(StrictModel):
-    name: Literal["single"] = Field("single", description="Where the loop runs: single = one process.")
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
+    name: Literal["single", "deepspeed"] = Field(
+        "single",
+        description="Where the loop runs: single = one process (the embedded default); deepspeed = DeepSpeed "
+        "ZeRO over the processes a launcher started (deepspeed, torchrun, srun; one process without one).",
+    )
+    device: str = Field("auto", description="single: auto (cuda if available), cpu, cuda, cuda:N.")
     num_threads: int | None = Field(
-        None, ge=1, description="torch.set_num_threads for this process (1 is fastest for small CPU models)."
+        None, ge=1, description="torch.set_num_threads per process (1 is fastest for small CPU models)."
+    )
+    gradient_accumulation_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step on each process. The global batch of every phase stays the "
+        "method's batch size whatever the number of processes and steps.",
+    )
+    deepspeed_config: str = Field(
+        "configs/deepspeed/zero2.json",
+        description="deepspeed: the DeepSpeed JSON (ZeRO section); the keys below override it. No optimizer or "
+        "scheduler section: those come from the method.",
+    )
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None, description="deepspeed: ZeRO stage, overriding the JSON's (3 also shards the frozen teacher)."
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="deepspeed: training precision (DeepSpeed's bf16/fp16 sections; master weights fp32).",
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: optimizer state offload (ZeRO 1-3; runs DeepSpeed's CPU Adam)."
+    )
+    offload_param: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: parameter offload (ZeRO-3 only)."
+    )
+    nvme_path: str | None = Field(
+        None, description="deepspeed: folder on a fast local disk for nvme offload."
+    )
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="deepspeed: collective backend; auto = nccl with GPUs, gloo on CPU."
+    )
+    timeout_s: int = Field(
+        600, ge=10, description="deepspeed: seconds a collective waits for the other ranks before failing."
+    )
+    keep_checkpoints: bool = Field(
+        False,
+        description="Keep every epoch's resumable checkpoint in OUTPUT/checkpoints (default: only the last, "
+        "and none once the run has completed).",
     )
 
 

@@ -1,8 +1,9 @@
 """The one training loop. Every method and every backend goes through here, and this is the only
 place where the order of a step lives:
 
-    epoch -> lr -> phase -> batch -> teacher forward (no grad) -> student forward -> loss -> check
-          -> backward + step (backend) -> log                                   -> epoch hook
+    epoch -> lr -> phase -> step -> micro-batch -> teacher forward (no grad) -> student forward -> loss
+          -> backward (backend) ... -> global loss, finite on every rank? -> optimizer step (backend)
+          -> log                                                                  -> epoch hook
 
 A method says which phases an epoch has and what a batch's loss is (as a sum + count); a backend
 says where tensors live, which rows this process sees, and how a step is taken.
@@ -10,6 +11,7 @@ says where tensors live, which rows this process sees, and how a step is taken.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,25 +71,36 @@ def run_loop(
                 leave=False,
             )
             total, steps = 0.0, 0
-            for batch in bar:
-                teacher_logits = None
-                if method.needs_teacher:
-                    with torch.no_grad():
-                        teacher_logits = forward(teacher, batch)
-                student_logits = forward(student, batch)
-                terms = method.loss(phase.name, student_logits, teacher_logits, batch["labels"], batch=batch)
-                loss = terms.total / backend.global_count(terms.count)
-                penalty = method.penalty(student, teacher)
-                if penalty is not None:
-                    loss = loss + penalty
-                if not backend.all_finite(loss):
-                    # Stop BEFORE the step: nothing after the last good step is ever committed.
+            for micro_batches in bar:  # one optimizer step: this rank's micro-batches of one global batch
+                value = torch.zeros(())
+                for batch in micro_batches:
+                    teacher_logits = None
+                    if method.needs_teacher:
+                        with torch.no_grad():
+                            teacher_logits = forward(teacher, batch)
+                    student_logits = forward(student, batch)
+                    terms = method.loss(
+                        phase.name, student_logits, teacher_logits, batch["labels"], batch=batch
+                    )
+                    # this micro-batch's part of the global batch's mean (base.py: summed over micro-batches
+                    # and ranks it is exactly the mean one process computes over the whole batch)
+                    loss = terms.total / max(terms.count, 1) * batch["share"]
+                    penalty = method.penalty(student, teacher)
+                    if penalty is not None:
+                        loss = loss + penalty * batch["share"]
+                    backend.backward(loss)
+                    value = value + loss.detach().float().cpu()
+                value = backend.sum_across_ranks(
+                    float(value)
+                )  # the global batch's loss, the same on every rank
+                if not math.isfinite(value):
+                    # Every rank sees it in the same step and stops BEFORE the optimizer step: nothing after
+                    # the last good step is ever committed.
                     raise DivergenceError(
-                        f"non-finite {phase.name}-step loss at epoch {epoch}, step {steps} of that phase; "
+                        f"non-finite {phase.name}-step loss at epoch {epoch}, step {steps + 1} of that phase; "
                         "lower the learning rate or the number of max-steps (msteps)"
                     )
-                backend.step(loss)
-                value = float(loss.detach())
+                backend.step()
                 total, steps = total + value, steps + 1
                 state.global_step += 1
                 state.losses.setdefault(phase.name, []).append(value)

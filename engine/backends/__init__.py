@@ -1,14 +1,21 @@
-"""Backends: where the one loop's tensors live and how they are stepped."""
+"""Backends: where the one loop's tensors live, which rows each process sees, and how a step is taken."""
 
 from __future__ import annotations
 
+from engine.backends.base import Backend
 from engine.backends.single import SingleProcessBackend
 
 
-def build_backend(config):
+def build_backend(config) -> Backend:
     if config.name == "single":
-        return SingleProcessBackend(device=config.device, num_threads=config.num_threads)
+        return SingleProcessBackend(
+            config.device, config.num_threads, config.gradient_accumulation_steps, config.keep_checkpoints
+        )
+    if config.name == "deepspeed":
+        from engine.backends.deepspeed import DeepSpeedBackend  # imports deepspeed: only when asked for
+
+        return DeepSpeedBackend(config)
     raise ValueError(f"unknown backend {config.name!r}")
 
 
-__all__ = ["SingleProcessBackend", "build_backend"]
+__all__ = ["Backend", "SingleProcessBackend", "build_backend"]

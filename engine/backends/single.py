@@ -1,13 +1,19 @@
 """One process, one device: the embedded default. A backend places the models, owns the optimizer,
-orders and shards the data, and performs backward/step; it never knows which method runs."""
+orders and shards the data (base.py), and performs backward/step; it never knows which method runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import shutil
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from engine.data.sampling import epoch_order, order_seed
+from engine.backends.base import Backend
+from engine.backends.memory import StateMeter
 
 
 def resolve_device(name: str) -> torch.device:
@@ -16,16 +22,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class SingleProcessBackend:
-    rank = 0
-    world_size = 1
-    is_main = True
+class SingleProcessBackend(Backend):
+    name = "single"
+    zero_stage = None
 
-    def __init__(self, device: str = "auto", num_threads: int | None = None):
+    def __init__(
+        self,
+        device: str = "auto",
+        num_threads: int | None = None,
+        accum: int = 1,
+        keep_checkpoints: bool = False,
+    ):
         self.device = resolve_device(device)
+        self.keep_checkpoints = keep_checkpoints
         if num_threads:
             torch.set_num_threads(num_threads)
+        self.accum = accum
         self.optimizer: torch.optim.Optimizer | None = None
+        self.meter: StateMeter | None = None
+
+    def init_context(self):
+        """Models built inside are placed as this backend wants them (nothing special in one process)."""
+        return nullcontext()
 
     def prepare(
         self,
@@ -37,31 +55,69 @@ class SingleProcessBackend:
         build the ONE optimizer over the student's parameters."""
         student = student.to(self.device)
         if teacher is not None:
-            teacher = teacher.to(self.device).eval().requires_grad_(False)
+            teacher = self.prepare_frozen(teacher)
         self.optimizer = build_optimizer([p for p in student.parameters() if p.requires_grad])
+        self.meter = StateMeter(student, self.optimizer, partitioned=False)
         return student, teacher
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device).eval().requires_grad_(False)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def batches(self, stream, batch_size: int, seed: int, epoch: int, name: str) -> Iterator[dict]:
-        """The stream's rows in this epoch's order, cut into batches (the partial last one is kept)."""
-        order = epoch_order(len(stream), seed, epoch, name)
-        for k, rows in enumerate(order.split(batch_size)):
-            batch = stream.get(rows, seed=order_seed(seed, epoch, name) * 7_919 + k)  # augmentation draw
-            yield {key: v.to(self.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # gradients of the micro-batches of one step add up
 
-    def num_batches(self, stream, batch_size: int) -> int:
-        return -(-len(stream) // batch_size)
-
-    def global_count(self, count: int) -> int:
-        return count
-
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        return bool(torch.isfinite(loss).all())
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def step(self) -> None:
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- whole-model views and checkpoints ---------------------------------------------------------
+
+    def unwrap(self, model):
+        return model
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on the main process (None elsewhere); None here = the model's own."""
+        return None
+
+    def save_checkpoint(self, folder: Path, epoch: int, student, client_state: dict) -> None:
+        """Weights (safetensors), optimizer state and the recipe's ``client_state`` (JSON) at the end of
+        ``epoch``, written under a temporary name then renamed: a crash mid-save leaves the previous one."""
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"epoch_{epoch}.tmp"
+        tmp.mkdir(exist_ok=True)
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()},
+                  tmp / "model.safetensors")  # fmt: skip
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "client_state.json").write_text(json.dumps(client_state, default=float))
+        tmp.rename(folder / f"epoch_{epoch}")
+        (folder / "latest.tmp").write_text(f"epoch_{epoch}")
+        (folder / "latest.tmp").replace(folder / "latest")
+        for old in folder.glob("epoch_*"):
+            if old.name != f"epoch_{epoch}" and old.is_dir() and not self.keep_checkpoints:
+                shutil.rmtree(old)
+
+    def load_checkpoint(self, folder: Path, student) -> tuple[int, dict] | None:
+        """Load the last complete checkpoint in ``folder``: (its epoch, the recipe's client_state), or
+        None when there is none."""
+        latest = folder / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        student.load_state_dict(load_file(folder / tag / "model.safetensors"))
+        # weights_only: an optimizer state is tensors and numbers; no arbitrary pickle is run
+        state = torch.load(folder / tag / "optimizer.pt", weights_only=True)  # noqa: TID251
+        self.optimizer.load_state_dict(state)
+        return int(tag.split("_")[1]), json.loads((folder / tag / "client_state.json").read_text())
+
+    def memory_report(self) -> list[dict]:
+        return [self.meter.report(self.rank, self.device)]
+
+    def gather_object(self, obj):
+        return [obj]
+
+    def barrier(self) -> None:
+        pass

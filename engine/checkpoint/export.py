@@ -25,24 +25,35 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
 
 
 @contextmanager
-def staged_dir(output_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+def staged_dir(output_dir: str | Path, overwrite: bool, backend=None, resume: bool = False) -> Iterator[Path]:
     """Yield a staging folder ``<output_dir>.partial``; on success it replaces ``output_dir``. On failure
-    the staging folder is left for inspection and ``output_dir`` is untouched."""
+    the staging folder is left for inspection (and, when it holds a checkpoint, for ``resume``) and
+    ``output_dir`` is untouched. With several processes (``backend``) only the main one creates and
+    moves folders; the others wait for it."""
+    main = backend is None or backend.is_main
     out = check_output_dir(output_dir, overwrite)
     stage = out.with_name(out.name + ".partial")
-    if stage.exists():
-        shutil.rmtree(stage)  # a previous failed attempt; its results were never committed
-    stage.mkdir(parents=True)
+    if main:
+        if stage.exists() and not resume:
+            shutil.rmtree(stage)  # a previous failed attempt with nothing to resume from
+        stage.mkdir(parents=True, exist_ok=True)
+    if backend is not None:
+        backend.barrier()
     yield stage
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
+    if backend is not None:
+        backend.barrier()  # every process has finished writing into the stage
+    if main:
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(stage, out)
             shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(stage, out)
+        else:
+            os.replace(stage, out)
+    if backend is not None:
+        backend.barrier()
 
 
 def model_card(
@@ -93,14 +104,15 @@ def image_processor(image: dict):
     )
 
 
-def save_checkpoint(model, path: Path, processor, card: str, record: dict) -> None:
+def save_checkpoint(model, path: Path, processor, card: str, record: dict, state_dict=None) -> None:
     """Save ``model`` as a Hugging Face checkpoint (safetensors) with its processor (an image processor
     or a tokenizer: anything with ``save_pretrained``), a model card and ``unlearning.json`` (the
-    machine-readable record)."""
+    machine-readable record). ``state_dict``: the weights to write when the module's own are sharded
+    (ZeRO-3's gathered ones)."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
     (tmp / "unlearning.json").write_text(json.dumps(record, indent=2, default=str))

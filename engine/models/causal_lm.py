@@ -63,7 +63,8 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 
 def check_vocab(model, tokenizer, path: str) -> None:
     """Refuse a tokenizer whose ids the model's embedding cannot hold."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: the local tensor is a partition
     if len(tokenizer) > rows:
         raise ModelError(
             f"the tokenizer of {path!r} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "

@@ -19,13 +19,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
+from engine import faults
 from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
 from engine.config import RunConfig, dump_config
@@ -82,10 +85,13 @@ class TofuSetup:
             "max_new_tokens": t.max_new_tokens,
         }
 
-    def evaluate(self, model, device, reference: dict | None = None, cache_dir: str | Path | None = None):
+    def evaluate(
+        self, model, device, reference: dict | None = None, cache_dir: str | Path | None = None, backend=None
+    ):
         """TOFU metrics of ``model`` (a model, or a function that loads it: called only when the cache
         misses). Read from / written to ``cache_dir/tofu_eval.json`` when given; a cached result counts
-        only if it was computed with the same settings and against the same reference."""
+        only if it was computed with the same settings and against the same reference. With several
+        processes every one evaluates (ZeRO-3 forwards are collective) and the main one writes."""
         settings = {**self.eval_settings(), "reference": _fingerprint(reference)}
         cache = Path(cache_dir) / CACHE if cache_dir else None
         if cache is not None and cache.is_file():
@@ -105,7 +111,9 @@ class TofuSetup:
             reference=reference,
             progress=self.cfg.logging.progress,
         )
-        if cache is not None and cache.parent.is_dir():
+        if backend is not None:
+            backend.barrier()  # nobody writes the cache before every process has decided hit or miss
+        if cache is not None and cache.parent.is_dir() and (backend is None or backend.is_main):
             record = {"settings": settings, "metrics": metrics}
             write_text_atomic(cache, json.dumps(record, default=float) + "\n")
         return metrics
@@ -147,13 +155,24 @@ def _history_row(setup: TofuSetup, model, device, epoch: int, losses: dict) -> d
     return row
 
 
-def _save(model, tokenizer, path: Path, title: str, base: str, setup: TofuSetup, settings: dict, metrics):
+def _save(
+    model,
+    tokenizer,
+    path: Path,
+    title: str,
+    base: str,
+    setup: TofuSetup,
+    settings: dict,
+    metrics,
+    weights=None,
+):
     summary = setup.data.forget_summary()
     headline = {k: metrics.get(k) for k in HEADLINE}
     card = model_card(
         title, base, summary, settings, headline, "TOFU metrics (open-unlearning's definitions)"
     )
-    save_checkpoint(model, path, tokenizer, card, {"forget": summary, "method": settings, "metrics": metrics})
+    record = {"forget": summary, "method": settings, "metrics": metrics}
+    save_checkpoint(model, path, tokenizer, card, record, state_dict=weights)
 
 
 def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "original"), log=print) -> Path:
@@ -230,6 +249,10 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
 
 
 def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
+    """Unlearn under any backend. Every process runs this function; only the main one logs and writes
+    results, all of them take part in forwards (ZeRO-3 gathers weights collectively) and checkpoints.
+    Each epoch ends with a resumable checkpoint in ``OUTPUT.partial/checkpoints``; started again with
+    the same config and output_dir, a run resumes after the last complete one."""
     t_start = time.perf_counter()
     if cfg.model.path is None:
         raise ConfigError(
@@ -238,51 +261,81 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
     check_output_dir(cfg.output_dir, cfg.overwrite)
     seed_everything(cfg.seed)
     backend = build_backend(cfg.backend)
+    log = log if backend.is_main else _quiet
+    rewind = bool(getattr(cfg.method, "rewind", False))
+    if rewind and not cfg.eval.every_epoch:
+        raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
+    if rewind and backend.name != "single":
+        raise ConfigError(
+            "SCRUB+R (method.rewind=true) keeps whole-model snapshots per epoch and runs on backend.name=single; "
+            "under DeepSpeed run SCRUB and keep the epoch checkpoints (backend.keep_checkpoints=true)"
+        )
     setup = TofuSetup(cfg, cfg.model.path)
     log(setup.data.description)
     device = backend.device
-    student = load_causal_lm(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype)
-    check_vocab(student, setup.tokenizer, cfg.model.path)
-    reference = None
-    if cfg.eval.reference:
-        load_reference = partial(load_causal_lm, cfg.eval.reference, dtype=cfg.model.dtype)
-        reference = setup.evaluate(load_reference, device, cache_dir=cfg.eval.reference)
-    original = setup.evaluate(student, device, reference, cache_dir=cfg.model.path)
-    log(f"original: {describe(original)}")
-
     method = build_method(cfg.method)
-    teacher = copy.deepcopy(student) if method.needs_teacher else None  # frozen by backend.prepare
+    load = partial(load_causal_lm, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                   dtype=cfg.model.dtype)  # fmt: skip
+    with backend.init_context():  # under ZeRO-3 each model is partitioned while it loads
+        student = load(cfg.model.path)
+        teacher = load(cfg.model.path) if method.needs_teacher else None  # frozen by backend.prepare
+    check_vocab(student, setup.tokenizer, cfg.model.path)
     dropout = getattr(cfg.method, "student_dropout", None)
     if dropout is not None:
         set_dropout(student, dropout)  # the teacher stays in eval mode: no dropout there
     student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
+    model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
 
-    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
-        dump_config(cfg, stage / "config.yaml")
+    def load_reference():
+        with backend.init_context():
+            return backend.unwrap(backend.prepare_frozen(load(cfg.eval.reference)))
+
+    reference = None
+    if cfg.eval.reference:
+        reference = setup.evaluate(load_reference, device, cache_dir=cfg.eval.reference, backend=backend)
+    original = setup.evaluate(model, device, reference, cache_dir=cfg.model.path, backend=backend)
+    log(f"original: {describe(original)}")
+
+    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    resume = _check_resumable(partial_dir, cfg)
+    with staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage:
+        checkpoints = stage / "checkpoints"
+        if backend.is_main:
+            dump_config(cfg, stage / "config.yaml")
         tracker = Tracker(
-            cfg.logging, stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json")
-        )
-        history = [_history_row(setup, student, device, 0, {})]
-        rewind = bool(getattr(cfg.method, "rewind", False))
+            cfg.logging if backend.is_main else cfg.logging.model_copy(update={"wandb": False}),
+            stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json"),
+        )  # fmt: skip
+        history, losses, start = [], {}, 1
+        restored = backend.load_checkpoint(checkpoints, student) if resume else None
+        if restored is not None:
+            done, client = restored
+            history, losses, start = client["history"], client["losses"], done + 1
+            log(
+                f"resuming from the checkpoint of epoch {done} in {checkpoints} (epochs {start}..{cfg.method.epochs} to go)"
+            )
+        else:
+            history = [_history_row(setup, model, device, 0, {})]
         snapshots = stage / "epochs"
         if rewind:
-            snapshots.mkdir()
+            snapshots.mkdir(exist_ok=True)
             save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
 
-        if rewind and not cfg.eval.every_epoch:
-            raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
+        def on_step(epoch: int, phase: str, step: int, value: float) -> None:
+            losses.setdefault(phase, []).append(value)
 
-        def on_epoch_end(epoch: int, losses: dict[str, float]) -> None:
-            if not cfg.eval.every_epoch and epoch < cfg.method.epochs:
-                return  # only the last epoch is measured
-            history.append(_history_row(setup, student, device, epoch, losses))
-            tracker.log({k: v for k, v in history[-1].items() if v is not None}, step=epoch)
+        def on_epoch_end(epoch: int, epoch_losses: dict[str, float]) -> None:
+            if cfg.eval.every_epoch or epoch == cfg.method.epochs:
+                history.append(_history_row(setup, model, device, epoch, epoch_losses))
+                tracker.log({k: v for k, v in history[-1].items() if v is not None}, step=epoch)
+                log(f"epoch {epoch}: {history[-1]}")
             if rewind:
                 save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
-            log(f"epoch {epoch}: {history[-1]}")
+            backend.save_checkpoint(checkpoints, epoch, student, {"history": history, "losses": losses})
+            faults.inject("after_checkpoint", epoch)
 
         t_loop = time.perf_counter()
-        state = run_loop(
+        run_loop(
             method,
             backend,
             student,
@@ -291,16 +344,22 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             token_logits,
             seed=cfg.seed,
             epochs=cfg.method.epochs,
-            hooks=LoopHooks(on_epoch_end=on_epoch_end),
+            start_epoch=start,
+            hooks=LoopHooks(on_step=on_step, on_epoch_end=on_epoch_end),
             progress=cfg.logging.progress,
         )
         loop_seconds = time.perf_counter() - t_loop
-        train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:])
-        final = setup.evaluate(student, device, reference)
+        train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:] if r["epoch"] >= start)
+        memory = backend.memory_report()
+        for row in memory:
+            log("memory rank {rank}: peak {peak_bytes:,} B ({peak_kind}); parameters {parameter_bytes:,} B, "
+                "gradients {gradient_bytes:,} B, optimizer state {optimizer_bytes:,} B".format(**row))  # fmt: skip
+        shards = backend.gather_object(backend.seen)
+        final = setup.evaluate(model, device, reference, backend=backend)
         log(f"{cfg.method.name}: {describe(final)}")
         settings = cfg.method.model_dump(mode="json")
         title = f"{cfg.method.name} unlearning: {setup.data.description}"
-        _save(student, setup.tokenizer, stage / "model", title, cfg.model.path, setup, settings, final)
+        weights = backend.full_state_dict(student)  # collective under ZeRO-3
         artifacts = {"model": "model", "config": "config.yaml"}
 
         rewound = None
@@ -322,32 +381,90 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             )  # fmt: skip
             artifacts["model_rewound"] = "model_rewound"
             log(f"SCRUB+R: target NLL {target:.3f} -> epoch {j}: {describe(rewound_metrics)}")
-            for f in snapshots.iterdir():
-                f.unlink()
-            snapshots.rmdir()
+            shutil.rmtree(snapshots)
         tracker.finish()
-        write_tofu_report(
-            stage,
-            {
-                "title": title,
-                "command": "run",
-                "method": settings,
-                "forget": setup.data.forget_summary(),
-                "metrics": final,
-                "original": original,
-                "reference": reference,
-                "rewound": rewound,
-                "history": history,
-                "losses": state.losses,
-                "seconds": time.perf_counter() - t_start,
-                "loop_seconds": loop_seconds,
-                "train_seconds": train_seconds,
-                "artifacts": artifacts,
-            },
-        )
+        if backend.is_main:
+            _save(
+                model,
+                setup.tokenizer,
+                stage / "model",
+                title,
+                cfg.model.path,
+                setup,
+                settings,
+                final,
+                weights,
+            )
+            ids = {name: [int(r["id"]) for r in rows] for name, rows in
+                   (("forget", setup.data.forget), ("retain", setup.data.retain))}  # fmt: skip
+            write_text_atomic(stage / "shards.json", json.dumps(_shard_ids(shards, ids)) + "\n")
+            if not backend.keep_checkpoints and checkpoints.exists():
+                shutil.rmtree(checkpoints)  # the run is complete: the exported model is the result
+            write_tofu_report(
+                stage,
+                {
+                    "title": title,
+                    "command": "run",
+                    "method": settings,
+                    "forget": setup.data.forget_summary(),
+                    "metrics": final,
+                    "original": original,
+                    "reference": reference,
+                    "rewound": rewound,
+                    "history": history,
+                    "losses": losses,
+                    "seconds": time.perf_counter() - t_start,
+                    "loop_seconds": loop_seconds,
+                    "train_seconds": train_seconds,
+                    "resumed_from_epoch": start - 1 if start > 1 else None,
+                    "backend": {
+                        "name": backend.name,
+                        "world_size": backend.world_size,
+                        "zero_stage": backend.zero_stage,
+                        "accumulation": backend.accum,
+                    },  # fmt: skip
+                    "memory": memory,
+                    "artifacts": artifacts,
+                },
+            )
     out = Path(cfg.output_dir)
     log(f"done: model in {out / 'model'}, report in {out / 'report.md'}")
     return out
+
+
+def _quiet(*args, **kwargs) -> None:
+    """Non-main processes print nothing: one log per run, not one per rank."""
+
+
+def _shard_ids(shards: list[dict], ids: dict[str, list[int]]) -> dict:
+    """stream -> epoch -> rank -> the example ids that rank trained on (ids, never content)."""
+    out: dict = {}
+    for rank, seen in enumerate(shards):
+        for stream, epochs in seen.items():
+            table = ids.get(stream)
+            for epoch, rows in epochs.items():
+                slot = out.setdefault(stream, {}).setdefault(str(epoch), {})
+                slot[str(rank)] = [table[r] for r in rows] if table else rows
+    return out
+
+
+def _check_resumable(partial_dir: Path, cfg: RunConfig) -> bool:
+    """True when an unfinished run of the same config left a checkpoint to resume from; a different
+    config is refused rather than silently mixed."""
+    if not (partial_dir / "checkpoints" / "latest").is_file():
+        return False
+    saved = partial_dir / "config.yaml"
+    mine = cfg.model_dump(mode="json")
+    theirs = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    ignore = ("overwrite", "logging")
+    if theirs is None or {k: v for k, v in theirs.items() if k not in ignore} != {
+        k: v for k, v in mine.items() if k not in ignore
+    }:
+        raise ConfigError(
+            f"{partial_dir} holds an unfinished run with another config ({saved}); resume it with that config, "
+            "or delete the folder to start over"
+        )
+    return True
 
 
 def run_tofu_eval(cfg: RunConfig, log=print) -> Path:

@@ -1,0 +1,63 @@
+"""What every backend shares: how one configured (global) batch becomes this process's micro-batches.
+
+A global batch of ``batch_size`` rows (the stream's rows in this epoch's seeded order, the partial
+last one kept) is cut into ``world_size`` contiguous shares, one per rank, and each share into
+``accum`` micro-batches (gradient accumulation). Every rank runs the same number of micro-batches per
+step whatever the sizes (ZeRO-3 gathers parameters collectively in every forward): a micro-batch with
+no rows (a forget set smaller than ranks x accumulation steps) is a zero-weight stand-in, one real row
+whose loss is multiplied by 0. Each micro-batch carries ``share``: its counted rows (examples, or
+answer tokens of a causal LM) over the global batch's, so that summing ``loss_sum / count * share``
+over micro-batches and ranks gives the global batch's mean exactly as one process would compute it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from engine.data.sampling import epoch_order, order_seed
+
+
+class Backend:
+    rank: int = 0
+    world_size: int = 1
+    accum: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def batches(self, stream, batch_size: int, seed: int, epoch: int, name: str) -> Iterator[list[dict]]:
+        """This rank's micro-batches, one list per optimizer step."""
+        order = epoch_order(len(stream), seed, epoch, name)
+        seen = self.seen.setdefault(name, {}).setdefault(epoch, [])
+        for k, rows in enumerate(order.split(batch_size)):
+            draw = order_seed(seed, epoch, name) * 7_919 + k  # augmentation / pairing draw of this step
+            micro, counted = [], []
+            for part in rows.tensor_split(self.world_size)[self.rank].tensor_split(self.accum):
+                standin = len(part) == 0
+                batch = stream.get(rows[:1] if standin else part, seed=draw)
+                micro.append(
+                    {key: v.to(self.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+                )
+                counted.append(0 if standin else int(batch["labels"].shape[0]))
+                seen.extend(part.tolist())
+            total = self.sum_across_ranks(float(sum(counted)))  # counted rows of the whole global batch
+            for batch, n in zip(micro, counted):
+                batch["share"] = n / total
+            yield micro
+
+    def num_batches(self, stream, batch_size: int) -> int:
+        return -(-len(stream) // batch_size)
+
+    def sum_across_ranks(self, value: float) -> float:
+        return value
+
+    @property
+    def seen(self) -> dict:
+        """stream -> epoch -> the stream rows this rank trained on (stand-ins excluded)."""
+        if not hasattr(self, "_seen"):
+            self._seen = {}
+        return self._seen

@@ -1,0 +1,281 @@
+"""DeepSpeed ZeRO: the student's weights, gradients and optimizer state sharded over the ranks that a
+launcher started (`deepspeed`, `torchrun`, `srun`, Ray Train workers), gloo on CPU, nccl on GPUs.
+
+- Student: ``deepspeed.initialize`` with the method's own torch optimizer (the same one the single
+  backend builds, so results match), or, with optimizer offload, DeepSpeed's optimizer built from the
+  method's settings (offload needs DeepSpeed's CPU Adam).
+- Teacher: frozen, eval mode, no gradients, never given an optimizer. Under ZeRO-3 it is sharded too
+  (its own ``deepspeed.initialize`` with a ZeRO-3 config and no optimizer); otherwise a replicated
+  copy in the compute dtype.
+- Under ZeRO-3, models loaded inside ``init_context()`` are partitioned while they load
+  (``HfDeepSpeedConfig`` makes ``from_pretrained`` use ``deepspeed.zero.Init``): no rank ever holds the
+  whole model.
+- Steps: ``backward`` per micro-batch, ``step`` once per global batch; DeepSpeed's accumulation
+  boundary is every ``accum`` micro-batches, and every step has exactly that many on every rank
+  (base.py), so a boundary never straddles a phase change.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from collections.abc import Callable
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from engine.backends.base import Backend
+from engine.backends.memory import StateMeter
+from engine.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Started without a launcher: a world of one on loopback."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def build_ds_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed JSON of ``cfg.deepspeed_config`` with the run config's choices applied on top."""
+    path = Path(cfg.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(
+            f"backend.deepspeed_config {str(path)!r} does not exist (the shipped ones are configs/deepspeed/*.json)"
+        )
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"{path} has a {section!r} section: the optimizer and its per-epoch learning rate come from the "
+                "method's settings (method.optimizer, method.lr, ...); remove that section"
+            )
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.zero_stage is not None:
+        zero["stage"] = cfg.zero_stage
+    stage = zero.setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.dtype == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": cfg.dtype == "fp16"}
+    # The loop, not DeepSpeed, cuts the configured global batch into micro-batches (base.py); these
+    # numbers only tell DeepSpeed where the accumulation boundary is.
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["train_batch_size"] = cfg.gradient_accumulation_steps * world_size
+    ds.setdefault("gradient_clipping", 0.0)  # SCRUB has no clipping (SCRUB.md)
+    ds["zero_allow_untested_optimizer"] = True  # the method's torch optimizer
+    ds.setdefault("steps_per_print", 10**9)
+    for kind in ("optimizer", "param"):
+        device = getattr(cfg, f"offload_{kind}")
+        if device == "none":
+            continue
+        if kind == "optimizer" and stage == 0 or kind == "param" and stage != 3:
+            need = "1, 2 or 3" if kind == "optimizer" else "3"
+            raise ConfigError(f"backend.offload_{kind}={device} needs ZeRO stage {need} (got {stage})")
+        if device == "nvme" and not cfg.nvme_path:
+            raise ConfigError(
+                f"backend.offload_{kind}=nvme needs backend.nvme_path (a fast local disk folder)"
+            )
+        zero[f"offload_{kind}"] = {
+            "device": device,
+            **({"nvme_path": cfg.nvme_path} if device == "nvme" else {}),
+            "pin_memory": torch.cuda.is_available(),
+        }
+    if stage == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    return ds
+
+
+def ds_optimizer(settings) -> dict:
+    """DeepSpeed's own optimizer for offload, from the method's settings (same update rule)."""
+    if settings.optimizer == "sgd":
+        raise ConfigError(
+            "optimizer offload runs DeepSpeed's CPU Adam: use method.optimizer=adam or adamw, or turn offload off"
+        )
+    return {
+        "type": "Adam",
+        "params": {
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+            "adam_w_mode": settings.optimizer == "adamw",  # adam: coupled L2 as torch.optim.Adam
+        },
+    }
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        import torch.distributed as dist
+
+        _single_process_env()
+        backend = (
+            cfg.dist_backend
+            if cfg.dist_backend != "auto"
+            else "nccl"
+            if torch.cuda.is_available()
+            else "gloo"
+        )
+        if not dist.is_initialized():
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                timeout=timedelta(seconds=cfg.timeout_s),
+                verbose=False,
+            )
+        self.dist = dist
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.accum = cfg.gradient_accumulation_steps
+        self.config = build_ds_config(cfg, self.world_size)
+        self.zero_stage = self.config["zero_optimization"]["stage"]
+        self.dtype = DTYPES[cfg.dtype]
+        self.keep_checkpoints = cfg.keep_checkpoints
+        self.engine = None
+        self._hf_config = None
+        self._micro = 0
+
+    def init_context(self):
+        """Under ZeRO-3, ``from_pretrained`` / ``from_config`` inside partition the weights as they load."""
+        if self.zero_stage == 3 and self._hf_config is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_config = HfDeepSpeedConfig(self.config)  # kept alive: transformers holds a weak ref
+        return nullcontext()
+
+    def prepare(
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module | None,
+        build_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    ):
+        import deepspeed
+
+        params = [p for p in student.parameters() if p.requires_grad]
+        config = dict(self.config)
+        if "offload_optimizer" in config["zero_optimization"]:
+            config["optimizer"] = ds_optimizer(build_optimizer.__self__)  # the method's OptimizerSettings
+            optimizer = None
+        else:
+            optimizer = build_optimizer(params)
+        self.engine, opt, _, _ = deepspeed.initialize(
+            model=student,
+            optimizer=optimizer,
+            model_parameters=params if optimizer is None else None,
+            config=config,
+        )
+        self.meter = StateMeter(self.engine.module, opt, partitioned=self.zero_stage == 3)
+        if teacher is not None:
+            teacher = self.prepare_frozen(teacher)
+        return self.engine, teacher
+
+    def prepare_frozen(self, model: torch.nn.Module):
+        """A model that is only ever run forward: no gradients, no optimizer, eval mode; sharded under ZeRO-3."""
+        model.requires_grad_(False)
+        if self.zero_stage != 3:
+            return model.to(self.device, dtype=self.dtype if self.dtype != torch.float32 else None).eval()
+        import deepspeed
+
+        config = copy.deepcopy(self.config)
+        for key in ("offload_optimizer",):
+            config["zero_optimization"].pop(key, None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
+        return engine
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks; the loop's loss is already a part of the GLOBAL mean,
+        # so scale by the world size to make the average a sum, and don't divide by accumulation steps.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self._micro += 1
+        if self._micro % self.accum:
+            self.engine.step()  # inside the accumulation window: DeepSpeed only counts the micro-step
+
+    def step(self) -> None:
+        self.engine.step()  # the accumulation boundary: reduce, update, zero the gradients
+
+    def sum_across_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t)
+        return float(t[0])
+
+    # --- whole-model views and checkpoints ---------------------------------------------------------
+
+    def unwrap(self, model):
+        """The Hugging Face module inside an engine (with ZeRO-3's gathering hooks installed)."""
+        return getattr(model, "module", model)
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor] | None:
+        """Under ZeRO-3 the weights gathered layer by layer onto the main rank (collective: every rank
+        calls it); elsewhere None, meaning the module's own weights (every rank holds them whole)."""
+        if self.zero_stage != 3:
+            return None
+        state = model._zero3_consolidated_16bit_state_dict()  # what engine.save_16bit_model writes
+        return state if self.is_main else None
+
+    def save_checkpoint(self, folder: Path, epoch: int, student, client_state: dict) -> None:
+        """A DeepSpeed checkpoint of every rank's shards. ``latest`` is written by the main rank only
+        after every rank has finished, so it never names a partial checkpoint."""
+        tag = f"epoch_{epoch}"
+        student.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+        self.barrier()
+        if self.is_main:
+            (folder / "latest.tmp").write_text(tag)
+            (folder / "latest.tmp").replace(folder / "latest")
+            if not self.keep_checkpoints:
+                for old in folder.glob("epoch_*"):
+                    if old.name != tag and old.is_dir():
+                        import shutil
+
+                        shutil.rmtree(old)
+        self.barrier()
+
+    def load_checkpoint(self, folder: Path, student) -> tuple[int, dict] | None:
+        latest = folder / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        _, client_state = student.load_checkpoint(str(folder), tag=tag)
+        return int(tag.split("_")[1]), client_state or {}
+
+    def memory_report(self) -> list[dict]:
+        return self.gather_object(self.meter.report(self.rank, self.device))
+
+    def gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self.dist.barrier()

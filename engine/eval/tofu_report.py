@@ -70,4 +70,43 @@ def _markdown(report: dict, plots: dict) -> str:
         keys = [k for k in history[-1] if k != "eval_seconds"]
         rows = [[fmt(h.get(k), ".0f" if k == "epoch" else ".4f") for k in keys] for h in history]
         out += ["## History (answer NLL per epoch; epoch 0 = start)", "", *md_table(keys, rows), ""]
+    out += _resources(report)
     return "\n".join(out + markdown_footer(report, plots))
+
+
+def _resources(report: dict) -> list[str]:
+    """Where it ran, whether it resumed, whether the teacher stayed untouched, and per-rank memory."""
+    out = []
+    backend = report.get("backend")
+    if backend:
+        stage = "" if backend.get("zero_stage") is None else f", ZeRO-{backend['zero_stage']}"
+        out += ["## Where it ran", "", f"- backend `{backend['name']}`, {backend['world_size']} process(es)"
+                f"{stage}, {backend.get('accumulation', 1)} micro-batch(es) per step"]  # fmt: skip
+        if report.get("resumed_from_epoch"):
+            out.append(f"- resumed after the checkpoint of epoch {report['resumed_from_epoch']}")
+        teacher = report.get("teacher")
+        if teacher:
+            state = "unchanged (sha256 of every rank's weights equal before and after)"
+            out.append(
+                f"- teacher: {state if teacher['unchanged'] else 'CHANGED: this is a bug, please report it'}"
+            )
+        out.append("")
+    memory = report.get("memory") or []
+    if memory:
+        mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+        rows = [
+            [m["rank"], mib(m["peak_bytes"]), m["peak_kind"], mib(m["parameter_bytes"]),
+             mib(m["gradient_bytes"]), mib(m["optimizer_bytes"]), mib(m["state_bytes"])]
+            for m in memory
+        ]  # fmt: skip
+        head = [
+            "rank",
+            "peak MiB",
+            "peak of",
+            "parameters MiB",
+            "gradients MiB",
+            "optimizer MiB",
+            "state MiB",
+        ]
+        out += ["## Memory per rank", "", *md_table(head, rows), ""]
+    return out

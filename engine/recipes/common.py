@@ -13,6 +13,17 @@ from engine.eval.metrics import evaluate
 from engine.models.loading import image_settings
 
 
+def require_single(cfg, what: str) -> None:
+    """Refuse, before any work, a backend this command does not run on yet."""
+    if cfg.backend.name != "single":
+        from engine.errors import ConfigError
+
+        raise ConfigError(
+            f"{what} runs on backend.name=single; backend.name={cfg.backend.name} runs `unlearn train` and "
+            "`unlearn run` of causal LMs (task=tofu)"
+        )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -11,7 +11,7 @@ from engine.config import RunConfig, dump_config
 from engine.errors import ConfigError
 from engine.eval.report import write_report
 from engine.models.loading import load_classifier
-from engine.recipes.common import Evaluator, describe, load_data_and_transform
+from engine.recipes.common import Evaluator, describe, load_data_and_transform, require_single
 
 
 def run_evaluation(cfg: RunConfig, log=print) -> Path:
@@ -19,6 +19,7 @@ def run_evaluation(cfg: RunConfig, log=print) -> Path:
     if cfg.model.path is None:
         raise ConfigError("`unlearn eval` needs model.path: the checkpoint to score")
     data, _, transform = load_data_and_transform(cfg, cfg.model.path)
+    require_single(cfg, "`unlearn eval`")
     backend = build_backend(cfg.backend)
     model = load_classifier(cfg.model.path, data.num_labels, cfg.model.revision, cfg.model.trust_remote_code)
     reference = load_classifier(cfg.eval.reference, data.num_labels) if cfg.eval.reference else None

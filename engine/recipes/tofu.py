@@ -41,7 +41,7 @@ from engine.loop import LoopHooks, run_loop
 from engine.methods import Erm, build_method
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, set_dropout, token_logits
-from engine.recipes.common import cpu_state, seed_everything
+from engine.recipes.common import cpu_state, require_single, seed_everything
 from engine.tracking import Tracker
 
 CACHE = "tofu_eval.json"
@@ -183,20 +183,24 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
         raise ConfigError(f"unknown train targets {unknown}; with task=tofu choose from retain, original")
     check_output_dir(cfg.output_dir, cfg.overwrite)
     backend = build_backend(cfg.backend)
+    log = log if backend.is_main else _quiet
     setup = TofuSetup(cfg, cfg.model.path)
     log(f"{setup.data.description}")
     order = [t for t in ("retain", "original") if t in targets]  # retain first: it is the reference
     reference = None
-    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
-        dump_config(cfg, stage / "config.yaml")
+    with staged_dir(cfg.output_dir, cfg.overwrite, backend) as stage:
+        if backend.is_main:
+            dump_config(cfg, stage / "config.yaml")
         for target in order:
             t0 = time.perf_counter()
             seed_everything(cfg.seed)  # same seed for both: the only difference is the data
-            model = load_causal_lm(
-                cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype
-            )
+            with backend.init_context():
+                model = load_causal_lm(
+                    cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype
+                )
             check_vocab(model, setup.tokenizer, cfg.model.path)
-            model, _ = backend.prepare(model, None, cfg.train.build_optimizer)
+            engine, _ = backend.prepare(model, None, cfg.train.build_optimizer)
+            model = backend.unwrap(engine)
             streams = {"retain": setup.streams["full" if target == "original" else "retain"]}
             history = [_history_row(setup, model, backend.device, 0, {})]
 
@@ -209,7 +213,7 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
             state = run_loop(
                 Erm(cfg.train),
                 backend,
-                model,
+                engine,
                 None,
                 streams,
                 token_logits,
@@ -225,11 +229,17 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
                 **cfg.train.model_dump(mode="json"),
                 "trained_on": "TOFU full (forget + retain)" if target == "original" else "TOFU retain only",
             }
-            _save(model, setup.tokenizer, out, f"TOFU {target} model", cfg.model.path, setup, settings, {})
-            metrics = setup.evaluate(model, backend.device, reference, cache_dir=out)
+            weights = backend.full_state_dict(engine)  # collective under ZeRO-3
+            if backend.is_main:
+                title = f"TOFU {target} model"
+                _save(model, setup.tokenizer, out, title, cfg.model.path, setup, settings, {}, weights)
+            memory = backend.memory_report()
+            metrics = setup.evaluate(model, backend.device, reference, cache_dir=out, backend=backend)
             if target == "retain":
                 reference = metrics
             log(f"{target}: {describe(metrics)} ({train_seconds:.0f}s training)")
+            if not backend.is_main:
+                continue
             write_tofu_report(
                 out,
                 {
@@ -242,6 +252,7 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
                     "losses": state.losses,
                     "seconds": time.perf_counter() - t0,
                     "train_seconds": train_seconds,
+                    "memory": memory,
                 },
             )
     log(f"done: {', '.join(str(Path(cfg.output_dir) / t) for t in order)}")
@@ -285,6 +296,7 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
         set_dropout(student, dropout)  # the teacher stays in eval mode: no dropout there
     student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
     model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
+    teacher_before = backend.fingerprint(teacher) if teacher is not None else None
 
     def load_reference():
         with backend.init_context():
@@ -351,6 +363,18 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
         loop_seconds = time.perf_counter() - t_loop
         train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:] if r["epoch"] >= start)
         memory = backend.memory_report()
+        teacher_check = None
+        if teacher is not None:
+            after = backend.fingerprint(teacher)
+            teacher_check = {
+                "sha256_before": teacher_before,
+                "sha256_after": after,
+                "unchanged": after == teacher_before,
+            }
+            if not teacher_check["unchanged"]:
+                log(
+                    "WARNING: the frozen teacher's weights changed during the run; this is a bug, please report it"
+                )
         for row in memory:
             log("memory rank {rank}: peak {peak_bytes:,} B ({peak_kind}); parameters {parameter_bytes:,} B, "
                 "gradients {gradient_bytes:,} B, optimizer state {optimizer_bytes:,} B".format(**row))  # fmt: skip
@@ -424,6 +448,7 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
                         "accumulation": backend.accum,
                     },  # fmt: skip
                     "memory": memory,
+                    "teacher": teacher_check,
                     "artifacts": artifacts,
                 },
             )
@@ -471,6 +496,7 @@ def run_tofu_eval(cfg: RunConfig, log=print) -> Path:
     if cfg.model.path is None:
         raise ConfigError("`unlearn eval` needs model.path: the checkpoint to score")
     check_output_dir(cfg.output_dir, cfg.overwrite)
+    require_single(cfg, "`unlearn eval`")
     backend = build_backend(cfg.backend)
     setup = TofuSetup(cfg, cfg.model.path)
     reference = None

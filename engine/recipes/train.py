@@ -25,7 +25,13 @@ from engine.eval.report import write_report
 from engine.loop import LoopHooks, run_loop
 from engine.methods import Erm
 from engine.models.loading import build_classifier, classifier_logits, load_classifier
-from engine.recipes.common import Evaluator, describe, load_data_and_transform, seed_everything
+from engine.recipes.common import (
+    Evaluator,
+    describe,
+    load_data_and_transform,
+    require_single,
+    seed_everything,
+)
 from engine.tracking import Tracker
 
 TARGETS = ("original", "retrain")
@@ -42,6 +48,7 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
     check_output_dir(cfg.output_dir, cfg.overwrite)
     data, image, transform = load_data_and_transform(cfg, None if cfg.model.arch else cfg.model.path)
     log(f"forget set: {data.description}: {len(data.forget)} examples; retain {len(data.retain)}")
+    require_single(cfg, "`unlearn train` of image classifiers (task=vision)")
     backend = build_backend(cfg.backend)
     with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
         dump_config(cfg, stage / "config.yaml")

@@ -29,7 +29,14 @@ from engine.loop import LoopHooks, run_loop
 from engine.methods import build_method
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.loading import classifier_logits, load_classifier
-from engine.recipes.common import Evaluator, cpu_state, describe, load_data_and_transform, seed_everything
+from engine.recipes.common import (
+    Evaluator,
+    cpu_state,
+    describe,
+    load_data_and_transform,
+    require_single,
+    seed_everything,
+)
 from engine.tracking import Tracker
 
 REPORTED = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
@@ -43,6 +50,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)  # refuse before any work
     seed_everything(cfg.seed)
+    require_single(cfg, "`unlearn run` of image classifiers (task=vision)")
     backend = build_backend(cfg.backend)
     data, image, transform = load_data_and_transform(cfg, cfg.model.path)
     log(

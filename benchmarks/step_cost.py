@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -126,20 +127,19 @@ def loop_step(kind: StepKind, batch: dict, forward: Forward) -> dict[str, float]
     # --- loop.py: student forward
     student_logits = forward(kind.student, batch)
     t2 = time.perf_counter()
-    # --- loop.py: loss, normaliser, penalty, finiteness check
+    # --- loop.py: loss, normaliser (one micro-batch = the whole global batch here: share 1), penalty
     terms = method.loss(kind.phase, student_logits, teacher_logits, batch["labels"])
-    loss = terms.total / backend.global_count(terms.count)
+    loss = terms.total / max(terms.count, 1) * batch.get("share", 1.0)
     penalty = method.penalty(kind.student, kind.teacher)
     if penalty is not None:
         loss = loss + penalty
-    if not backend.all_finite(loss):
-        raise RuntimeError(f"{kind.name}: non-finite loss; the benchmark's learning rate is too high")
     t3 = time.perf_counter()
-    # --- loop.py: backend.step (zero_grad + backward + optimizer step; split by the optimizer hooks)
-    backend.step(loss)
-    t4 = time.perf_counter()
-    # --- loop.py: the loss read back for logging
-    float(loss.detach())
+    # --- loop.py: backend.backward, the loss read back (finiteness check), backend.step (optimizer step +
+    # zero_grad; the optimizer step itself is split out by the optimizer hooks)
+    backend.backward(loss)
+    if not math.isfinite(float(loss.detach())):
+        raise RuntimeError(f"{kind.name}: non-finite loss; the benchmark's learning rate is too high")
+    backend.step()
     t5 = time.perf_counter()
     return {
         "teacher": t1 - t0,
@@ -147,7 +147,7 @@ def loop_step(kind: StepKind, batch: dict, forward: Forward) -> dict[str, float]
         "loss": t3 - t2,
         "backward": kind.clock.pre - t3,
         "opt_step": kind.clock.post - kind.clock.pre,
-        "readout": t5 - t4 + (t4 - kind.clock.post),  # the tail of backend.step after the hook, if any
+        "readout": t5 - kind.clock.post,  # the tail of backend.step after the hook (zero_grad)
         "total": t5 - t0,
     }
 

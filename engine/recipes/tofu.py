@@ -270,6 +270,8 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             "`unlearn run` needs model.path: the causal LM to unlearn (e.g. runs/tofu/original)"
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)
+    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    resume = _check_resumable(partial_dir, cfg)  # before any work: another run's checkpoint is refused
     seed_everything(cfg.seed)
     backend = build_backend(cfg.backend)
     log = log if backend.is_main else _quiet
@@ -308,8 +310,6 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
     original = setup.evaluate(model, device, reference, cache_dir=cfg.model.path, backend=backend)
     log(f"original: {describe(original)}")
 
-    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
-    resume = _check_resumable(partial_dir, cfg)
     with staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage:
         checkpoints = stage / "checkpoints"
         if backend.is_main:

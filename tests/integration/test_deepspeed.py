@@ -1,0 +1,177 @@
+"""The DeepSpeed backend for real: 2 processes over gloo on CPU (torchrun), a tiny Llama, real TOFU rows.
+
+Every distributed run here is compared with the single-process run of the same global batches. The
+tolerance: both compute in float32, but 2 ranks sum their half of each batch separately and all-reduce
+the gradients (another summation order), so weights agree to accumulated float32 rounding: measured
+about 1e-6 after the run's 2 epochs. 2e-5 leaves margin while a real fault (a wrong normaliser, a rank
+training on the wrong rows, a missed step) moves weights by 1e-3 to 1e-1 here (they move ~0.08 in all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.cli import main
+from tests.conftest import tofu_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+TOL = 2e-5
+# every run: SCRUB, 2 epochs of max+min, a learning rate that really moves a tiny model, forget batches of 3
+# (20 forget rows: the last batch has 2 rows, so with 2 ranks x 2 micro-batches some are stand-ins)
+RUN = {"eval.reference": "null", "method.lr": "0.003", "method.forget_batch_size": "3"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(overrides: list[str], fault: str | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    env.pop("UNLEARN_FAULT", None)
+    if fault:
+        env["UNLEARN_FAULT"] = fault
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "engine.cli", "run", "configs/tofu.yaml", *overrides]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ds(tiny_lm, out: Path, **extra) -> list[str]:
+    return tofu_overrides(
+        tiny_lm, out.parent, output_dir=out, **RUN, **{"backend.name": "deepspeed", **extra}
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tiny_lm, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    assert (
+        main(["run", "configs/tofu.yaml", *tofu_overrides(tiny_lm, out.parent, output_dir=out, **RUN)]) == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero3(tiny_lm, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero3") / "out"
+    proc = torchrun(ds(tiny_lm, out, **{"backend.zero_stage": "3"}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def report(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+def test_zero3_on_two_ranks_ends_with_the_single_process_weights(single, zero3, tiny_lm):
+    moved = max_diff(weights(single), load_file(tiny_lm / "model.safetensors"))
+    assert moved > 1e-2, "the run must really change the model for the comparison to mean anything"
+    assert max_diff(weights(zero3), weights(single)) < TOL
+    r = report(zero3)
+    assert r["backend"] == {"name": "deepspeed", "world_size": 2, "zero_stage": 3, "accumulation": 1}
+
+
+def test_zero2_with_gradient_accumulation_ends_with_the_single_process_weights(single, tiny_lm, tmp_path):
+    out = tmp_path / "zero2"
+    proc = torchrun(
+        ds(tiny_lm, out, **{"backend.zero_stage": "2", "backend.gradient_accumulation_steps": "2"})
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert max_diff(weights(out), weights(single)) < TOL
+    # the per-step losses logged are the global batch's, equal to the single process's
+    a, b = report(out)["losses"], report(single)["losses"]
+    for phase in ("max", "min"):
+        assert len(a[phase]) == len(b[phase])
+        assert a[phase] == pytest.approx(b[phase], rel=1e-4)
+
+
+def test_each_rank_trained_on_a_distinct_shard_of_forget_and_retain(zero3):
+    shards = json.loads((zero3 / "shards.json").read_text())
+    size = report(zero3)["forget"]["size"]
+    unions = {}
+    for stream in ("forget", "retain"):
+        for epoch in ("1", "2"):
+            a, b = set(shards[stream][epoch]["0"]), set(shards[stream][epoch]["1"])
+            assert a and b and not a & b, f"{stream} epoch {epoch}: ranks overlap or one is empty"
+            unions[stream, epoch] = a | b
+    assert len(unions["forget", "1"]) == size  # together the ranks cover the forget set once per epoch
+    assert unions["forget", "1"] == unions["forget", "2"] and unions["retain", "1"] == unions["retain", "2"]
+    assert not unions["forget", "1"] & unions["retain", "1"]
+
+
+def test_teacher_is_bit_identical_before_and_after_and_sharded(zero3):
+    teacher = report(zero3)["teacher"]
+    assert teacher["unchanged"] is True
+    before = teacher["sha256_before"]
+    assert len(before) == 2 and before[0] != before[1]  # each rank holds a different ZeRO-3 partition
+
+
+def test_each_rank_holds_about_half_the_state(single, zero3):
+    (one,) = report(single)["memory"]
+    two = report(zero3)["memory"]
+    assert len(two) == 2
+    for rank in two:
+        assert rank["parameter_bytes"] <= 0.55 * one["parameter_bytes"]
+        assert rank["state_bytes"] <= 0.75 * one["state_bytes"]  # ZeRO adds an fp32 master partition
+
+
+def test_consolidated_checkpoint_reloads_in_plain_transformers_with_the_single_process_logits(single, zero3):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(zero3 / "model")
+    batch = tok(["Question: Who wrote it?\nAnswer: the author"], return_tensors="pt")
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(zero3 / "model")(**batch).logits
+        b = AutoModelForCausalLM.from_pretrained(single / "model")(**batch).logits
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_a_run_killed_after_an_epoch_resumes_there_and_ends_as_the_uninterrupted_run(
+    zero3, tiny_lm, tmp_path
+):
+    out = tmp_path / "killed"
+    args = ds(tiny_lm, out, **{"backend.zero_stage": "3"})
+    first = torchrun(
+        args, fault="after_checkpoint:1"
+    )  # SIGKILL on every rank right after epoch 1's checkpoint
+    assert first.returncode != 0
+    assert not out.exists()  # nothing is published before the run completes
+    assert (tmp_path / "killed.partial" / "checkpoints" / "latest").read_text() == "epoch_1"
+    second = torchrun(args)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch 1" in second.stdout + second.stderr
+    assert report(out)["resumed_from_epoch"] == 1
+    a, b = weights(out), weights(zero3)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must end bit-identical on CPU"
+    assert not (out / "checkpoints").exists()  # a completed run keeps the exported model, not the shards
+
+
+def test_resuming_with_another_config_is_refused_before_any_work(tiny_lm, tmp_path, capsys):
+    partial = tmp_path / "out.partial"
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / "checkpoints" / "latest").write_text("epoch_1")
+    (partial / "config.yaml").write_text("seed: 99\n")
+    code = main(["run", "configs/tofu.yaml", *tofu_overrides(tiny_lm, tmp_path, **RUN)])
+    assert code != 0
+    assert "unfinished run with another config" in capsys.readouterr().err

@@ -62,7 +62,7 @@ def test_each_rank_trains_on_a_distinct_shard_and_together_they_cover_the_epoch(
     ranks = run_ranks(n, batch_size, world, accum)
     steps = -(-n // batch_size)
     seen = []
-    for r, rank_steps in enumerate(ranks):
+    for rank_steps in ranks:
         assert len(rank_steps) == steps  # the same number of optimizer steps on every rank
         assert all(len(micro) == accum for micro in rank_steps)  # and of micro-batches per step
         seen.append({int(i) for micro in rank_steps for b in micro if b["share"] > 0 for i in b["rows"]})

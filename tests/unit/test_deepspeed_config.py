@@ -19,7 +19,9 @@ def cfg(tmp_path, content: dict | None = None, **kw) -> BackendConfig:
 
 
 def test_run_config_overrides_the_json_and_sets_the_accumulation_boundary(tmp_path):
-    ds = build_ds_config(cfg(tmp_path, zero_stage=3, dtype="bf16", gradient_accumulation_steps=4), world_size=2)
+    ds = build_ds_config(
+        cfg(tmp_path, zero_stage=3, dtype="bf16", gradient_accumulation_steps=4), world_size=2
+    )
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8

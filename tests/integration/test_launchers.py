@@ -1,0 +1,165 @@
+"""The launchers start real multi-process DeepSpeed runs on this machine (gloo, loopback only): the
+`deepspeed` launcher with two processes, and launchers/slurm_deepspeed.sbatch under stand-in `srun` and
+`scontrol` commands that start its tasks locally the way Slurm would set them up."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, tofu_overrides
+
+VENV_BIN = Path(sys.executable).parent
+# a run of a few seconds per rank once DeepSpeed's CPU op is compiled (about 45 s the first time)
+TIMEOUT_S = 300
+RUN = {
+    "method.epochs": "2",
+    "method.lr": "0.003",
+    "eval.reference": "null",
+    # a rank that fails leaves the others waiting in a collective: fail them in seconds, not minutes
+    "backend.timeout_s": "60",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # a test run inside another launcher's process must not join that world
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions")),
+        **extra,
+    )
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
+    assert proc.returncode == 0, (
+        f"{cmd[:3]} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_deepspeed_launcher_two_processes(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        # no hostfile: never the default /job/hostfile, so the two processes start on this machine
+        "--hostfile", str(tmp_path / "no_hostfile"),
+        "--num_gpus", "2",  # on CPU: processes
+        "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()),
+        "--module", "engine.cli", "run", "configs/tofu.yaml",
+        *tofu_overrides(tiny_lm, tmp_path, **RUN),
+        "backend.name=deepspeed",
+        "backend.zero_stage=2",
+    ]  # fmt: skip
+    _run(cmd, _env())
+    out = tmp_path / "out"
+    report = _report(out)
+    assert report["backend"]["name"] == "deepspeed"
+    assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == 2
+    assert [row["rank"] for row in report["memory"]] == [0, 1]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    before = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert any(not (before[k] == after[k]).all() for k in before), "the run left the model unchanged"
+    ids = tokenizer("Who wrote it?", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tokenizer)
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one machine: $SLURM_NTASKS local copies of the command, with the variables Slurm gives a task.
+set -u
+printf '%s\\n' "$*" >> "$FAKE_SLURM_LOG"
+while [[ $# -gt 0 && $1 == -* ]]; do shift; done  # srun's own options
+export SLURM_NTASKS SLURM_NTASKS_PER_NODE SLURM_JOB_NODELIST SLURM_NODEID=0
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+    pids+=("$!")
+done
+status=0
+for _ in "${pids[@]}"; do
+    if ! wait -n; then
+        status=1
+        kill "${pids[@]}" 2>/dev/null  # as --kill-on-bad-exit: don't leave the others in a collective
+    fi
+done
+exit "$status"
+"""
+
+# two hosts, both this machine: the script must take the first line only
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[[ $1 == show && $2 == hostnames ]] || { echo "fake scontrol: $*" >&2; exit 1; }
+printf '127.0.0.1\\n127.0.0.1\\n'
+"""
+
+
+def test_slurm_script_under_fake_srun(tiny_lm, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "srun.log"
+    env = _env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        PYTHON=sys.executable,
+        MASTER_PORT=str(_free_port()),
+        FAKE_SLURM_LOG=str(log),
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_CPUS_PER_TASK="1",
+    )
+    cmd = [
+        "bash",
+        "launchers/slurm_deepspeed.sbatch",
+        "configs/tofu.yaml",
+        *tofu_overrides(tiny_lm, tmp_path, **RUN),
+        "backend.zero_stage=3",
+    ]
+    _run(cmd, env)
+    report = _report(tmp_path / "out")
+    assert report["backend"]["name"] == "deepspeed"
+    assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == 3
+    assert [row["rank"] for row in report["memory"]] == [0, 1]
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    srun_args = log.read_text().split()
+    assert "--kill-on-bad-exit=1" in srun_args and "--cpus-per-task=1" in srun_args
+
+
+def test_slurm_script_needs_a_config(tmp_path):
+    proc = subprocess.run(
+        ["bash", "launchers/slurm_deepspeed.sbatch"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2 and "usage: sbatch launchers/slurm_deepspeed.sbatch CONFIG" in proc.stderr

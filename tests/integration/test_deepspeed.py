@@ -193,3 +193,19 @@ def test_zero3_with_optimizer_and_parameter_offload_without_a_launcher(single, t
     assert max_diff(weights(out), weights(single)) < TOL
     (mem,) = report(out)["memory"]
     assert mem["optimizer_bytes"] >= 2 * mem["parameter_bytes"]  # Adam moments (+ master) live on the host
+
+
+def test_a_single_process_run_killed_after_an_epoch_resumes_there_too(single, tiny_lm, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
+           *tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN)]  # fmt: skip
+    first = subprocess.run(
+        cmd, cwd=REPO, env={**env, "UNLEARN_FAULT": "after_checkpoint:1"}, capture_output=True
+    )
+    assert first.returncode != 0 and not out.exists()
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from the checkpoint of epoch 1" in second.stdout
+    a, b = weights(out), weights(single)
+    assert all(torch.equal(a[k], b[k]) for k in a)

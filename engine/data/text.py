@@ -229,7 +229,12 @@ class TextStream:
     def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
         batch = collate([self.encoded[int(i)] for i in rows], self.pad_id)
         batch["rows"] = rows
+        batch["partner_rows"] = retain_rows
         return batch
+
+
+def _generator(seed: int, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + row)
 
 
 class PairedStream:
@@ -247,8 +252,12 @@ class PairedStream:
         return len(self.forget)
 
     def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
-        g = torch.Generator().manual_seed(seed)
-        retain_rows = torch.randint(len(self.retain), (len(rows),), generator=g)
+        # each forget row's partner is drawn from (seed, row), not from the batch: the same partners
+        # whatever way a global batch is split over ranks, and never the same draws on every rank
+        retain_rows = torch.tensor(
+            [int(torch.randint(len(self.retain), (1,), generator=_generator(seed, int(i)))) for i in rows],
+            dtype=torch.long,
+        )
         examples = [self.forget.encoded[int(i)] for i in rows] + [
             self.retain.encoded[int(i)] for i in retain_rows
         ]
@@ -257,4 +266,5 @@ class PairedStream:
         batch["is_forget"] = is_forget
         batch["forget_token"] = is_forget[batch["sequence"]]
         batch["rows"] = rows
+        batch["partner_rows"] = retain_rows
         return batch

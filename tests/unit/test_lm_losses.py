@@ -193,3 +193,21 @@ def test_faithful_max_step_has_zero_gradient_at_the_teacher():
     kl_norm = grad_norm(terms.total)
     nll_norm = grad_norm(torch.nn.functional.cross_entropy(token_logits(model, batch), batch["labels"]))
     assert kl_norm < 1e-5 * nll_norm
+
+
+def test_paired_retain_partners_do_not_depend_on_how_a_batch_is_split(tiny_lm):
+    """GradDiff/NPO draw a retain partner per forget row from (seed, row): two ranks holding halves of a
+    global batch draw what one process draws for the whole batch, never the same draws as each other."""
+    tok = load_tokenizer(str(tiny_lm))
+    fmt = QAFormatter(tok, max_length=48)
+    rows = [{"question": f"Question {i}?", "answer": f"Answer number {i}.", "id": i} for i in range(40)]
+    paired = PairedStream(
+        TextStream(rows[:8], fmt, tok.pad_token_id), TextStream(rows[8:], fmt, tok.pad_token_id)
+    )
+
+    def partners(idx):
+        return paired.get(torch.tensor(idx), seed=5)["partner_rows"].tolist()
+
+    whole = partners([0, 1, 2, 3, 4, 5])
+    assert partners([0, 1, 2]) + partners([3, 4, 5]) == whole
+    assert partners([0, 1, 2]) != partners([3, 4, 5])

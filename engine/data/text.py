@@ -229,7 +229,6 @@ class TextStream:
     def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
         batch = collate([self.encoded[int(i)] for i in rows], self.pad_id)
         batch["rows"] = rows
-        batch["partner_rows"] = retain_rows
         return batch
 
 

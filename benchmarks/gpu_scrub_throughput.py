@@ -54,7 +54,7 @@ there), and run, with ``carry: [".whl"]``:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 benchmarks/gpu_scrub_throughput.py --out $OUT/gpu
 
-About 1-2 minutes of GPU wall time at the default size (model build and the three modes); shape, batch and
+About 1-2 minutes of GPU wall time at the default size (an estimate: not yet run on a GPU); shape, batch and
 steps: ``--hidden --intermediate --layers --heads --kv-heads --vocab --batch --seq-len --steps --warmup``.
 """
 

@@ -108,7 +108,7 @@ def overrides(args, base: Path, output_dir: Path) -> list[str]:
         "method.msteps=1",
         "method.forget_batch_size=4",
         "method.retain_batch_size=8",
-        f"method.lr={args.lr}",
+        *([f"method.lr={args.lr}"] if args.lr else []),  # default: the config's (AdamW 5e-5)
         "logging.progress=false",
         "backend.name=deepspeed",
         "backend.zero_stage=3",
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="small model, same protocol: about 2 minutes")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick: small)")
-    p.add_argument("--lr", type=float, default=1e-3, help="SCRUB's AdamW learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, help="SCRUB's AdamW learning rate (default: configs/tofu.yaml's, 5e-5)")
     p.add_argument("--dataset", default=str(TOFU), help="TOFU folder")
     p.add_argument("--set", action="append", help="extra key=value override of the job (repeatable)")
     p.add_argument("--quiet", action="store_true", help="do not echo the runs' logs (they are in DIR/runs)")

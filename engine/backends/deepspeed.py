@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import timedelta
@@ -128,6 +129,11 @@ class DeepSpeedBackend(Backend):
         import deepspeed
         import torch.distributed as dist
 
+        # DeepSpeed 0.19 calls collectives torch 2.13 deprecated: one warning per call, every step, every rank
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+            warnings.filterwarnings(
+                "ignore", message=f".*torch.distributed.{name}.* is deprecated", category=FutureWarning
+            )
         _single_process_env()
         backend = (
             cfg.dist_backend

@@ -18,7 +18,9 @@ VENV_BIN = Path(sys.executable).parent
 # a run of a few seconds per rank once DeepSpeed's CPU op is compiled (about 45 s the first time)
 TIMEOUT_S = 300
 RUN = {
-    "method.epochs": "2",
+    "tofu.num_authors": "5",
+    "method.epochs": "1",
+    "method.msteps": "1",
     "method.lr": "0.003",
     "eval.reference": "null",
     # a rank that fails leaves the others waiting in a collective: fail them in seconds, not minutes

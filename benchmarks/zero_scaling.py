@@ -156,7 +156,9 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(runs / f"ws{world}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for line in proc.stdout:
             log.write(line)
             log.flush()
@@ -165,7 +167,9 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
         rc = proc.wait()
     wall = time.perf_counter() - t0
     if rc != 0 or not report_path.is_file():
-        raise SystemExit(f"world size {world}: the run failed (exit code {rc}); see {runs / f'ws{world}.log'}")
+        raise SystemExit(
+            f"world size {world}: the run failed (exit code {rc}); see {runs / f'ws{world}.log'}"
+        )
     write_json(wall_path, {"wall_seconds": wall})
     print(f"world size {world}: done in {wall:.0f} s", flush=True)
     return {"report": json.loads(report_path.read_text()), "wall_seconds": wall, "command": cmd}
@@ -222,8 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="small model, same protocol: about 2 minutes")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick: small)")
-    p.add_argument("--lr", type=float, help="SCRUB's AdamW learning rate (default: configs/tofu.yaml's, 5e-5)")
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick: small)"
+    )
+    p.add_argument(
+        "--lr", type=float, help="SCRUB's AdamW learning rate (default: configs/tofu.yaml's, 5e-5)"
+    )
     p.add_argument("--dataset", default=str(TOFU), help="TOFU folder")
     p.add_argument("--set", action="append", help="extra key=value override of the job (repeatable)")
     p.add_argument("--quiet", action="store_true", help="do not echo the runs' logs (they are in DIR/runs)")
@@ -262,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
         "passed": all(checks.values()),
         "model": {"shape": args.shape, **SHAPES[args.shape], "parameters": n_params, "path": str(base)},
-        "protocol": {"config": str(CONFIG.relative_to(REPO)), "overrides": overrides(args, Path("DIR/runs/wsN.base"), Path("DIR/runs/wsN"))},
+        "protocol": {
+            "config": str(CONFIG.relative_to(REPO)),
+            "overrides": overrides(args, Path("DIR/runs/wsN.base"), Path("DIR/runs/wsN")),
+        },
         "total_seconds": time.perf_counter() - t0,
     }
     write_json(out / "results.json", result)
@@ -285,12 +296,18 @@ def markdown(r: dict) -> str:
     for w, s in r["world_sizes"].items():
         rows.append(
             [w]
-            + [fmt(s[f"{k}_bytes_per_rank"] / MIB, ".1f") for k in ("parameter", "gradient", "optimizer", "state", "peak")]
+            + [
+                fmt(s[f"{k}_bytes_per_rank"] / MIB, ".1f")
+                for k in ("parameter", "gradient", "optimizer", "state", "peak")
+            ]
             + [fmt(s["loop_seconds"], ".1f"), fmt(s["seconds"], ".1f"), fmt(s["wall_seconds"], ".1f")]
         )
     m = r["model"]
     lines = ["# ZeRO-3 scaling: is one rank's state halved at world size 2?", "", *header_markdown(r)]
-    lines += [f"- DeepSpeed {r['deepspeed']}, transformers {r['transformers']}; gloo on CPU, 1 torch thread per rank", ""]
+    lines += [
+        f"- DeepSpeed {r['deepspeed']}, transformers {r['transformers']}; gloo on CPU, 1 torch thread per rank",
+        "",
+    ]
     lines += [
         f"Model: Llama, shape `{m['shape']}` (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
         f"{m['parameters']:,} parameters, random init), SCRUB 1 epoch, ZeRO-3, fp32. Per rank, max over ranks; "

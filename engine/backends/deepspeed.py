@@ -42,12 +42,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _single_process_env() -> None:
-    """Started without a launcher: a world of one on loopback."""
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+def _launcher_env() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK as torch's env:// needs them: from the launcher (deepspeed, torchrun,
+    launchers/slurm_deepspeed.sbatch), from Open MPI's variables, or, started plainly, a world of one on
+    loopback. A bare `srun` sets none of them: refused, or every task would run alone into one output."""
+    env = os.environ
+    if "RANK" in env:
+        return
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        if "MASTER_ADDR" not in env:
+            raise ConfigError(
+                "started by mpirun: export MASTER_ADDR (the first host) and MASTER_PORT to every rank"
+            )
+        env.update(
+            RANK=env["OMPI_COMM_WORLD_RANK"],
+            WORLD_SIZE=env["OMPI_COMM_WORLD_SIZE"],
+            LOCAL_RANK=env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+        )
+        env.setdefault("MASTER_PORT", "29500")
+        return
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        raise ConfigError(
+            "started as one of several Slurm tasks without RANK/WORLD_SIZE: use launchers/slurm_deepspeed.sbatch "
+            "(it sets them for each task) or torchrun/deepspeed inside the allocation"
+        )
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def build_ds_config(cfg, world_size: int) -> dict:
@@ -134,7 +155,7 @@ class DeepSpeedBackend(Backend):
             warnings.filterwarnings(
                 "ignore", message=f".*torch.distributed.{name}.* is deprecated", category=FutureWarning
             )
-        _single_process_env()
+        _launcher_env()
         backend = (
             cfg.dist_backend
             if cfg.dist_backend != "auto"
@@ -277,6 +298,18 @@ class DeepSpeedBackend(Backend):
 
     def memory_report(self) -> list[dict]:
         return self.gather_object(self.meter.report(self.rank, self.device))
+
+    def broadcast_object(self, obj):
+        """The main rank's ``obj`` on every rank."""
+        box = [obj if self.is_main else None]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        """Leave the process group (without it, exit waits seconds in native teardown)."""
+        if self.dist.is_initialized():
+            self.dist.barrier()
+            self.dist.destroy_process_group()
 
     def gather_object(self, obj) -> list:
         out = [None] * self.world_size

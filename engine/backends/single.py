@@ -116,6 +116,12 @@ class SingleProcessBackend(Backend):
     def memory_report(self) -> list[dict]:
         return [self.meter.report(self.rank, self.device)]
 
+    def broadcast_object(self, obj):
+        return obj
+
+    def close(self) -> None:
+        pass
+
     def gather_object(self, obj):
         return [obj]
 

@@ -94,10 +94,14 @@ class TofuSetup:
         processes every one evaluates (ZeRO-3 forwards are collective) and the main one writes."""
         settings = {**self.eval_settings(), "reference": _fingerprint(reference)}
         cache = Path(cache_dir) / CACHE if cache_dir else None
+        hit = None
         if cache is not None and cache.is_file():
             stored = json.loads(cache.read_text())
-            if stored.get("settings") == settings:
-                return stored["metrics"]
+            hit = stored["metrics"] if stored.get("settings") == settings else None
+        if backend is not None:
+            hit = backend.broadcast_object(hit)  # the main rank decides: all ranks evaluate, or none
+        if hit is not None:
+            return hit
         if not isinstance(model, torch.nn.Module):
             model = model()
         metrics = evaluate_tofu(
@@ -256,6 +260,7 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
                 },
             )
     log(f"done: {', '.join(str(Path(cfg.output_dir) / t) for t in order)}")
+    backend.close()
     return Path(cfg.output_dir)
 
 
@@ -454,6 +459,7 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             )
     out = Path(cfg.output_dir)
     log(f"done: model in {out / 'model'}, report in {out / 'report.md'}")
+    backend.close()
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -15,7 +16,8 @@ from pathlib import Path
 from tests.conftest import ROOT, tofu_overrides
 
 VENV_BIN = Path(sys.executable).parent
-# a run of a few seconds per rank once DeepSpeed's CPU op is compiled (about 45 s the first time)
+# each run takes about 20 s on 2 idle cores once DeepSpeed's CPU op is compiled (about 45 s more the
+# first time, in TORCH_EXTENSIONS_DIR)
 TIMEOUT_S = 300
 RUN = {
     "tofu.num_authors": "5",
@@ -48,12 +50,26 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    """Run a launcher to completion. Its own session, so that a timeout ends the ranks it started too
+    (subprocess.run would kill only the launcher and leave them running)."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, (
-        f"{cmd[:3]} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(
+            f"{cmd[:3]} ran over {TIMEOUT_S} s:\n{stdout[-4000:]}\n{stderr[-4000:]}"
+        ) from None
+    assert proc.returncode == 0, f"{cmd[:3]} exited {proc.returncode}:\n{stdout[-4000:]}\n{stderr[-4000:]}"
 
 
 def _report(out: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -78,3 +79,34 @@ def test_shipped_deepspeed_configs_are_valid(tmp_path):
     for path in shipped:
         ds = build_ds_config(BackendConfig(name="deepspeed", deepspeed_config=str(path)), world_size=2)
         assert ds["zero_optimization"]["stage"] in (0, 1, 2, 3)
+
+
+def test_launcher_environment(monkeypatch):
+    from engine.backends.deepspeed import _launcher_env
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
+                "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):  # fmt: skip
+        monkeypatch.delenv(key, raising=False)
+    # one of 4 bare srun tasks: refused, instead of 4 worlds of one writing one output folder
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    with pytest.raises(ConfigError, match="slurm_deepspeed.sbatch"):
+        _launcher_env()
+    monkeypatch.delenv("SLURM_NTASKS")
+    # mpirun: Open MPI's variables, with MASTER_ADDR from the user
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        _launcher_env()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    _launcher_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "0")
+    # started plainly: a world of one on loopback
+    for key in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    _launcher_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == (
+        "0",
+        "1",
+        "127.0.0.1",
+    )

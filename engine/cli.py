@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 run_training(cfg, targets=only or TARGETS)
         elif args.command == "run":
-            if tofu:
+            if cfg.backend.name == "ray":
+                from engine.backends.ray_train import run_on_ray as run
+            elif tofu:
                 from engine.recipes.tofu import run_tofu_unlearning as run
             else:
                 from engine.recipes.unlearn import run_unlearning as run

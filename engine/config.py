@@ -143,10 +143,11 @@ class LoggingConfig(StrictModel):
 
 
 class BackendConfig(StrictModel):
-    name: Literal["single", "deepspeed"] = Field(
+    name: Literal["single", "deepspeed", "ray"] = Field(
         "single",
         description="Where the loop runs: single = one process (the embedded default); deepspeed = DeepSpeed "
-        "ZeRO over the processes a launcher started (deepspeed, torchrun, srun; one process without one).",
+        "ZeRO over the processes a launcher started (deepspeed, torchrun, srun; one process without one); "
+        "ray = Ray Train workers (DeepSpeed inside each) fed by Ray Data, on a cluster or an embedded local Ray.",
     )
     device: str = Field("auto", description="single: auto (cuda if available), cpu, cuda, cuda:N.")
     num_threads: int | None = Field(
@@ -184,6 +185,27 @@ class BackendConfig(StrictModel):
     )
     timeout_s: int = Field(
         600, ge=10, description="deepspeed: seconds a collective waits for the other ranks before failing."
+    )
+    ray_address: str | None = Field(
+        None,
+        description="ray: the cluster to join (ray.init(address=...)); None: RAY_ADDRESS if set, else an embedded "
+        "local Ray on 127.0.0.1.",
+    )
+    num_workers: int = Field(
+        2, ge=1, description="ray: Ray Train workers (one process each, one GPU each with use_gpu)."
+    )
+    use_gpu: bool = Field(
+        False, description="ray: give each worker a GPU (nccl); false: CPU workers over gloo."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="ray: CPUs reserved per worker.")
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="ray: worker-group restarts after a failure; each resumes from the last checkpoint.",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="ray: Ray Train's storage (reported checkpoints, results); None: OUTPUT_DIR.ray beside it.",
     )
     keep_checkpoints: bool = Field(
         False,

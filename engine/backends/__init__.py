@@ -15,7 +15,11 @@ def build_backend(config) -> Backend:
         from engine.backends.deepspeed import DeepSpeedBackend  # imports deepspeed: only when asked for
 
         return DeepSpeedBackend(config)
-    raise ValueError(f"unknown backend {config.name!r}")
+    from engine.errors import ConfigError
+
+    raise ConfigError(
+        f"backend.name={config.name} is not available for this command (ray runs `unlearn run` of task=tofu)"
+    )
 
 
 __all__ = ["Backend", "SingleProcessBackend", "build_backend"]

@@ -33,18 +33,27 @@ class Backend:
     def batches(self, stream, batch_size: int, seed: int, epoch: int, name: str) -> Iterator[list[dict]]:
         """This rank's micro-batches, one list per optimizer step."""
         order = epoch_order(len(stream), seed, epoch, name)
-        seen = self.seen.setdefault(name, {}).setdefault(epoch, [])
+        plan = []  # per step: (draw seed, [(rows to fetch, counted?)] of this rank's micro-batches)
         for k, rows in enumerate(order.split(batch_size)):
-            draw = order_seed(seed, epoch, name) * 7_919 + k  # augmentation / pairing draw of this step
+            parts = rows.tensor_split(self.world_size)[self.rank].tensor_split(self.accum)
+            plan.append(
+                (
+                    order_seed(seed, epoch, name) * 7_919 + k,
+                    [(p if len(p) else rows[:1], len(p) > 0) for p in parts],
+                )
+            )
+        if hasattr(stream, "load_rows"):  # a stream that fetches rows (Ray Data) gets this rank's rows only
+            stream.load_rows(torch.cat([rows for _, parts in plan for rows, _ in parts]), epoch)
+        seen = self.seen.setdefault(name, {}).setdefault(epoch, [])
+        for draw, parts in plan:  # draw: the augmentation / pairing seed of this step
             micro, counted = [], []
-            for part in rows.tensor_split(self.world_size)[self.rank].tensor_split(self.accum):
-                standin = len(part) == 0
-                batch = stream.get(rows[:1] if standin else part, seed=draw)
+            for rows, real in parts:
+                batch = stream.get(rows, seed=draw)
                 micro.append(
                     {key: v.to(self.device) if torch.is_tensor(v) else v for key, v in batch.items()}
                 )
-                counted.append(0 if standin else int(batch["labels"].shape[0]))
-                seen.extend(part.tolist())
+                counted.append(int(batch["labels"].shape[0]) if real else 0)  # a stand-in counts 0
+                seen.extend(rows.tolist() if real else [])
             total = self.sum_across_ranks(float(sum(counted)))  # counted rows of the whole global batch
             for batch, n in zip(micro, counted):
                 batch["share"] = n / total

@@ -155,7 +155,6 @@ class DeepSpeedBackend(Backend):
             warnings.filterwarnings(
                 "ignore", message=f".*torch.distributed.{name}.* is deprecated", category=FutureWarning
             )
-        _launcher_env()
         backend = (
             cfg.dist_backend
             if cfg.dist_backend != "auto"
@@ -163,13 +162,15 @@ class DeepSpeedBackend(Backend):
             if torch.cuda.is_available()
             else "gloo"
         )
-        if not dist.is_initialized():
-            deepspeed.init_distributed(
-                dist_backend=backend,
-                auto_mpi_discovery=False,
-                timeout=timedelta(seconds=cfg.timeout_s),
-                verbose=False,
-            )
+        if not dist.is_initialized():  # Ray Train workers come with their process group
+            _launcher_env()
+        # DeepSpeed's comm layer adopts an existing torch process group (Ray Train's)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=cfg.timeout_s),
+            verbose=False,
+        )
         self.dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if torch.cuda.is_available():

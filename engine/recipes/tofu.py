@@ -33,7 +33,7 @@ from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
-from engine.errors import ConfigError
+from engine.errors import ConfigError, OutputError
 from engine.eval.report import write_text_atomic
 from engine.eval.tofu import evaluate_tofu
 from engine.eval.tofu_report import write_tofu_report
@@ -264,12 +264,25 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
     return Path(cfg.output_dir)
 
 
-def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
+def run_tofu_unlearning(
+    cfg: RunConfig,
+    log=print,
+    backend=None,
+    streams: dict | None = None,
+    on_checkpoint=None,
+    launched_at: float | None = None,
+    expect_resume: bool = False,
+) -> Path:
     """Unlearn under any backend. Every process runs this function; only the main one logs and writes
     results, all of them take part in forwards (ZeRO-3 gathers weights collectively) and checkpoints.
     Each epoch ends with a resumable checkpoint in ``OUTPUT.partial/checkpoints``; started again with
-    the same config and output_dir, a run resumes after the last complete one."""
+    the same config and output_dir, a run resumes after the last complete one.
+
+    The Ray backend calls this in each worker with its DeepSpeed ``backend``, Ray Data ``streams``,
+    ``on_checkpoint(epoch, folder, history_row)`` (ray.train.report), the driver's ``launched_at`` and
+    ``expect_resume`` (Ray Train restarted the workers after a failure: a checkpoint must exist)."""
     t_start = time.perf_counter()
+    launched_at = launched_at or time.time()
     if cfg.model.path is None:
         raise ConfigError(
             "`unlearn run` needs model.path: the causal LM to unlearn (e.g. runs/tofu/original)"
@@ -277,8 +290,13 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
     check_output_dir(cfg.output_dir, cfg.overwrite)
     partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
     resume = _check_resumable(partial_dir, cfg)  # before any work: another run's checkpoint is refused
+    if expect_resume and not resume:
+        raise OutputError(
+            f"restarted after a failure but {partial_dir}/checkpoints has no complete checkpoint: refusing to start "
+            "over silently (is the output folder on storage every worker sees?)"
+        )
     seed_everything(cfg.seed)
-    backend = build_backend(cfg.backend)
+    backend = backend or build_backend(cfg.backend)
     log = log if backend.is_main else _quiet
     rewind = bool(getattr(cfg.method, "rewind", False))
     if rewind and not cfg.eval.every_epoch:
@@ -338,8 +356,13 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             snapshots.mkdir(exist_ok=True)
             save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
 
+        first_step = []
+
         def on_step(epoch: int, phase: str, step: int, value: float) -> None:
             losses.setdefault(phase, []).append(value)
+            if not first_step:
+                first_step.append(time.time() - launched_at)
+                log(f"first step done {first_step[0]:.1f} s after launch")
 
         def on_epoch_end(epoch: int, epoch_losses: dict[str, float]) -> None:
             if cfg.eval.every_epoch or epoch == cfg.method.epochs:
@@ -349,7 +372,9 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             if rewind:
                 save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
             backend.save_checkpoint(checkpoints, epoch, student, {"history": history, "losses": losses})
-            faults.inject("after_checkpoint", epoch)
+            if on_checkpoint is not None:
+                on_checkpoint(epoch, checkpoints, history[-1])
+            faults.inject("after_checkpoint", epoch, backend.rank)
 
         t_loop = time.perf_counter()
         run_loop(
@@ -357,7 +382,7 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
             backend,
             student,
             teacher,
-            setup.streams,
+            {**setup.streams, **(streams or {})},  # training rows from Ray Data under the Ray backend
             token_logits,
             seed=cfg.seed,
             epochs=cfg.method.epochs,
@@ -446,6 +471,7 @@ def run_tofu_unlearning(cfg: RunConfig, log=print) -> Path:
                     "loop_seconds": loop_seconds,
                     "train_seconds": train_seconds,
                     "resumed_from_epoch": start - 1 if start > 1 else None,
+                    "seconds_to_first_step": first_step[0] if first_step else None,
                     "backend": {
                         "name": backend.name,
                         "world_size": backend.world_size,

@@ -1,0 +1,188 @@
+"""Ray: Ray Train workers run the one recipe, with the DeepSpeed backend inside each; Ray Data holds
+the preprocessed forget and retain sets and streams each worker its own rows every epoch.
+
+- Driver (``run_on_ray``): joins a cluster (``backend.ray_address`` or RAY_ADDRESS) or starts an
+  embedded local Ray on 127.0.0.1; tokenizes the forget and retain sets in Ray Data (from the same
+  Hugging Face ``datasets`` rows as the other backends) and materializes them in the object store;
+  runs a ``TorchTrainer`` of ``backend.num_workers`` workers with ``FailureConfig(max_failures)``.
+- Worker (``_worker``): the process group is Ray Train's; ``run_tofu_unlearning`` runs as under
+  ``deepspeed``/``torchrun``. Every epoch each worker asks Ray Data for exactly the rows the seeded
+  per-epoch order gives it (backends/base.py decides; the rows of other workers never reach it), and
+  after each epoch's DeepSpeed checkpoint reports it through ``ray.train.report``.
+- Failure: a restarted worker group runs the recipe again; it finds the last complete checkpoint
+  (the one Ray Train recorded as reported) in ``OUTPUT.partial/checkpoints``, says so, and goes on.
+  The output folder must be on storage every worker sees (one machine, or a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from engine.data.text import collate
+
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars would interleave with the engine's own log in every worker."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def init_ray(address: str | None) -> None:
+    """Join ``address`` (or RAY_ADDRESS); without either, start an embedded Ray bound to 127.0.0.1."""
+    import ray
+
+    quiet_ray_data()
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    for key, value in LOOPBACK.items():
+        os.environ.setdefault(key, value)  # keep an embedded Ray on loopback, no usage reporting
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+
+
+class RayRows:
+    """A stream whose rows live in a Ray Dataset (columns ``row``, ``input_ids``, ``labels``). At the start
+    of each epoch the backend names the rows this worker will use (``load_rows``); Ray Data filters them
+    out of the dataset and only those reach this process."""
+
+    def __init__(self, dataset, size: int, pad_id: int):
+        self.dataset, self.size, self.pad_id = dataset, size, pad_id
+        self.cache: dict[int, dict] = {}
+        self.loaded: dict[str, int] = {}  # epoch -> rows fetched (for the tests and the report)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def load_rows(self, rows: torch.Tensor, epoch: int) -> None:
+        wanted = {int(r) for r in rows}
+        # num_cpus=0: the training workers hold their CPUs for the whole run; the filter must not wait for one
+        taken = self.dataset.filter(lambda r: int(r["row"]) in wanted, num_cpus=0).take_all()
+        self.cache = {int(r["row"]): {"input_ids": list(map(int, r["input_ids"])),
+                                      "labels": list(map(int, r["labels"]))} for r in taken}  # fmt: skip
+        self.loaded[str(epoch)] = len(self.cache)
+        missing = wanted - set(self.cache)
+        if missing:
+            raise RuntimeError(f"Ray Data returned no row for ids {sorted(missing)[:5]}...")
+
+    def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
+        batch = collate([self.cache[int(r)] for r in rows], self.pad_id)
+        batch["rows"] = rows
+        return batch
+
+
+def ray_dataset(rows: list[dict], formatter):
+    """Tokenize TOFU rows in Ray Data (prompt masked, as ``TextStream``) and keep them in the object store."""
+    import ray
+
+    def encode(batch: dict) -> dict:
+        out = [formatter.encode(q, a) for q, a in zip(batch["question"], batch["answer"])]
+        return {"row": batch["row"], "input_ids": [o["input_ids"] for o in out],
+                "labels": [o["labels"] for o in out]}  # fmt: skip
+
+    items = [{"row": i, "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
+    return ray.data.from_items(items).map_batches(encode, batch_format="numpy").materialize()
+
+
+def run_on_ray(cfg, log=print) -> Path:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from engine.checkpoint.export import check_output_dir
+    from engine.recipes.tofu import TofuSetup
+
+    launched = time.time()
+    if cfg.task != "tofu":
+        from engine.errors import ConfigError
+
+        raise ConfigError("backend.name=ray runs `unlearn run` of causal LMs (task=tofu)")
+    check_output_dir(cfg.output_dir, cfg.overwrite)
+    b = cfg.backend
+    init_ray(b.ray_address)
+    setup = TofuSetup(cfg, cfg.model.path)  # the driver tokenizes once, in Ray Data
+    datasets = {
+        name: ray_dataset(getattr(setup.data, name), setup.formatter) for name in ("forget", "retain")
+    }
+    log(
+        f"Ray Data: forget {datasets['forget'].count()} rows, retain {datasets['retain'].count()} rows, tokenized"
+    )
+    worker_cfg = cfg.model_copy(update={"backend": b.model_copy(update={"name": "deepspeed"})}, deep=True)
+    out = Path(cfg.output_dir).resolve()
+    storage = Path(b.storage_path).resolve() if b.storage_path else out.with_name(out.name + ".ray")
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "cfg": worker_cfg.model_dump(mode="json"),
+            "launched_at": launched,
+            "datasets": datasets,
+            "cwd": os.getcwd(),
+        },  # fmt: skip
+        torch_config=TorchConfig(backend="nccl" if b.use_gpu else "gloo", timeout_s=b.timeout_s),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=b.num_workers, use_gpu=b.use_gpu, resources_per_worker={"CPU": b.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=out.name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=b.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    log(
+        f"done: model in {out / 'model'}, report in {out / 'report.md'}; Ray Train run in {storage / out.name}"
+    )
+    return out
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    from engine.backends.deepspeed import DeepSpeedBackend
+    from engine.config import RunConfig
+    from engine.recipes.tofu import run_tofu_unlearning
+
+    quiet_ray_data()
+    os.chdir(config["cwd"])  # relative paths of the config (configs/deepspeed/*.json, data) as on the driver
+    cfg = RunConfig.model_validate(config["cfg"])
+    backend = DeepSpeedBackend(cfg.backend)  # joins the process group Ray Train has set up
+    from engine.models.causal_lm import load_tokenizer
+
+    pad = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code).pad_token_id
+    streams = {
+        name: RayRows(ds, ds.count(), pad) for name, ds in config["datasets"].items()
+    }  # fmt: skip
+
+    def report(epoch: int, folder: Path, row: dict) -> None:
+        # every worker reports (Ray Train needs all of them); the main one names the checkpoint
+        from ray.train import Checkpoint
+
+        ckpt = None
+        if backend.is_main:
+            pointer = folder / f"ray_epoch_{epoch}"
+            pointer.mkdir(exist_ok=True)
+            (pointer / "deepspeed_checkpoint.txt").write_text(f"{folder}\nepoch_{epoch}\n")
+            ckpt = Checkpoint.from_directory(str(pointer))
+        metrics = {"epoch": epoch, **{k: v for k, v in row.items() if isinstance(v, (int, float))}}
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    resumed = ray.train.get_checkpoint()
+    run_tofu_unlearning(
+        cfg,
+        backend=backend,
+        streams=streams,
+        on_checkpoint=report,
+        launched_at=config["launched_at"],
+        expect_resume=resumed is not None,
+    )

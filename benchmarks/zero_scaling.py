@@ -11,13 +11,17 @@ processes over gloo, one torch thread each), both under ``backend.name=deepspeed
    same vocabulary, a 2-layer model of width 128 (6.7M parameters);
 2. one SCRUB epoch with one max-step pass (5 authors, forget10 = 1 author = 20 QA pairs, 80 retain pairs;
    forget batch 4, retain batch 8: 5 max-steps and 10 min-steps, AdamW), then the engine's evaluation
-   (cheap settings: no per-epoch evaluation, 8 utility examples, 8 generated tokens);
+   (cheap settings: no per-epoch evaluation, 8 utility examples, 4 generated tokens);
 3. from each run's ``report.json``, ``memory`` (one row per rank, measured by the engine right after an
    optimizer step): parameter, gradient and optimizer-state bytes this rank holds (their sum is
    ``state``) and the process's peak (host peak RSS on CPU); the max over ranks of each is reported;
 4. the two final models (``OUTPUT/model/model.safetensors``, consolidated by the engine) are compared
    weight by weight: the largest absolute difference (the same job, so it should be rounding noise), next
-   to how far the job moved the weights from the base model (its scale).
+   to how far the job moved the weights from the base model (its scale);
+5. while each run goes, the ranks' resident memory is sampled from /proc and cut into phases at the lines
+   the engine logs (start-up, load + shard + evaluate the base, unlearning loop, epoch checkpoint, final
+   evaluation, consolidate + save): seconds, largest RSS and high-water mark per phase, so the phase
+   that sets the peak is known.
 
 Checks: state(2) / state(1) <= 0.6 (ideal 0.5) and the weight difference <= 1e-4 (1e-6 is typical). The
 peak is not expected to halve: each process starts from about 600-700 MB of imports (torch, DeepSpeed,
@@ -43,6 +47,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +104,7 @@ def overrides(args, base: Path, output_dir: Path) -> list[str]:
         "tofu.num_authors=5",  # forget10 -> 1 author (20 QA pairs), 4 retain authors (80)
         "tofu.max_length=128",
         "tofu.utility_examples=8",
-        "tofu.max_new_tokens=8",
+        "tofu.max_new_tokens=4",
         f"model.path={base}",
         "eval.reference=null",
         "eval.every_epoch=false",
@@ -125,15 +130,108 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Phases of a run, each opened by a line the engine's main rank logs (engine/recipes/tofu.py)
+PHASES = (
+    ("start-up", None),  # launcher, imports, process group, data
+    (
+        "load, shard, evaluate base",
+        "TOFU ",
+    ),  # both models loaded under zero.Init, deepspeed.initialize, base eval
+    ("unlearning loop", "original: "),  # epoch-0 row, SCRUB steps, epoch-end row
+    ("epoch checkpoint", "epoch "),  # the resumable DeepSpeed checkpoint, then the memory report
+    ("final evaluation", "memory rank "),  # teacher fingerprint, TOFU evaluation of the result
+    ("consolidate, save", "scrub: "),  # ZeRO-3 gather of the weights, export, report
+    ("exit", "done: "),
+)
+
+
+def _rss(pid: int) -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) of a process in bytes, or None once it is gone."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _workers(root: int) -> list[int]:
+    """Descendants of ``root`` running the engine (the ranks), from /proc."""
+    parent, cmd = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            cmd[int(d.name)] = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        todo += kids
+        out += [c for c in kids if b"engine.cli" in cmd.get(c, b"")]
+    return out
+
+
+class PhaseMeter:
+    """Samples the ranks' resident memory (max over ranks) and attributes it to the run's phases: per
+    phase its seconds, the largest sampled RSS and the high-water mark (VmHWM) at its end, so the phase in
+    which the peak was reached is known exactly (the first whose end mark equals the final one)."""
+
+    def __init__(self, root: int, world: int, interval: float = 0.2):
+        self.root, self.world, self.interval = root, world, interval
+        self.t0 = self.scanned = time.perf_counter()
+        self.pids: list[int] = []
+        self.lock = threading.Lock()
+        self.rows = [{"phase": PHASES[0][0], "start_s": 0.0, "max_rss_bytes": 0, "hwm_bytes": 0}]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def line(self, text: str) -> None:
+        i = len(self.rows)
+        if i < len(PHASES) and text.startswith(PHASES[i][1]):
+            with self.lock:  # the phase that just ended gets the memory up to this line
+                self._sample()
+                self.rows.append({"phase": PHASES[i][0], "start_s": time.perf_counter() - self.t0,
+                                  "max_rss_bytes": 0, "hwm_bytes": self.rows[-1]["hwm_bytes"]})  # fmt: skip
+
+    def _sample(self) -> None:
+        stats = [x for x in map(_rss, self.pids) if x is not None]
+        now = time.perf_counter()
+        if (len(stats) < self.world or len(self.pids) < self.world) and now - self.scanned > 1.0:
+            self.pids, self.scanned = _workers(self.root), now  # (re)find the ranks, at most once a second
+            stats = [x for x in map(_rss, self.pids) if x is not None]
+        if stats:
+            row = self.rows[-1]
+            row["max_rss_bytes"] = max(row["max_rss_bytes"], *(r for r, _ in stats))
+            row["hwm_bytes"] = max(row["hwm_bytes"], *(h for _, h in stats))
+
+    def _run(self) -> None:
+        while not self.done.wait(self.interval):
+            with self.lock:
+                self._sample()
+
+    def stop(self) -> list[dict]:
+        self.done.set()
+        self.thread.join()
+        end = time.perf_counter() - self.t0
+        for row, nxt in zip(self.rows, self.rows[1:] + [{"start_s": end}]):
+            row["seconds"] = nxt["start_s"] - row["start_s"]
+        return self.rows
+
+
 def launch(args, world: int, base: Path, runs: Path) -> dict:
-    """Run the job at ``world`` processes (or reuse a finished run); return its report and wall time."""
+    """Run the job at ``world`` processes (or reuse a finished run); return its report, wall time and phases."""
     output_dir = runs / f"ws{world}"
     report_path = output_dir / "report.json"
-    wall_path = runs / f"ws{world}.wall.json"
+    meta_path = runs / f"ws{world}.launch.json"
     if report_path.is_file():
         print(f"world size {world}: reusing {output_dir} (delete it to rerun)", flush=True)
-        wall = json.loads(wall_path.read_text())["wall_seconds"] if wall_path.is_file() else None
-        return {"report": json.loads(report_path.read_text()), "wall_seconds": wall, "command": None}
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return {"report": json.loads(report_path.read_text()), **meta}
     # a run that did not finish leaves no report; its leftovers (including a resumable checkpoint, which
     # would skip the steps whose memory is measured) are removed so the job runs from the start
     model_in = runs / f"ws{world}.base"
@@ -151,28 +249,32 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     env.setdefault("DS_ACCELERATOR", "cpu")
-    print(f"world size {world}: OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']} "
-          + " ".join(shlex.quote(c) for c in cmd), flush=True)  # fmt: skip
-    runs.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(c) for c in cmd)
+    print(f"world size {world}: OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']} {command}",
+          flush=True)  # fmt: skip
     t0 = time.perf_counter()
     with open(runs / f"ws{world}.log", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
+        meter = PhaseMeter(proc.pid, world)
         for line in proc.stdout:
+            meter.line(line)
             log.write(line)
             log.flush()
             if not args.quiet:
                 print(f"  [ws{world}] {line}", end="", flush=True)
         rc = proc.wait()
     wall = time.perf_counter() - t0
+    phases = meter.stop()
     if rc != 0 or not report_path.is_file():
         raise SystemExit(
             f"world size {world}: the run failed (exit code {rc}); see {runs / f'ws{world}.log'}"
         )
-    write_json(wall_path, {"wall_seconds": wall})
+    meta = {"wall_seconds": wall, "command": command, "phases": phases}
+    write_json(meta_path, meta)
     print(f"world size {world}: done in {wall:.0f} s", flush=True)
-    return {"report": json.loads(report_path.read_text()), "wall_seconds": wall, "command": cmd}
+    return {"report": json.loads(report_path.read_text()), **meta}
 
 
 def summarise(run: dict) -> dict:
@@ -193,11 +295,21 @@ def summarise(run: dict) -> dict:
         "seconds": report.get("seconds"),
         "loop_seconds": report.get("loop_seconds"),
         "train_seconds": report.get("train_seconds"),
-        "wall_seconds": run["wall_seconds"],
+        "wall_seconds": run.get("wall_seconds"),
         "backend": report.get("backend"),
         "final_forget_nll": (report.get("history") or [{}])[-1].get("forget_nll"),
-        "command": run["command"] and " ".join(shlex.quote(c) for c in run["command"]),
+        "command": run.get("command"),
+        "phases": run.get("phases"),
+        "peak_phase": _peak_phase(run.get("phases")),
     }
+
+
+def _peak_phase(phases: list[dict] | None) -> str | None:
+    """The phase in which the ranks' resident-memory high-water mark reached its final value."""
+    if not phases:
+        return None
+    final = max(p["hwm_bytes"] for p in phases)
+    return next(p["phase"] for p in phases if p["hwm_bytes"] == final)
 
 
 def weight_diffs(a: Path, b: Path, base: Path) -> dict:
@@ -323,10 +435,32 @@ def markdown(r: dict) -> str:
         f"weights (the job moved them by up to {r['max_abs_weight_change_ws1']:.3g})",
         *[f"- {k}: {'PASS' if v else 'FAIL'}" for k, v in r["checks"].items()],
         "",
+        *phase_table(r["world_sizes"]),
         f"Total: {r['total_seconds']:.0f} s",
         "",
     ]
     return "\n".join(lines)
+
+
+def phase_table(sizes: dict) -> list[str]:
+    """Seconds and resident memory (max over ranks) of each phase of the runs; * marks the peak's phase."""
+    if not all(s.get("phases") for s in sizes.values()):
+        return []
+    cols = ["phase"] + [f"{k} (ws{w})" for w in sizes for k in ("s", "max RSS MiB", "HWM MiB")]
+    rows = []
+    for i, (name, _) in enumerate(PHASES):
+        row = [name]
+        for s in sizes.values():
+            p = s["phases"][i] if i < len(s["phases"]) else None
+            star = "*" if p and p["phase"] == s["peak_phase"] else ""
+            row += [fmt(p and p["seconds"], ".0f"), fmt(p and p["max_rss_bytes"] / MIB, ".0f"),
+                    fmt(p and p["hwm_bytes"] / MIB, ".0f") + star]  # fmt: skip
+        rows.append(row)
+    note = ("Phases of each run, cut at the lines the engine logs. max RSS: the largest resident memory sampled "
+            "(every 0.2 s, /proc, max over ranks) in the phase; HWM: the ranks' high-water mark (VmHWM, exact) at "
+            "its end; * = the phase in which it reached its final value. The engine's `peak` is the HWM at the "
+            "end of the epoch checkpoint (its memory report).")  # fmt: skip
+    return [note, "", *md_table(cols, rows), ""]
 
 
 if __name__ == "__main__":

@@ -146,6 +146,34 @@ def run_on_ray(cfg, log=print) -> Path:
     return out
 
 
+def fan_out(fn, items: list, num_cpus: float = 1.0, address: str | None = None) -> list:
+    """Run ``fn(item)`` for every item as Ray tasks over the cluster's resources (the audit's K retrains
+    or K unlearnings with different seeds) and return the results in the items' order. Each task
+    reserves ``num_cpus``; an exception in one is raised here with its item's position."""
+    import ray
+
+    init_ray(address)
+    task = ray.remote(num_cpus=num_cpus)(fn)
+    refs = [task.remote(item) for item in items]
+    results = []
+    for i, ref in enumerate(refs):
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            raise RuntimeError(f"fan_out: item {i} ({items[i]!r}) failed: {exc}") from exc
+    return results
+
+
+def run_cli(argv: list[str]) -> int:
+    """One ``unlearn`` command in this process (a fan-out task): its exit status."""
+    import torch
+
+    from engine.cli import main
+
+    torch.set_num_threads(1)  # one CPU per task
+    return main(argv)
+
+
 def _worker(config: dict) -> None:
     import ray.train
 

@@ -49,3 +49,82 @@ def test_ray_train_two_workers_zero3_equal_the_single_process(tiny_lm, tmp_path)
     for stream in ("forget", "retain"):
         for epoch, ranks in shards[stream].items():
             assert ranks["0"] and ranks["1"] and not set(ranks["0"]) & set(ranks["1"]), (stream, epoch)
+
+
+def test_fan_out_runs_independent_runs_as_ray_tasks_and_gathers_their_results(tiny_lm, tmp_path, monkeypatch):
+    import ray
+
+    from engine.backends.ray_train import fan_out, run_cli
+
+    for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    lrs = ["0.001", "0.002"]
+    jobs = [
+        ["run", str(REPO / "configs/tofu.yaml"),
+         *tofu_overrides(tiny_lm, tmp_path, **{**RUN, "method.lr": lr, "method.epochs": "1", "method.msteps": "1",
+                                                "output_dir": str(tmp_path / f"run{i}")})]
+        for i, lr in enumerate(lrs)
+    ]  # fmt: skip
+    try:
+        assert fan_out(run_cli, jobs, num_cpus=1) == [0, 0]
+    finally:
+        ray.shutdown()
+    for i, lr in enumerate(lrs):  # each task's own run, gathered in the items' order
+        assert json.loads((tmp_path / f"run{i}" / "report.json").read_text())["method"]["lr"] == float(lr)
+
+
+def test_ray_submit_runs_a_real_job_on_a_head_node_started_here(tiny_lm, tmp_path):
+    """A head node as a child process on 127.0.0.1 (short temp dir, explicit auth mode), a real job through
+    launchers/ray_submit.sh, then only that head is stopped, by its pid."""
+    import shutil
+    import socket
+    import tempfile
+    import time
+    import urllib.request
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}"}  # fmt: skip
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "UNLEARN_FAULT"):
+        env.pop(key, None)
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay under 107 bytes
+    dash = port()
+    head = subprocess.Popen(
+        [str(venv_bin / "ray"), "start", "--head", f"--port={port()}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=3", f"--temp-dir={temp}", "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        for _ in range(120):  # the job API answers once the dashboard is up
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        out = tmp_path / "job"
+        overrides = tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN,
+                                   **{"backend.num_workers": "2", "backend.zero_stage": "2", "method.epochs": "1",
+                                      "method.msteps": "1", "backend.timeout_s": "120"})  # fmt: skip
+        proc = subprocess.run(["bash", "launchers/ray_submit.sh", address, "configs/tofu.yaml", *overrides],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+        logs = proc.stdout + proc.stderr
+        assert proc.returncode == 0, logs[-4000:]
+        assert "succeeded" in logs and "Ray Train run in" in logs
+        report = json.loads((out / "report.json").read_text())
+        assert report["backend"]["world_size"] == 2 and report["metrics"]
+        assert (out / "model" / "model.safetensors").is_file()
+    finally:
+        head.terminate()  # this head only: never `ray stop`, which stops every Ray on the machine
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)

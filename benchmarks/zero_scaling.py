@@ -184,6 +184,7 @@ class PhaseMeter:
         self.root, self.world, self.interval = root, world, interval
         self.t0 = self.scanned = time.perf_counter()
         self.pids: list[int] = []
+        self.loads: list[float] = []  # the machine's 1-minute load average: other jobs slow the timings
         self.lock = threading.Lock()
         self.rows = [{"phase": PHASES[0][0], "start_s": 0.0, "max_rss_bytes": 0, "hwm_bytes": 0}]
         self.done = threading.Event()
@@ -213,6 +214,8 @@ class PhaseMeter:
         while not self.done.wait(self.interval):
             with self.lock:
                 self._sample()
+                if len(self.loads) * 5 < time.perf_counter() - self.t0:  # every 5 s
+                    self.loads.append(os.getloadavg()[0])
 
     def stop(self) -> list[dict]:
         self.done.set()
@@ -271,7 +274,9 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
         raise SystemExit(
             f"world size {world}: the run failed (exit code {rc}); see {runs / f'ws{world}.log'}"
         )
-    meta = {"wall_seconds": wall, "command": command, "phases": phases}
+    loads = meter.loads or [os.getloadavg()[0]]
+    meta = {"wall_seconds": wall, "command": command, "phases": phases,
+            "load_average": {"mean": sum(loads) / len(loads), "max": max(loads)}}  # fmt: skip
     write_json(meta_path, meta)
     print(f"world size {world}: done in {wall:.0f} s", flush=True)
     return {"report": json.loads(report_path.read_text()), **meta}
@@ -300,6 +305,7 @@ def summarise(run: dict) -> dict:
         "final_forget_nll": (report.get("history") or [{}])[-1].get("forget_nll"),
         "command": run.get("command"),
         "phases": run.get("phases"),
+        "load_average": run.get("load_average"),
         "peak_phase": _peak_phase(run.get("phases")),
     }
 
@@ -403,7 +409,7 @@ def _count_params(base: Path) -> int:
 
 def markdown(r: dict) -> str:
     cols = ["world size", "parameters MiB", "gradients MiB", "optimizer MiB", "state MiB", "peak MiB",
-            "loop s", "run s", "wall s"]  # fmt: skip
+            "loop s", "run s", "wall s", "load avg"]  # fmt: skip
     rows = []
     for w, s in r["world_sizes"].items():
         rows.append(
@@ -413,6 +419,7 @@ def markdown(r: dict) -> str:
                 for k in ("parameter", "gradient", "optimizer", "state", "peak")
             ]
             + [fmt(s["loop_seconds"], ".1f"), fmt(s["seconds"], ".1f"), fmt(s["wall_seconds"], ".1f")]
+            + [fmt((s.get("load_average") or {}).get("mean"), ".1f")]
         )
     m = r["model"]
     lines = ["# ZeRO-3 scaling: is one rank's state halved at world size 2?", "", *header_markdown(r)]
@@ -424,7 +431,8 @@ def markdown(r: dict) -> str:
         f"Model: Llama, shape `{m['shape']}` (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
         f"{m['parameters']:,} parameters, random init), SCRUB 1 epoch, ZeRO-3, fp32. Per rank, max over ranks; "
         f"peak = {r['world_sizes']['1']['peak_kind']}. loop s: the unlearning loop; run s: the whole run "
-        "(evaluations included); wall s: the launch, process start-up included.",
+        "(evaluations included); wall s: the launch, process start-up included; load avg: the machine's mean "
+        "1-minute load average during the run (above 2 on this 2-core machine, other jobs slowed it).",
         "",
     ]
     lines += md_table(cols, rows) + [""]

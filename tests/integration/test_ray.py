@@ -128,3 +128,35 @@ def test_ray_submit_runs_a_real_job_on_a_head_node_started_here(tiny_lm, tmp_pat
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_killed_worker_restarts_the_group_which_resumes_from_the_last_checkpoint(tiny_lm, tmp_path):
+    """max_failures=1: worker 1 is SIGKILLed right after epoch 1's checkpoint (once); Ray Train restarts the
+    worker group, which resumes from that checkpoint, says so, and ends with the weights of an
+    uninterrupted run (the single process's, within the float32 tolerance of 2 ranks)."""
+    marker = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "UNLEARN_FAULT"):
+        env.pop(key, None)
+
+    def run(out: Path, fault: str | None = None, **extra) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
+               *tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN, **extra)]  # fmt: skip
+        run_env = {**env, "UNLEARN_FAULT": fault} if fault else env
+        return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=1500)
+
+    out = tmp_path / "ray"
+    proc = run(out, fault=f"after_checkpoint:1:rank=1:once={marker}",
+               **{"backend.name": "ray", "backend.num_workers": "2", "backend.zero_stage": "2",
+                  "backend.max_failures": "1", "backend.timeout_s": "60"})  # fmt: skip
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    assert marker.is_file(), "the fault did not fire"
+    assert "resuming from the checkpoint of epoch 1" in logs
+    assert json.loads((out / "report.json").read_text())["resumed_from_epoch"] == 1
+    single = tmp_path / "single"
+    assert run(single).returncode == 0
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5

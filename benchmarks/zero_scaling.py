@@ -24,16 +24,16 @@ processes over gloo, one torch thread each), both under ``backend.name=deepspeed
    that sets the peak is known.
 
 Checks: state(2) / state(1) <= 0.6 (ideal 0.5) and the weight difference <= 1e-4 (1e-6 is typical). The
-peak is not expected to halve: each process starts from about 600-700 MB of imports (torch, DeepSpeed,
-transformers) and holds the frozen teacher's shard and activations besides the state.
+peak is not expected to halve: each process starts from about 575 MiB of imports (torch, DeepSpeed,
+transformers) and holds the frozen teacher's shard and the activations besides the state.
 
 Writes ``DIR/results.json`` ({"world_sizes": {"1": {"state_bytes_per_rank", "peak_bytes_per_rank", ...},
 "2": {...}}, "state_ratio", "max_abs_weight_diff", "checks", ...}) and ``DIR/results.md``; the runs are
 under ``DIR/runs/wsN`` (with ``wsN.log``), and a run whose ``report.json`` exists is reused when the
 script is started again (delete it to rerun).
 
-    python benchmarks/zero_scaling.py --out runs/zero_scaling            # SmolLM2-135M shape: about 10-15 min on 2 cores
-    python benchmarks/zero_scaling.py --out /tmp/zs_quick --quick        # same protocol, small model: about 2 min
+    python benchmarks/zero_scaling.py --out runs/zero_scaling       # SmolLM2-135M shape: about 19 min on 2 cores
+    python benchmarks/zero_scaling.py --out /tmp/zs_quick --quick   # same protocol, small model: about 3 min
 """
 
 from __future__ import annotations
@@ -130,17 +130,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Phases of a run, each opened by a line the engine's main rank logs (engine/recipes/tofu.py)
+# Phases of a run, each opened by a line the engine's main rank logs (engine/recipes/tofu.py):
+# start-up = launcher, imports, process group, data; load = both models loaded under zero.Init,
+# deepspeed.initialize, evaluation of the base model; loop = epoch-0 row, SCRUB steps, epoch-end row;
+# checkpoint = the resumable DeepSpeed checkpoint, then the memory report; final evaluation = teacher
+# fingerprint and the TOFU evaluation of the result; consolidate = ZeRO-3 gather of the weights, export.
 PHASES = (
-    ("start-up", None),  # launcher, imports, process group, data
-    (
-        "load, shard, evaluate base",
-        "TOFU ",
-    ),  # both models loaded under zero.Init, deepspeed.initialize, base eval
-    ("unlearning loop", "original: "),  # epoch-0 row, SCRUB steps, epoch-end row
-    ("epoch checkpoint", "epoch "),  # the resumable DeepSpeed checkpoint, then the memory report
-    ("final evaluation", "memory rank "),  # teacher fingerprint, TOFU evaluation of the result
-    ("consolidate, save", "scrub: "),  # ZeRO-3 gather of the weights, export, report
+    ("start-up", None),
+    ("load, shard, evaluate base", "TOFU "),
+    ("unlearning loop", "original: "),
+    ("epoch checkpoint", "epoch "),
+    ("final evaluation", "memory rank "),
+    ("consolidate, save", "scrub: "),
     ("exit", "done: "),
 )
 
@@ -343,7 +344,7 @@ def weight_diffs(a: Path, b: Path, base: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small model, same protocol: about 2 minutes")
+    p.add_argument("--quick", action="store_true", help="small model, same protocol: about 3 minutes")
     p.add_argument(
         "--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick: small)"
     )

@@ -25,8 +25,8 @@ RUN = {
     "method.msteps": "1",
     "method.lr": "0.003",
     "eval.reference": "null",
-    # a rank that fails leaves the others waiting in a collective: fail them in seconds, not minutes
-    "backend.timeout_s": "60",
+    # a rank that fails leaves the others waiting in a collective: fail them in minutes, not the default 10
+    "backend.timeout_s": "300",
 }
 
 

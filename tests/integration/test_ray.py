@@ -19,14 +19,21 @@ REPO = Path(__file__).resolve().parents[2]
 RUN = {"eval.reference": "null", "method.lr": "0.003", "method.forget_batch_size": "3"}
 
 
-def test_ray_train_two_workers_zero3_equal_the_single_process(tiny_lm, tmp_path):
-    single = tmp_path / "single"
-    ray_out = tmp_path / "ray"
+def ray_env() -> dict:
+    """Subprocess environment: Ray kept on loopback, no usage stats, an explicit auth mode (the same for a
+    head and its clients), one thread per process, and no launcher or fault variables from outside."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "UNLEARN_FAULT"):
         env.pop(key, None)
+    return env
+
+
+def test_ray_train_two_workers_zero3_equal_the_single_process(tiny_lm, tmp_path):
+    single = tmp_path / "single"
+    ray_out = tmp_path / "ray"
+    env = ray_env()
 
     def run(out: Path, **extra) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
@@ -89,11 +96,7 @@ def test_ray_submit_runs_a_real_job_on_a_head_node_started_here(tiny_lm, tmp_pat
             return s.getsockname()[1]
 
     venv_bin = Path(sys.executable).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}:{os.environ['PATH']}"}  # fmt: skip
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "UNLEARN_FAULT"):
-        env.pop(key, None)
+    env = {**ray_env(), "PATH": f"{venv_bin}:{os.environ['PATH']}"}
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay under 107 bytes
     dash = port()
     head = subprocess.Popen(
@@ -150,11 +153,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_last_checkpoi
     worker group, which resumes from that checkpoint, says so, and ends with the weights of an
     uninterrupted run (the single process's, within the float32 tolerance of 2 ranks)."""
     marker = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "UNLEARN_FAULT"):
-        env.pop(key, None)
+    env = ray_env()
 
     def run(out: Path, fault: str | None = None, **extra) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",

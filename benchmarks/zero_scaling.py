@@ -253,6 +253,11 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     env.setdefault("DS_ACCELERATOR", "cpu")
+    for lock in Path(env["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):
+        age = time.time() - lock.stat().st_mtime
+        print(f"WARNING: {lock} exists ({age / 60:.0f} min old): while it does, the ranks wait for another build "
+              "of that op; if none is running (a build was killed), they wait forever: delete the stale lock or "
+              "point TORCH_EXTENSIONS_DIR elsewhere", flush=True)  # fmt: skip
     command = " ".join(shlex.quote(c) for c in cmd)
     print(f"world size {world}: OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']} {command}",
           flush=True)  # fmt: skip

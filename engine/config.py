@@ -133,6 +133,30 @@ class EvalConfig(StrictModel):
     mia_seed: int = Field(0, description="Seed of the membership attacks' subsampling and splits.")
 
 
+class AuditConfig(StrictModel):
+    """`unlearn audit`: K unlearnings and K retrained references from different seeds, scored per forget
+    example as the NeurIPS 2023 Machine Unlearning Challenge does (SCRUB.md, "Evaluation anchors")."""
+
+    k: int = Field(8, ge=2, description="Models per side: K unlearnings of model.path and K retrained references.")
+    seed: int = Field(1, description="Seed of the first model of each side; model i uses seed + i.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the per-example (epsilon, delta) estimate.")
+    lira: bool = Field(
+        True,
+        description="Also train K models on D (with the forget set) for the LiRA attack (Gaussian fits of the "
+        "logit-scaled confidence with and without each forget example).",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where trained references are kept and reused by later audits of the same data, forget set "
+        "and recipe (any method); None: audit_references/ beside model.path.",
+    )
+    worst: int = Field(10, ge=1, description="How many forget examples with the largest epsilon to list by id.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each Ray task reserves (one model is one task).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster for the tasks; None: RAY_ADDRESS if set, else an embedded local Ray."
+    )
+
+
 class LoggingConfig(StrictModel):
     progress: bool = Field(True, description="Show progress bars.")
     wandb: bool = Field(False, description="Log to Weights & Biases.")
@@ -237,6 +261,7 @@ class RunConfig(StrictModel):
         default_factory=ErmConfig, description="The recipe of `train` (Original and Retrain)."
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
 

@@ -1,4 +1,4 @@
-"""`unlearn train | run | eval CONFIG [key=value ...]` and `unlearn convert-gguf GGUF OUT_DIR`."""
+"""`unlearn train | run | audit | eval CONFIG [key=value ...]` and `unlearn convert-gguf GGUF OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ HELP = {
     "train": "train the models to unlearn and compare with: Original (on D) and Retrain (on D_r); for "
     "task=tofu, original (on TOFU full) and retain (on the retain set)",
     "run": "unlearn a checkpoint (method=scrub | grad_ascent | grad_diff | npo; method.rewind=true for SCRUB+R)",
+    "audit": "the challenge-grade audit of model.path: K unlearnings with method=NAME and K retrained references "
+    "(cached), as Ray tasks; per-example epsilon, the challenge score, LiRA -> audit.json, audit.md",
     "eval": "score a checkpoint (model.path=...): errors and membership attacks, or the TOFU metrics",
 }
 
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                 from engine.recipes.train import TARGETS, run_training
 
                 run_training(cfg, targets=only or TARGETS)
+        elif args.command == "audit":
+            from engine.recipes.audit import run_audit
+
+            run_audit(cfg)
         elif args.command == "run":
             if cfg.backend.name == "ray":
                 from engine.backends.ray_train import run_on_ray as run

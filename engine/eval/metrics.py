@@ -12,10 +12,11 @@ from engine.eval.attacks import basic_mia, mia_efficacy
 
 @torch.no_grad()
 def predict(model, data, transform, batch_size: int, device) -> dict[str, np.ndarray]:
-    """Per-example cross-entropy, correctness and true-label probability, in eval mode."""
+    """Per-example cross-entropy, correctness, true-label probability and logit-scaled confidence
+    ``margin`` = log p_y - log(1 - p_y) (the challenge's statistic), in eval mode."""
     was_training = model.training
     model.eval()
-    losses, correct, conf = [], [], []
+    losses, correct, conf, margin = [], [], [], []
     for start in range(0, len(data), batch_size):
         x = transform(data.images[start : start + batch_size]).to(device)
         y = data.labels[start : start + batch_size].to(device)
@@ -23,9 +24,17 @@ def predict(model, data, transform, batch_size: int, device) -> dict[str, np.nda
         losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
         correct.append((logits.argmax(-1) == y).cpu())
         conf.append(logits.softmax(-1).gather(1, y[:, None])[:, 0].cpu())
+        margin.append(logit_margin(logits, y).cpu())
     model.train(was_training)
     cat = lambda xs: torch.cat(xs).numpy() if xs else np.zeros(0)  # noqa: E731
-    return {"loss": cat(losses), "correct": cat(correct), "conf": cat(conf)}
+    return {"loss": cat(losses), "correct": cat(correct), "conf": cat(conf), "margin": cat(margin)}
+
+
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p_y - log(1 - p_y) from the logits, without forming p: logit_y - logsumexp of the other
+    logits (finite where 1 - p_y rounds to 0 in float32)."""
+    others = logits.float().scatter(1, labels[:, None], float("-inf"))
+    return logits.float().gather(1, labels[:, None])[:, 0] - others.logsumexp(-1)
 
 
 def _error(pred: dict) -> float:

@@ -1,0 +1,376 @@
+"""`unlearn audit`: the NeurIPS 2023 Machine Unlearning Challenge's evaluation as one command.
+
+Reads top to bottom: check inputs -> find cached references -> one Ray task per model still to make
+(K retrained references on D_r, K models on D for LiRA, K unlearnings of model.path with seeds
+audit.seed + i) -> per forget example, the statistic s = log p_y - log(1 - p_y) of every model ->
+epsilon per example, the challenge score, LiRA -> ``audit.json``, ``audit.md`` and a histogram plot.
+
+References are trained from scratch with ``cfg.train`` (the recipe `unlearn train` made the Original
+with), so model.arch must be set. They depend on the data, the forget set and that recipe, not on the
+method: they are cached under ``audit.cache_dir`` and a second audit (another method) reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.checkpoint.export import check_output_dir, staged_dir
+from engine.config import RunConfig, dump_config
+from engine.errors import ConfigError
+from engine.eval.report import fmt, json_safe, md_table, write_text_atomic
+from engine.recipes.common import require_single
+
+# kind -> (`unlearn train` target it runs, what it is)
+REFERENCES = {"retrain": ("retrain", "trained on D_r"), "original": ("original", "trained on D (LiRA's IN)")}
+
+
+def _absolute(spec: str) -> str:
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec  # a hub id stays as given
+
+
+def reference_key(cfg: RunConfig, forget_ids_sha256: str) -> tuple[str, dict]:
+    """What a reference model depends on: data, forget set, architecture and the training recipe."""
+    recipe = {
+        "data": {**cfg.data.model_dump(mode="json"), "dataset": _absolute(cfg.data.dataset)},
+        "forget_ids_sha256": forget_ids_sha256,
+        "arch": cfg.model.arch,
+        "width": cfg.model.width,
+        "train": cfg.train.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16], recipe
+
+
+def _task(item: dict) -> dict:
+    """One model (a Ray task): make it, then score it on the forget set. Runs in a worker process."""
+    import torch
+
+    from engine.data.vision import prepare_data
+    from engine.eval.metrics import predict
+    from engine.models.loading import load_classifier
+    from engine.recipes.common import load_data_and_transform
+    from engine.recipes.train import run_training
+    from engine.recipes.unlearn import run_unlearning
+
+    os.chdir(item["cwd"])  # relative paths of the config resolve as on the driver
+    torch.set_num_threads(1)  # one CPU per task
+    cfg = RunConfig.model_validate(item["cfg"])
+    kind = item["kind"]
+    quiet = lambda _msg: None  # noqa: E731  (the audit logs per model, not per epoch)
+    if kind == "unlearn":
+        out = run_unlearning(cfg, log=quiet)
+        rewound = bool(getattr(cfg.method, "rewind", False))
+        model_dir = out / ("model_rewound" if rewound else "model")
+        report = json.loads((out / "report.json").read_text())
+        metrics = report["rewound"]["metrics"] if rewound else report["metrics"]
+    else:
+        target = REFERENCES[kind][0]
+        out = run_training(cfg, targets=(target,), log=quiet)
+        model_dir = out / target
+        report = json.loads((model_dir / "report.json").read_text())
+        metrics = report["metrics"]
+    data = prepare_data(cfg.data, cfg.forget)
+    _, _, transform = load_data_and_transform(cfg, str(model_dir))
+    model = load_classifier(str(model_dir), data.num_labels)
+    pred = predict(model, data.forget, transform, cfg.eval.batch_size, "cpu")
+    stats = {
+        "kind": kind,
+        "seed": cfg.seed,
+        "model": str(model_dir),
+        "forget_ids": list(data.forget.ids),
+        "margin": pred["margin"].astype(float).tolist(),
+        "forget_acc": 1 - metrics["forget_error"] / 100,
+        "retain_acc": 1 - metrics["retain_error"] / 100,
+        "test_acc": 1 - metrics["test_error"] / 100,
+        "seconds": report["train_seconds"],
+    }
+    if kind != "unlearn":  # the cache entry is complete only once its stats exist
+        write_text_atomic(Path(cfg.output_dir) / "stats.json", json.dumps(json_safe(stats)))
+    return stats
+
+
+def _item(cfg: RunConfig, kind: str, seed: int, output_dir: Path) -> dict:
+    overrides = {
+        "seed": seed,
+        "output_dir": str(output_dir),
+        "overwrite": True,
+        "logging": {**cfg.logging.model_dump(), "progress": False, "wandb": False},
+        # SCRUB+R picks its epoch from per-epoch errors; everything else needs only the final scores
+        "eval": {
+            **cfg.eval.model_dump(),
+            "reference": None,
+            "every_epoch": kind == "unlearn" and bool(getattr(cfg.method, "rewind", False)),
+        },
+    }
+    run_cfg = cfg.model_copy(update=overrides)
+    return {"kind": kind, "seed": seed, "cwd": os.getcwd(), "cfg": run_cfg.model_dump(mode="json")}
+
+
+def run_audit(cfg: RunConfig, log=print) -> Path:
+    from engine.data.vision import prepare_data
+
+    t_start = time.perf_counter()
+    a = cfg.audit
+    if cfg.task != "vision":
+        raise ConfigError(
+            "`unlearn audit` scores image classifiers (task=vision); TOFU has its own forget quality"
+        )
+    if cfg.model.path is None:
+        raise ConfigError("`unlearn audit` needs model.path: the Original to unlearn K times")
+    if cfg.model.arch is None:
+        raise ConfigError(
+            "`unlearn audit` trains the retrained references from scratch: set model.arch (and model.width) as "
+            "in the `unlearn train` that made model.path"
+        )
+    if not Path(cfg.model.path).exists():
+        raise ConfigError(f"model.path {cfg.model.path!r} does not exist: run `unlearn train` first")
+    require_single(cfg, "`unlearn audit` (its tasks run one process each)")
+    check_output_dir(cfg.output_dir, cfg.overwrite)
+    data = prepare_data(cfg.data, cfg.forget)
+    key, recipe = reference_key(cfg, data.forget_summary()["ids_sha256"])
+    cache = Path(a.cache_dir or Path(cfg.model.path).resolve().parent / "audit_references") / key
+    cache.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cache / "recipe.json", json.dumps(recipe, indent=2))
+    seeds = [a.seed + i for i in range(a.k)]
+    kinds = ["retrain"] + (["original"] if a.lira else [])
+    log(
+        f"audit of {cfg.method.name} on {data.description} ({len(data.forget)} forget examples): K={a.k} "
+        f"per side, seeds {seeds[0]}..{seeds[-1]}; references in {cache}"
+    )
+
+    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
+        dump_config(cfg, stage / "config.yaml")
+        cached, items = {}, []
+        for kind in kinds:
+            for s in seeds:
+                folder = cache / f"{kind}_seed{s}"
+                if (folder / "stats.json").is_file():
+                    cached[(kind, s)] = json.loads((folder / "stats.json").read_text())
+                else:
+                    items.append(_item(cfg, kind, s, folder))
+        items += [_item(cfg, "unlearn", s, stage / "unlearned" / f"seed_{s}") for s in seeds]
+        log(f"{len(cached)} references reused from the cache, {len(items)} models to make as Ray tasks")
+        from engine.backends.ray_train import fan_out
+
+        t_tasks = time.perf_counter()
+        made = fan_out(_task, items, num_cpus=a.num_cpus, address=a.ray_address)
+        tasks_seconds = time.perf_counter() - t_tasks
+        models = {(m["kind"], m["seed"]): m for m in made} | cached
+        for m in models.values():
+            if m["forget_ids"] != list(data.forget.ids):
+                raise ConfigError(f"{m['model']} was scored on another forget set; delete {cache} and rerun")
+        result = score(models, seeds, kinds, data.forget.ids, a)
+        result.update(
+            method=cfg.method.model_dump(mode="json"),
+            forget=data.forget_summary(),
+            model_path=cfg.model.path,
+            cache={"dir": str(cache), "reused": len(cached), "trained": len(items) - a.k},
+            seconds={
+                "tasks_wall": tasks_seconds,
+                "total": time.perf_counter() - t_start,
+                **result["seconds"],
+            },
+        )
+        write_text_atomic(stage / "audit.json", json.dumps(json_safe(result), indent=2))
+        plot_epsilons(stage / "epsilon_histogram.png", result)
+        write_text_atomic(stage / "audit.md", render(result))
+    out = Path(cfg.output_dir)
+    log(
+        f"score {result['score']:.4f} (forgetting quality {result['forgetting_quality']:.4f} x retain ratio "
+        f"{result['retain_ratio']:.3f} x test ratio {result['test_ratio']:.3f}); report in {out / 'audit.md'}"
+    )
+    return out
+
+
+def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dict:
+    """Everything audit.json reports, from the per-model statistics."""
+    from engine.eval.challenge import challenge_score, lira_audit
+
+    def side(kind):
+        return [models[(kind, s)] for s in seeds]
+
+    unlearned, retrained = side("unlearn"), side("retrain")
+    U = np.array([m["margin"] for m in unlearned])
+    R = np.array([m["margin"] for m in retrained])
+    mean = lambda ms, k: float(np.mean([m[k] for m in ms]))  # noqa: E731
+    c = challenge_score(
+        U,
+        R,
+        mean(unlearned, "retain_acc"),
+        mean(retrained, "retain_acc"),
+        mean(unlearned, "test_acc"),
+        mean(retrained, "test_acc"),
+        delta=a.delta,
+    )
+    eps = np.asarray(c["epsilons"], dtype=float)
+    order = sorted(range(len(ids)), key=lambda i: (-eps[i], i))[: a.worst]
+    lira = None
+    if "original" in kinds:
+        inside = np.array([m["margin"] for m in side("original")])
+        lira = lira_audit(U, R, inside)
+    per_example_lira = None if lira is None else np.asarray(lira["unlearned_example_mean"], dtype=float)
+    worst = [
+        {
+            "id": ids[i],
+            "epsilon": float(eps[i]),
+            "bin": int(c["bins"][i]),
+            "s_unlearned_mean": float(U[:, i].mean()),
+            "s_retrained_mean": float(R[:, i].mean()),
+            "lira_unlearned_mean": None if per_example_lira is None else float(per_example_lira[i]),
+        }
+        for i in order
+    ]
+    utility = {
+        name: {k: mean(ms, k) for k in ("forget_acc", "retain_acc", "test_acc")}
+        for name, ms in (("unlearned", unlearned), ("retrained", retrained))
+    }
+    times = {name: [m["seconds"] for m in side(name)] for name in kinds + ["unlearn"]}
+    return {
+        "k": len(seeds),
+        "seeds": seeds,
+        "delta": a.delta,
+        "score": c["score"],
+        "forgetting_quality": c["F"],
+        "retain_ratio": c["retain_ratio"],
+        "test_ratio": c["test_ratio"],
+        "epsilon_histogram": c["histogram"],
+        "examples": [
+            {"id": ids[i], "epsilon": float(eps[i]), "bin": int(c["bins"][i])} for i in range(len(ids))
+        ],
+        "worst": worst,
+        "utility": utility,
+        "lira": None if lira is None else {k: v for k, v in lira.items() if k != "unlearned_example_mean"},
+        "seconds": {
+            "per_model": times,
+            "unlearn_mean": float(np.mean(times["unlearn"])),
+            "retrain_mean": float(np.mean(times["retrain"])),
+            "unlearn_vs_retrain": float(np.mean(times["unlearn"]) / max(np.mean(times["retrain"]), 1e-9)),
+        },
+    }
+
+
+def plot_epsilons(path: Path, result: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    hist = result["epsilon_histogram"]
+    fig = Figure(figsize=(7.5, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(hist)), list(hist.values()), color="tab:red")
+    ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(range(len(hist)), list(hist), rotation=45, ha="right", fontsize=7)
+    ax.set_xlabel(f"per-example epsilon (delta = {result['delta']:g})")
+    ax.set_ylabel("forget examples")
+    ax.set_title(f"{result['method']['name']}: score {result['score']:.4f}, K={result['k']}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+
+
+def render(r: dict) -> str:
+    u, rt, s = r["utility"]["unlearned"], r["utility"]["retrained"], r["seconds"]
+    out = [
+        f"# Audit: {r['method']['name']} on {r['forget']['description']}",
+        "",
+        f"K = {r['k']} unlearnings of `{r['model_path']}` and K retrained references (seeds {r['seeds'][0]}.."
+        f"{r['seeds'][-1]}), scored per forget example ({r['forget']['size']} examples, ids sha256 "
+        f"`{r['forget']['ids_sha256'][:16]}`) as the NeurIPS 2023 Machine Unlearning Challenge does.",
+        "",
+        "## Score",
+        "",
+        *md_table(
+            ["score", "forgetting quality F", "retain accuracy ratio", "test accuracy ratio"],
+            [
+                [
+                    fmt(r["score"], ".4f"),
+                    fmt(r["forgetting_quality"], ".4f"),
+                    fmt(r["retain_ratio"], ".3f"),
+                    fmt(r["test_ratio"], ".3f"),
+                ]
+            ],
+        ),  # fmt: skip
+        "",
+        "F = mean over forget examples of 2 / 2^n, n = the bin (width 0.5) of the example's epsilon: the best "
+        "threshold attack on s = log p_y - log(1 - p_y), unlearned vs retrained models, with "
+        f"delta = {r['delta']:g}. 1 = no attack tells them apart; 2/2^13 = perfectly separable. Ratios: "
+        "unlearned / retrained mean accuracy.",
+        "",
+        "## Utility (mean over the K models of each side, %)",
+        "",
+        *md_table(
+            ["side", "forget acc", "retain acc", "test acc"],
+            [
+                [name, fmt(100 * x["forget_acc"]), fmt(100 * x["retain_acc"]), fmt(100 * x["test_acc"])]
+                for name, x in (("unlearned", u), ("retrained", rt))
+            ],
+        ),  # fmt: skip
+        "",
+        "## Per-example epsilon",
+        "",
+        "![epsilon histogram](epsilon_histogram.png)",
+        "",
+        *md_table(["epsilon bin", "examples"], [[b, n] for b, n in r["epsilon_histogram"].items()]),
+        "",
+        f"### The {len(r['worst'])} worst examples",
+        "",
+        *md_table(
+            ["id", "epsilon", "mean s unlearned", "mean s retrained", "LiRA (mean log-ratio, unlearned)"],
+            [
+                [
+                    w["id"],
+                    fmt(w["epsilon"]),
+                    fmt(w["s_unlearned_mean"]),
+                    fmt(w["s_retrained_mean"]),
+                    fmt(w["lira_unlearned_mean"]),
+                ]
+                for w in r["worst"]
+            ],
+        ),  # fmt: skip
+        "",
+    ]
+    if r["lira"]:
+        lira = r["lira"]
+        out += [
+            "## LiRA",
+            "",
+            "Per forget example, Gaussians fitted to s of K models trained WITH it (on D) and K without (the "
+            "retrained references); each model's log-likelihood ratio (> 0: looks trained on the example). "
+            "Retrained models are scored leave-one-out. AUC = chance that an unlearned model's ratio exceeds a "
+            "retrained one's: 0.5 = indistinguishable from retraining.",
+            "",
+            *md_table(
+                ["AUC unlearned vs retrained", "called member: unlearned", "called member: retrained"],
+                [
+                    [
+                        fmt(lira.get("auc"), ".3f"),
+                        fmt(100 * lira["member_rate_unlearned"], ".1f") + "%",
+                        fmt(100 * lira["member_rate_retrained"], ".1f") + "%",
+                    ]
+                ],
+            ),  # fmt: skip
+            "",
+        ]
+    out += [
+        "## Run times",
+        "",
+        *md_table(
+            ["models", "mean seconds", "min", "max"],
+            [
+                [name, fmt(np.mean(v), ".1f"), fmt(min(v), ".1f"), fmt(max(v), ".1f")]
+                for name, v in s["per_model"].items()
+            ],
+        ),  # fmt: skip
+        "",
+        f"Unlearning takes {fmt(s['unlearn_vs_retrain'], '.3f')} of retraining's time (training loops only). "
+        f"Ray tasks: {fmt(s['tasks_wall'], '.1f')} s wall; whole audit {fmt(s['total'], '.1f')} s. References: "
+        f"{r['cache']['reused']} reused, {r['cache']['trained']} trained, in `{r['cache']['dir']}`.",
+        "",
+    ]
+    return "\n".join(out)

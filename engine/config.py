@@ -143,12 +143,17 @@ class AuditConfig(StrictModel):
     lira: bool = Field(
         True,
         description="Also train K models on D (with the forget set) for the LiRA attack (Gaussian fits of the "
-        "logit-scaled confidence with and without each forget example).",
+        "logit-scaled confidence with and without each forget example); needs k >= 3 (leave-one-out fits).",
     )
     cache_dir: str | None = Field(
         None,
         description="Where trained references are kept and reused by later audits of the same data, forget set "
         "and recipe (any method); None: audit_references/ beside model.path.",
+    )
+    two_sided: bool = Field(
+        False,
+        description="Also try the reversed threshold rules (catches over-forgetting: confidence below "
+        "retraining's). False: the challenge's one-sided attack family, comparable with its leaderboard.",
     )
     worst: int = Field(10, ge=1, description="How many forget examples with the largest epsilon to list by id.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs each Ray task reserves (one model is one task).")

@@ -49,22 +49,23 @@ def test_audit_k2_scores_every_forget_example_and_reuses_its_references(tiny_cif
     )
     eps = [w["epsilon"] for w in result["worst"]]
     assert eps == sorted(eps, reverse=True) and len(eps) == 10
-    assert 0.0 <= result["lira"]["auc"] <= 1.0
-    assert result["cache"] == {**result["cache"], "reused": 0, "trained": 4}  # 2 retrained + 2 on D (LiRA)
+    assert result["lira"] is None  # LiRA scores each retrained model against the other K-1: needs K >= 3
+    assert 0.0 < result["null_forgetting_quality"] < 1.0
+    assert result["cache"] == {**result["cache"], "reused": 0, "trained": 2}
     assert {p.name for p in (out / "unlearned").iterdir()} == {"seed_5", "seed_6"}
     assert (out / "audit.md").read_text().count("|") > 20 and (out / "epsilon_histogram.png").exists()
     refs = sorted(p.name for p in Path(result["cache"]["dir"]).iterdir() if p.is_dir())
-    assert refs == ["original_seed5", "original_seed6", "retrain_seed5", "retrain_seed6"]
+    assert refs == ["retrain_seed5", "retrain_seed6"]
     # a retrained reference never saw the forget set; the unlearnings started from the Original
     retrained = json.loads((Path(result["cache"]["dir"]) / "retrain_seed5" / "stats.json").read_text())
     assert retrained["kind"] == "retrain" and len(retrained["margin"]) == 12
 
-    # a second method reuses the four references: nothing retrained, the same reference statistics
+    # a second method reuses the references: nothing retrained, the same reference statistics
     proc = _unlearn("audit", "configs/demo.yaml", *over, f"output_dir={tmp_path / 'audit_ft'}",
                     "method=finetune", "method.epochs=1")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     second = json.loads((tmp_path / "audit_ft" / "audit.json").read_text())
-    assert second["cache"]["reused"] == 4 and second["cache"]["trained"] == 0
+    assert second["cache"]["reused"] == 2 and second["cache"]["trained"] == 0
     assert second["utility"]["retrained"] == result["utility"]["retrained"]
     assert second["method"]["name"] == "finetune"
 

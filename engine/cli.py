@@ -10,7 +10,8 @@ from engine.errors import EngineError
 HELP = {
     "train": "train the models to unlearn and compare with: Original (on D) and Retrain (on D_r); for "
     "task=tofu, original (on TOFU full) and retain (on the retain set)",
-    "run": "unlearn a checkpoint (method=scrub | grad_ascent | grad_diff | npo; method.rewind=true for SCRUB+R)",
+    "run": "unlearn a checkpoint (method=scrub | grad_ascent | grad_diff | npo; method.rewind=true for SCRUB+R; "
+    "vision baselines: method=retrain | finetune | neggrad_plus | cf_k | eu_k | bad_teacher | fisher)",
     "audit": "the challenge-grade audit of model.path: K unlearnings with method=NAME and K retrained references "
     "(cached), as Ray tasks; per-example epsilon, the challenge score, LiRA -> audit.json, audit.md",
     "eval": "score a checkpoint (model.path=...): errors and membership attacks, or the TOFU metrics",

@@ -11,10 +11,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from engine.errors import ConfigError
-from engine.methods import ErmConfig, GradAscentConfig, GradDiffConfig, NpoConfig, ScrubConfig
+from engine.methods import (
+    BadTeacherConfig,
+    CfKConfig,
+    ErmConfig,
+    EuKConfig,
+    FinetuneConfig,
+    FisherConfig,
+    GradAscentConfig,
+    GradDiffConfig,
+    NegGradPlusConfig,
+    NpoConfig,
+    RetrainConfig,
+    ScrubConfig,
+)
 from engine.methods.base import StrictModel
 
 
@@ -137,7 +150,9 @@ class AuditConfig(StrictModel):
     """`unlearn audit`: K unlearnings and K retrained references from different seeds, scored per forget
     example as the NeurIPS 2023 Machine Unlearning Challenge does (SCRUB.md, "Evaluation anchors")."""
 
-    k: int = Field(8, ge=2, description="Models per side: K unlearnings of model.path and K retrained references.")
+    k: int = Field(
+        8, ge=2, description="Models per side: K unlearnings of model.path and K retrained references."
+    )
     seed: int = Field(1, description="Seed of the first model of each side; model i uses seed + i.")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the per-example (epsilon, delta) estimate.")
     lira: bool = Field(
@@ -155,7 +170,9 @@ class AuditConfig(StrictModel):
         description="Also try the reversed threshold rules (catches over-forgetting: confidence below "
         "retraining's). False: the challenge's one-sided attack family, comparable with its leaderboard.",
     )
-    worst: int = Field(10, ge=1, description="How many forget examples with the largest epsilon to list by id.")
+    worst: int = Field(
+        10, ge=1, description="How many forget examples with the largest epsilon to list by id."
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs each Ray task reserves (one model is one task).")
     ray_address: str | None = Field(
         None, description="Ray cluster for the tasks; None: RAY_ADDRESS if set, else an embedded local Ray."
@@ -243,6 +260,9 @@ class BackendConfig(StrictModel):
     )
 
 
+VISION_ONLY = ("retrain", "finetune", "neggrad_plus", "cf_k", "eu_k", "bad_teacher", "fisher")
+
+
 class RunConfig(StrictModel):
     task: Literal["vision", "tofu"] = Field(
         "vision",
@@ -260,7 +280,19 @@ class RunConfig(StrictModel):
     forget: ForgetConfig = Field(default_factory=ForgetConfig)
     tofu: TofuConfig = Field(default_factory=TofuConfig)
     method: Annotated[
-        ScrubConfig | ErmConfig | GradAscentConfig | GradDiffConfig | NpoConfig, Field(discriminator="name")
+        ScrubConfig
+        | ErmConfig
+        | GradAscentConfig
+        | GradDiffConfig
+        | NpoConfig
+        | RetrainConfig
+        | FinetuneConfig
+        | NegGradPlusConfig
+        | CfKConfig
+        | EuKConfig
+        | BadTeacherConfig
+        | FisherConfig,
+        Field(discriminator="name"),
     ] = Field(default_factory=ScrubConfig, description="The unlearning method of `run`.")
     train: ErmConfig = Field(
         default_factory=ErmConfig, description="The recipe of `train` (Original and Retrain)."
@@ -269,6 +301,22 @@ class RunConfig(StrictModel):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @model_validator(mode="after")
+    def _method_fits_task(self) -> RunConfig:
+        # vision baselines edit image classifiers (re-initialise blocks, Fisher noise, a random teacher) in a
+        # `prepare` only the vision recipe calls; GradDiff/NPO need the paired token batches of TOFU
+        only = {"tofu": VISION_ONLY, "vision": ("grad_diff", "npo")}[self.task]
+        if self.method.name in only:
+            raise ValueError(
+                f"method={self.method.name} does not run with task={self.task}; "
+                + (
+                    "for causal LMs use scrub, grad_ascent, grad_diff or npo"
+                    if self.task == "tofu"
+                    else "for image classifiers use scrub or one of " + ", ".join(VISION_ONLY)
+                )
+            )
+        return self
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -330,7 +378,20 @@ def _known_keys(model_cls, loc: tuple) -> list[str]:
     return list(cls.model_fields) if hasattr(cls, "model_fields") else []
 
 
-METHOD_TAGS = ("scrub", "erm", "grad_ascent", "grad_diff", "npo")  # pydantic's union tags in error locations
+METHOD_TAGS = (  # pydantic's union tags in error locations
+    "scrub",
+    "erm",
+    "grad_ascent",
+    "grad_diff",
+    "npo",
+    "retrain",
+    "finetune",
+    "neggrad_plus",
+    "cf_k",
+    "eu_k",
+    "bad_teacher",
+    "fisher",
+)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

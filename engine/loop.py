@@ -6,7 +6,9 @@ place where the order of a step lives:
           -> log                                                                  -> epoch hook
 
 A method says which phases an epoch has and what a batch's loss is (as a sum + count); a backend
-says where tensors live, which rows this process sees, and how a step is taken.
+says where tensors live, which rows this process sees, and how a step is taken. A method that defines
+``teacher_for(phase, teacher)`` chooses the teacher of each phase (Bad-Teacher's random network on the
+forget phase); otherwise every phase uses ``teacher``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def run_loop(
         epoch_losses: dict[str, float] = {}
         for phase in method.phases(epoch):
             stream = streams[phase.stream]
+            phase_teacher = (
+                method.teacher_for(phase.name, teacher) if hasattr(method, "teacher_for") else teacher
+            )
             # Train mode in BOTH phases: BatchNorm batch statistics and dropout are part of SCRUB.
             student.train()
             batches = backend.batches(stream, phase.batch_size, seed, epoch, phase.stream)
@@ -77,7 +82,7 @@ def run_loop(
                     teacher_logits = None
                     if method.needs_teacher:
                         with torch.no_grad():
-                            teacher_logits = forward(teacher, batch)
+                            teacher_logits = forward(phase_teacher, batch)
                     student_logits = forward(student, batch)
                     terms = method.loss(
                         phase.name, student_logits, teacher_logits, batch["labels"], batch=batch

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from engine.methods.bad_teacher import BadTeacher, BadTeacherConfig
 from engine.methods.erm import Erm, ErmConfig
+from engine.methods.finetune import Finetune, FinetuneConfig
+from engine.methods.fisher import Fisher, FisherConfig
 from engine.methods.grad_ascent import GradAscent, GradAscentConfig
 from engine.methods.grad_diff import GradDiff, GradDiffConfig
+from engine.methods.last_k import CfK, CfKConfig, EuK, EuKConfig
+from engine.methods.neggrad_plus import NegGradPlus, NegGradPlusConfig
 from engine.methods.npo import Npo, NpoConfig
+from engine.methods.retrain import Retrain, RetrainConfig
 from engine.methods.scrub import Scrub, ScrubConfig
 
 # name -> (config class, method class); a plain dict, no plugin machinery.
@@ -15,9 +21,30 @@ METHODS = {
     "grad_ascent": (GradAscentConfig, GradAscent),
     "grad_diff": (GradDiffConfig, GradDiff),
     "npo": (NpoConfig, Npo),
+    # vision baselines of the SCRUB paper (task=vision)
+    "retrain": (RetrainConfig, Retrain),
+    "finetune": (FinetuneConfig, Finetune),
+    "neggrad_plus": (NegGradPlusConfig, NegGradPlus),
+    "cf_k": (CfKConfig, CfK),
+    "eu_k": (EuKConfig, EuK),
+    "bad_teacher": (BadTeacherConfig, BadTeacher),
+    "fisher": (FisherConfig, Fisher),
 }
 
-MethodConfig = ScrubConfig | ErmConfig | GradAscentConfig | GradDiffConfig | NpoConfig
+MethodConfig = (
+    ScrubConfig
+    | ErmConfig
+    | GradAscentConfig
+    | GradDiffConfig
+    | NpoConfig
+    | RetrainConfig
+    | FinetuneConfig
+    | NegGradPlusConfig
+    | CfKConfig
+    | EuKConfig
+    | BadTeacherConfig
+    | FisherConfig
+)
 
 
 def build_method(config: MethodConfig):
@@ -28,14 +55,28 @@ __all__ = [
     "METHODS",
     "MethodConfig",
     "build_method",
+    "BadTeacher",
+    "BadTeacherConfig",
+    "CfK",
+    "CfKConfig",
     "Erm",
     "ErmConfig",
+    "EuK",
+    "EuKConfig",
+    "Finetune",
+    "FinetuneConfig",
+    "Fisher",
+    "FisherConfig",
     "GradAscent",
     "GradAscentConfig",
     "GradDiff",
     "GradDiffConfig",
+    "NegGradPlus",
+    "NegGradPlusConfig",
     "Npo",
     "NpoConfig",
+    "Retrain",
+    "RetrainConfig",
     "Scrub",
     "ScrubConfig",
 ]

@@ -1,8 +1,22 @@
 """What every method shares: the optimizer settings, the per-epoch learning-rate rule, and the
-small types through which a method talks to the loop (phases in, loss sums out)."""
+small types through which a method talks to the loop (phases in, loss sums out).
+
+A method is any object with ``config`` (an ``OptimizerSettings``), ``needs_teacher``, ``phases(epoch)``,
+``loss(...)`` and ``penalty(student, teacher)``. Two hooks are optional, and methods without them are
+untouched:
+
+- ``prepare(student, ctx: MethodContext) -> None``: called once by ``unlearn run`` (task=vision) after the
+  original has been evaluated and the teacher copied, and BEFORE the backend builds the optimizer, so that
+  parameters it freezes (``requires_grad_(False)``) are left out of the optimizer. It may change the
+  student in place (re-initialise it, perturb it, freeze parts of it) and build extra frozen models with
+  ``ctx.freeze``. Its time counts in the run's ``loop_seconds`` / ``train_seconds``.
+- ``teacher_for(phase, teacher) -> module``: the teacher whose logits a phase's ``loss`` receives (default:
+  the run's teacher, the frozen original). Only consulted when ``needs_teacher`` is true.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,3 +90,21 @@ class LossTerms:
     total: torch.Tensor
     count: int
     penalty: torch.Tensor | None = None
+
+
+@dataclass
+class MethodContext:
+    """What a method's optional ``prepare`` hook may use (see the module docstring).
+
+    ``forward(model, batch)`` returns logits (the loop's adapter); ``retain_batches(batch_size)`` yields
+    batch dicts on the CPU over the whole retain set in a fixed order, without augmentation;
+    ``freeze(model)`` is the backend's ``prepare_frozen`` (moved to the device, eval mode, no grads);
+    ``device`` is where the student will train; ``forget_classes`` are the forgotten classes under class
+    unlearning (``forget.kind=class``), else None.
+    """
+
+    forward: Callable[[torch.nn.Module, dict], torch.Tensor]
+    retain_batches: Callable[[int], Iterator[dict]]
+    freeze: Callable[[torch.nn.Module], torch.nn.Module]
+    device: torch.device
+    forget_classes: list[int] | None = None

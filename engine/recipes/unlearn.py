@@ -1,8 +1,13 @@
 """`unlearn run`: unlearn a checkpoint (SCRUB, SCRUB+R, or another registered method).
 
 Reads top to bottom: check inputs -> load data and models -> evaluate the original (epoch 0) ->
-the one loop, evaluating (and, for SCRUB+R, snapshotting) after each epoch -> final scores with the
-membership attacks -> SCRUB+R selection -> export checkpoints, report and model card atomically.
+the method's optional ``prepare`` (re-initialise, freeze, perturb: engine.methods.base) -> the backend
+builds the optimizer over the parameters left trainable -> the one loop, evaluating (and, for SCRUB+R,
+snapshotting) after each epoch -> final scores with the membership attacks -> SCRUB+R selection ->
+export checkpoints, report and model card atomically.
+
+``loop_seconds`` / ``train_seconds`` in report.json include ``prepare_seconds`` (all of Fisher
+forgetting's cost, Retrain's re-initialisation), so every method's reported time is its whole cost.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import copy
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from engine.backends import build_backend
@@ -22,11 +28,12 @@ from engine.checkpoint.export import (
     staged_dir,
 )
 from engine.config import RunConfig, dump_config
-from engine.data.vision import ImageStream
+from engine.data.vision import ImageStream, PairedImageStream
 from engine.errors import ConfigError
 from engine.eval.report import write_report
 from engine.loop import LoopHooks, run_loop
 from engine.methods import build_method
+from engine.methods.base import MethodContext
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.loading import classifier_logits, load_classifier
 from engine.recipes.common import (
@@ -65,12 +72,13 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
     teacher = (
         copy.deepcopy(student) if method.needs_teacher or getattr(cfg.method, "param_distance", 0) else None
     )
-    student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
     augment = getattr(cfg.method, "augment", False)
     streams = {
         "forget": ImageStream(data.forget, transform, augment=augment),
         "retain": ImageStream(data.retain, transform, augment=augment),
     }
+    if any(p.stream == "paired" for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)):
+        streams["paired"] = PairedImageStream(streams["forget"], streams["retain"])
 
     with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
         dump_config(cfg, stage / "config.yaml")
@@ -78,6 +86,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             cfg.logging, stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json")
         )
         evaluator = Evaluator(data, transform, cfg, backend.device, tracker)
+        student.to(backend.device)  # evaluated before `prepare` may change it; backend.prepare keeps it there
         original = evaluator(student, attacks=True)
         evaluator.record(0, student, None, {}, metrics=original)
         log(f"original: {describe(original)}")
@@ -86,6 +95,12 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
         if rewind:
             snapshots.mkdir()
             save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
+
+        t_prepare = time.perf_counter()
+        if hasattr(method, "prepare"):  # before backend.prepare: what it freezes stays out of the optimizer
+            method.prepare(student, _method_context(data, transform, backend))
+        student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
+        prepare_seconds = time.perf_counter() - t_prepare
 
         def on_epoch_end(epoch: int, losses: dict[str, float]) -> None:
             row = (
@@ -110,7 +125,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             hooks=LoopHooks(on_epoch_end=on_epoch_end),
             progress=cfg.logging.progress,
         )
-        loop_seconds = time.perf_counter() - t_loop
+        loop_seconds = time.perf_counter() - t_loop + prepare_seconds
         train_seconds = evaluator.training_seconds(loop_seconds)
         final = evaluator(student, attacks=True)
         log(f"{cfg.method.name}: {describe(final)}")
@@ -183,6 +198,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
                 "losses": state.losses,
                 "seconds": time.perf_counter() - t_start,
                 "loop_seconds": loop_seconds,
+                "prepare_seconds": prepare_seconds,
                 "train_seconds": train_seconds,
                 "artifacts": artifacts,
             },
@@ -190,3 +206,19 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
     out = Path(cfg.output_dir)
     log(f"done: model in {out / 'model'}, report in {out / 'report.md'}")
     return out
+
+
+def _method_context(data, transform, backend) -> MethodContext:
+    retain = ImageStream(data.retain, transform, augment=False)
+
+    def retain_batches(batch_size: int):
+        for rows in torch.arange(len(retain)).split(batch_size):
+            yield retain.get(rows)
+
+    return MethodContext(
+        forward=classifier_logits,
+        retain_batches=retain_batches,
+        freeze=backend.prepare_frozen,
+        device=backend.device,
+        forget_classes=list(data.forget_classes) if data.forget_kind == "class" else None,
+    )

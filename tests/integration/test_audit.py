@@ -47,8 +47,10 @@ def test_audit_k2_scores_every_forget_example_and_reuses_its_references(tiny_cif
     assert result["score"] == pytest.approx(
         result["forgetting_quality"] * result["retain_ratio"] * result["test_ratio"]
     )
-    eps = [w["epsilon"] for w in result["worst"]]
+    # worst first; JSON null = infinite (perfectly separable, and flagged as such)
+    eps = [float("inf") if w["separable"] else w["epsilon"] for w in result["worst"]]
     assert eps == sorted(eps, reverse=True) and len(eps) == 10
+    assert all((w["epsilon"] is None) == w["separable"] for w in result["worst"])
     assert result["lira"] is None  # LiRA scores each retrained model against the other K-1: needs K >= 3
     assert 0.0 < result["null_forgetting_quality"] < 1.0
     assert result["cache"] == {**result["cache"], "reused": 0, "trained": 2}

@@ -143,3 +143,17 @@ def test_cli_refuses_bad_input_before_training(tiny_cifar, tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     load_config(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [(["task=tofu", "method=eu_k"], "method=eu_k does not run with task=tofu"),
+     (["task=tofu", "method=fisher"], "method=fisher does not run with task=tofu"),
+     (["method=npo"], "method=npo does not run with task=vision")],
+)  # fmt: skip
+def test_a_method_that_does_not_fit_the_task_is_refused(overrides, named):
+    # a vision baseline under task=tofu would otherwise run without its re-initialisation / noise / random teacher
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)
+    for task, method in (("vision", "eu_k"), ("tofu", "npo"), ("vision", "scrub"), ("tofu", "scrub")):
+        assert load_config(None, [f"task={task}", f"method={method}"]).method.name == method

@@ -34,9 +34,10 @@ except ImportError:  # pragma: no cover
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 # method label -> overrides of `unlearn audit` ("scrub+r" = SCRUB rewound, audited on its rewound model)
-METHODS = {
-    "scrub": ["method=scrub"],
-    "scrub+r": ["method=scrub", "method.rewind=true"],
+SCRUB = ["method=scrub", "method.forget_batch_size=16", "method.retain_batch_size=32", "method.lr=0.002"]
+METHODS = {  # the settings of benchmarks/vision_compare.py
+    "scrub": SCRUB,
+    "scrub+r": [*SCRUB, "method.rewind=true"],
     "finetune": ["method=finetune", "method.epochs=10", "method.lr=0.01", "method.batch_size=32"],
     "neggrad_plus": ["method=neggrad_plus", "method.epochs=5", "method.lr=0.01", "method.batch_size=32"],
     "cf_k": ["method=cf_k", "method.epochs=10", "method.lr=0.01", "method.batch_size=32"],

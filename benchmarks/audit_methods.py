@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
 # method label -> overrides of `unlearn audit` ("scrub+r" = SCRUB rewound, audited on its rewound model)
-SCRUB = ["method=scrub", "method.forget_batch_size=16", "method.retain_batch_size=32", "method.lr=0.002"]
+SCRUB = ["method=scrub", "method.forget_batch_size=16", "method.retain_batch_size=32"]
 METHODS = {  # the settings of benchmarks/vision_compare.py
     "scrub": SCRUB,
     "scrub+r": [*SCRUB, "method.rewind=true"],

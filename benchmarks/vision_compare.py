@@ -61,9 +61,8 @@ METHODS: dict[str, list[str]] = {
     "eu_k": ["method.epochs=10", "method.batch_size=32"],
     "bad_teacher": ["method.epochs=1", "method.batch_size=32"],
     "fisher": [],
-    # configs/demo.yaml's SCRUB (the paper's large-scale row) with batches 16/32: at 80-240 forget images, batches
-    # of 64 give too few max-steps (SCRUB.md, "What the authors' own loop reaches"); lr 0.002 instead of 5e-4 was
-    # picked on the --quick class run (sweep in benchmarks/README.md), as the baselines' lr were set by hand too
+    # configs/demo.yaml's SCRUB (the paper's large-scale row, lr 5e-4) with batches 16/32: at 80-240 forget images,
+    # batches of 64 give too few max-steps (SCRUB.md, "What the authors' own loop reaches")
     "scrub": [
         "method.rewind=true",
         "method.forget_batch_size=16",

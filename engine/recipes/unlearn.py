@@ -34,6 +34,7 @@ from engine.eval.report import write_report
 from engine.loop import LoopHooks, run_loop
 from engine.methods import build_method
 from engine.methods.base import MethodContext
+from engine.methods.blocks import last_blocks
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.loading import classifier_logits, load_classifier
 from engine.recipes.common import (
@@ -69,6 +70,10 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
     )
     reference = load_classifier(cfg.eval.reference, data.num_labels) if cfg.eval.reference else None
     method = build_method(cfg.method)
+    if (
+        getattr(cfg.method, "k", None) is not None
+    ):  # CF-k / EU-k: a k beyond the model is refused before any work
+        last_blocks(student, cfg.method.k)
     teacher = (
         copy.deepcopy(student) if method.needs_teacher or getattr(cfg.method, "param_distance", 0) else None
     )

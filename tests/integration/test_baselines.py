@@ -201,5 +201,5 @@ def test_cf_k_refuses_a_k_larger_than_the_model(setup, capsys):
         == 2
     )
     assert "k=12 but PreActResNetForImageClassification has 11 blocks" in capsys.readouterr().err
-    assert not out.exists()
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()  # refused before any work
     assert len(last_blocks(original_model(setup), 11)) == 11

@@ -67,7 +67,6 @@ METHODS: dict[str, list[str]] = {
         "method.rewind=true",
         "method.forget_batch_size=16",
         "method.retain_batch_size=32",
-        "method.lr=0.002",
     ],
 }
 LABELS = {
@@ -156,6 +155,19 @@ def retrain_overrides(train) -> list[str]:
         "augment",
     )
     return [_ov(f"method.{k}", getattr(train, k)) for k in keys]
+
+
+def done(cfg, folder: Path, report_dir: Path) -> bool:
+    """A finished run of exactly this config is in ``folder`` (config.yaml equal, report.json written): reuse
+    it, so a rerun after a failure or a change to one method redoes only what changed."""
+    import yaml
+
+    saved = folder / "config.yaml"
+    return (
+        saved.is_file()
+        and (report_dir / "report.json").is_file()
+        and yaml.safe_load(saved.read_text()) == cfg.model_dump(mode="json")
+    )
 
 
 def row(method: str, metrics: dict, seconds) -> dict:
@@ -266,6 +278,8 @@ def render(result: dict) -> str:
     if st["scenario"] == "class":
         out += ["Class unlearning: test error is on the other classes.", ""]
     out += [f"Closest to Retrain: {result['closest']}.", ""]
+    if result.get("reused"):
+        out += [f"Reused from an earlier invocation with the same config: {', '.join(result['reused'])}.", ""]
     out += ["## Plots", "", "![errors per method](errors.png)", "", "![gap vs time](gap_vs_time.png)", ""]
     out += ["## Settings", ""]
     out += [
@@ -312,8 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.config,
         base + common + [_ov("output_dir", str(models)), "eval.every_epoch=false"] + args.overrides,
     )
-    log(f"training the Original -> {models / 'original'}")
-    run_training(train_cfg, targets=("original",), log=lambda m: log(f"original | {m}"))
+    reused = []
+    if done(train_cfg, models, models / "original"):
+        reused.append("original")
+        log(f"reusing the Original in {models / 'original'} (same config)")
+    else:
+        log(f"training the Original -> {models / 'original'}")
+        run_training(train_cfg, targets=("original",), log=lambda m: log(f"original | {m}"))
 
     rows, settings, rewound = [], {}, None
     for method in args.methods:
@@ -327,8 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
             + args.overrides,
         )
         settings[method] = cfg.method.model_dump(mode="json")
-        log(f"{LABELS[method]} -> {out / 'runs' / method}")
-        run_unlearning(cfg, log=lambda m, method=method: log(f"{method} | {m}"))
+        if done(cfg, out / "runs" / method, out / "runs" / method) and "original" in reused:
+            reused.append(method)
+            log(f"{LABELS[method]}: reusing {out / 'runs' / method} (same config, same Original)")
+        else:
+            log(f"{LABELS[method]} -> {out / 'runs' / method}")
+            run_unlearning(cfg, log=lambda m, method=method: log(f"{method} | {m}"))
         report = json.loads((out / "runs" / method / "report.json").read_text())
         rows.append(row(method, report["metrics"], report["train_seconds"]))
         if method == "scrub" and report.get("rewound"):
@@ -368,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
             "methods": settings,
             "extra_overrides": args.overrides,
         },
+        "reused": reused,
         "wall_seconds": time.perf_counter() - t_start,
     }
     plot(rows, out, title)

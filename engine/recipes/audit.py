@@ -100,19 +100,18 @@ def _task(item: dict) -> dict:
 
 
 def _item(cfg: RunConfig, kind: str, seed: int, output_dir: Path) -> dict:
-    overrides = {
-        "seed": seed,
-        "output_dir": str(output_dir),
-        "overwrite": True,
-        "logging": {**cfg.logging.model_dump(), "progress": False, "wandb": False},
-        # SCRUB+R picks its epoch from per-epoch errors; everything else needs only the final scores
-        "eval": {
-            **cfg.eval.model_dump(),
-            "reference": None,
-            "every_epoch": kind == "unlearn" and bool(getattr(cfg.method, "rewind", False)),
-        },
-    }
-    run_cfg = cfg.model_copy(update=overrides)
+    """One task: the config of one model, quiet, and evaluated only at the end (SCRUB+R excepted: it picks
+    its epoch from per-epoch errors)."""
+    rewind = kind == "unlearn" and bool(getattr(cfg.method, "rewind", False))
+    run_cfg = cfg.model_copy(
+        update={
+            "seed": seed,
+            "output_dir": str(output_dir),
+            "overwrite": True,
+            "logging": cfg.logging.model_copy(update={"progress": False, "wandb": False}),
+            "eval": cfg.eval.model_copy(update={"reference": None, "every_epoch": rewind}),
+        }
+    )
     return {"kind": kind, "seed": seed, "cwd": os.getcwd(), "cfg": run_cfg.model_dump(mode="json")}
 
 

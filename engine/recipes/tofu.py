@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from engine import faults
 from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
+from engine.checkpoint.receipt import now, write_receipt
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
 from engine.errors import ConfigError, OutputError
@@ -282,6 +283,7 @@ def run_tofu_unlearning(
     ``on_checkpoint(epoch, folder, history_row)`` (ray.train.report), the driver's ``launched_at`` and
     ``expect_resume`` (Ray Train restarted the workers after a failure: a checkpoint must exist)."""
     t_start = time.perf_counter()
+    started_at = now()
     launched_at = launched_at or time.time()
     if cfg.model.path is None:
         raise ConfigError(
@@ -452,6 +454,11 @@ def run_tofu_unlearning(
             ids = {name: [int(r["id"]) for r in rows] for name, rows in
                    (("forget", setup.data.forget), ("retain", setup.data.retain))}  # fmt: skip
             write_text_atomic(stage / "shards.json", json.dumps(_shard_ids(shards, ids)) + "\n")
+            write_receipt(
+                stage, forget=setup.data.forget_summary(), input_model=cfg.model.path, revision=cfg.model.revision,
+                outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
+                metrics=final, started_at=started_at,
+            )  # fmt: skip
             if not backend.keep_checkpoints and checkpoints.exists():
                 shutil.rmtree(checkpoints)  # the run is complete: the exported model is the result
             write_tofu_report(

@@ -27,6 +27,7 @@ from engine.checkpoint.export import (
     save_checkpoint,
     staged_dir,
 )
+from engine.checkpoint.receipt import now, write_receipt
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream, PairedImageStream
 from engine.errors import ConfigError
@@ -52,6 +53,7 @@ REPORTED = ("forget_error", "retain_error", "test_error", "val_error", "mia", "m
 
 def run_unlearning(cfg: RunConfig, log=print) -> Path:
     t_start = time.perf_counter()
+    started_at = now()
     if cfg.model.path is None:
         raise ConfigError(
             "`unlearn run` needs model.path: the checkpoint to unlearn (e.g. runs/cifar5-train/original)"
@@ -188,6 +190,11 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             snapshots.rmdir()
 
         tracker.finish()
+        write_receipt(
+            stage, forget=data.forget_summary(), input_model=cfg.model.path, revision=cfg.model.revision,
+            outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
+            metrics=final, started_at=started_at,
+        )  # fmt: skip
         write_report(
             stage,
             {

@@ -3,11 +3,13 @@ SCRUB+R, score a checkpoint. Checks the artefacts a user relies on and that forg
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 from transformers import AutoModelForImageClassification
 
+from engine.checkpoint.receipt import weight_hashes
 from engine.cli import main
 from engine.data.vision import ids_sha256
 from tests.conftest import tiny_overrides
@@ -72,6 +74,17 @@ def test_scrub_r_run_forgets_and_records_what_it_forgot(trained):
         assert model.config.num_labels == 3
     assert (out / "report.md").exists() and (out / "plots" / "errors.png").exists()
     assert not (tmp / "scrub.partial").exists()
+
+    # The receipt ties the forget request to the exported files; `unlearn verify` recognises each of them.
+    receipt = json.loads((out / "receipt.json").read_text())
+    assert receipt["forget"]["ids_sha256"] == record["forget"]["ids_sha256"]
+    assert set(receipt["output_models"]) == {"model", "model_rewound"}
+    assert receipt["input_model"]["weights_sha256"] == weight_hashes(tmp / "models" / "original")
+    assert receipt["config_sha256"] == hashlib.sha256((out / "config.yaml").read_bytes()).hexdigest()
+    assert receipt["versions"]["torch"] and receipt["started_at"] <= receipt["finished_at"]
+    assert main(["verify", str(out / "receipt.json"), str(out / "model")]) == 0
+    assert main(["verify", str(out), str(out / "model_rewound")]) == 0
+    assert main(["verify", str(out / "receipt.json"), str(tmp / "models" / "original")]) == 1  # not unlearned
 
 
 def test_eval_scores_a_checkpoint(trained):

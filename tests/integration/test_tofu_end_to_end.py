@@ -53,6 +53,9 @@ def test_tofu_train_run_eval(tiny_lm, tmp_path):
         gap = [h["forget_nll"] - h["retain_nll"] for h in report["history"]]
         assert gap[-1] > gap[0], f"{method}: forget-retain NLL gap {gap}"
     assert (tmp_path / "scrub" / "model_rewound" / "model.safetensors").is_file()
+    # every run's receipt recognises its exported models (SCRUB: the model and the rewound one)
+    assert main(["verify", str(tmp_path / "scrub"), str(tmp_path / "scrub" / "model_rewound")]) == 0
+    assert main(["verify", str(tmp_path / "npo"), str(tmp_path / "npo" / "model")]) == 0
     assert cached == {t: (models / t / "tofu_eval.json").stat().st_mtime_ns for t in ("original", "retain")}
 
     out = tmp_path / "eval"

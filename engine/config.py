@@ -14,20 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from engine.errors import ConfigError
-from engine.methods import (
-    BadTeacherConfig,
-    CfKConfig,
-    ErmConfig,
-    EuKConfig,
-    FinetuneConfig,
-    FisherConfig,
-    GradAscentConfig,
-    GradDiffConfig,
-    NegGradPlusConfig,
-    NpoConfig,
-    RetrainConfig,
-    ScrubConfig,
-)
+from engine.methods import METHODS, ErmConfig, MethodConfig, ScrubConfig
 from engine.methods.base import StrictModel
 
 
@@ -280,18 +267,7 @@ class RunConfig(StrictModel):
     forget: ForgetConfig = Field(default_factory=ForgetConfig)
     tofu: TofuConfig = Field(default_factory=TofuConfig)
     method: Annotated[
-        ScrubConfig
-        | ErmConfig
-        | GradAscentConfig
-        | GradDiffConfig
-        | NpoConfig
-        | RetrainConfig
-        | FinetuneConfig
-        | NegGradPlusConfig
-        | CfKConfig
-        | EuKConfig
-        | BadTeacherConfig
-        | FisherConfig,
+        MethodConfig,
         Field(discriminator="name"),
     ] = Field(default_factory=ScrubConfig, description="The unlearning method of `run`.")
     train: ErmConfig = Field(
@@ -378,20 +354,7 @@ def _known_keys(model_cls, loc: tuple) -> list[str]:
     return list(cls.model_fields) if hasattr(cls, "model_fields") else []
 
 
-METHOD_TAGS = (  # pydantic's union tags in error locations
-    "scrub",
-    "erm",
-    "grad_ascent",
-    "grad_diff",
-    "npo",
-    "retrain",
-    "finetune",
-    "neggrad_plus",
-    "cf_k",
-    "eu_k",
-    "bad_teacher",
-    "fisher",
-)
+METHOD_TAGS = tuple(METHODS)  # pydantic's union tags in error locations
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

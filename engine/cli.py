@@ -110,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RuntimeError as exc:
+        if not any(c.__name__ in ("DistError", "DistBackendError") for c in type(exc).__mro__):
+            raise
+        # torch.distributed's own errors: a collective timed out or lost its peer
+        print(
+            f"error: another rank did not answer within backend.timeout_s (it died or hangs): {str(exc)[:300]}. "
+            "The last complete checkpoint is kept: run the same command again to resume from it",
+            file=sys.stderr,
+        )
+        return 4
     return 0
 
 

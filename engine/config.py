@@ -119,7 +119,24 @@ class ForgetConfig(StrictModel):
     )
     ids: list[int | str] | None = Field(None, description="ids: example ids to forget.")
     ids_file: str | None = Field(None, description="ids: a file with one id per line (or a JSON list).")
+    retain_ids: list[int | str] | None = Field(
+        None,
+        description="ids: example ids to retain; when given (or `retain_ids_file`), D_r is exactly these "
+        "instead of every training example not forgotten.",
+    )
+    retain_ids_file: str | None = Field(
+        None, description="ids: a file of retain ids, one per line (or a JSON list)."
+    )
     seed: int = Field(0, description="Seed of the selective / random draw.")
+
+    @model_validator(mode="after")
+    def _retain_ids_need_kind_ids(self) -> ForgetConfig:
+        if self.kind != "ids" and (self.retain_ids is not None or self.retain_ids_file is not None):
+            raise ValueError(
+                f"forget.retain_ids / forget.retain_ids_file need forget.kind=ids (it is {self.kind!r}): "
+                "set forget.kind=ids with forget.ids, or drop the retain ids"
+            )
+        return self
 
 
 class EvalConfig(StrictModel):
@@ -247,6 +264,26 @@ class BackendConfig(StrictModel):
     )
 
 
+class CheckpointConfig(StrictModel):
+    """Resumable checkpoints (engine/checkpoint/store.py) and the divergence guard."""
+
+    on_invalid: Literal["error", "previous", "weights"] = Field(
+        "error",
+        description="When the newest checkpoint is damaged or does not match this run (world size, ZeRO stage): "
+        "error (stop, naming the file or field), previous (resume from the previous good checkpoint), weights "
+        "(keep its weights, start a fresh optimizer). What was done is recorded in the report.",
+    )
+    keep: int = Field(
+        2, ge=2, description="Complete checkpoints kept during a run (2: the newest and one to fall back to)."
+    )
+    max_abs_loss: float | None = Field(
+        1e4,
+        gt=0,
+        description="Divergence guard: a step whose global |loss| exceeds this (or is not finite) stops the run "
+        "before it is applied (exit status 3); null: only non-finite losses stop it.",
+    )
+
+
 VISION_ONLY = ("retrain", "finetune", "neggrad_plus", "cf_k", "eu_k", "bad_teacher", "fisher")
 
 
@@ -277,6 +314,7 @@ class RunConfig(StrictModel):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
     def _method_fits_task(self) -> RunConfig:

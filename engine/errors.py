@@ -27,3 +27,14 @@ class DivergenceError(EngineError):
     """A loss became non-finite: training stopped before committing the bad step."""
 
     exit_code = 3
+
+
+class CheckpointError(EngineError):
+    """A checkpoint cannot be written, or cannot be resumed from as asked."""
+
+
+class PreemptedError(EngineError):
+    """SIGTERM (preemption, `scancel`, a stopped job): a checkpoint was written at the step boundary.
+    Exit status 75 (EX_TEMPFAIL): run the same command again to resume."""
+
+    exit_code = 75

@@ -2,13 +2,19 @@
 place where the order of a step lives:
 
     epoch -> lr -> phase -> step -> micro-batch -> teacher forward (no grad) -> student forward -> loss
-          -> backward (backend) ... -> global loss, finite on every rank? -> optimizer step (backend)
-          -> log                                                                  -> epoch hook
+          -> backward (backend) ... -> global loss (+ |loss|, stop requests), one all-reduce
+          -> finite and bounded? -> optimizer step (backend) -> log -> stop requested? -> epoch hook
 
 A method says which phases an epoch has and what a batch's loss is (as a sum + count); a backend
 says where tensors live, which rows this process sees, and how a step is taken. A method that defines
 ``teacher_for(phase, teacher)`` chooses the teacher of each phase (Bad-Teacher's random network on the
 forget phase); otherwise every phase uses ``teacher``.
+
+A position ``{"epoch", "phase", "phase_index", "step", "epoch_losses"}`` says where the loop goes on:
+in ``epoch``, phase number ``phase_index`` after ``step`` of its steps (``epoch_losses``: the
+phases' loss sums and step counts so far). A stop request (SIGTERM) on ANY rank is seen by all in
+the same step: the loop hands the position to ``on_stop`` (the recipe checkpoints) and raises
+PreemptedError; a restart passes the position back as ``start`` and goes on with the very next step.
 """
 
 from __future__ import annotations
@@ -20,16 +26,20 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from engine.errors import DivergenceError
+from engine import faults
+from engine.errors import DivergenceError, PreemptedError
 
 
 @dataclass
 class LoopHooks:
-    """Optional callbacks: ``on_step(epoch, phase, step, loss)`` and ``on_epoch_end(epoch, losses)``
-    where ``losses`` maps phase name -> mean loss of that epoch."""
+    """Optional callbacks: ``on_step(epoch, phase, step, loss)``, ``on_epoch_end(epoch, losses)``
+    where ``losses`` maps phase name -> mean loss of that epoch, ``should_stop()`` (asked after each
+    step on every rank) and ``on_stop(position)`` (write a checkpoint there)."""
 
     on_step: Callable[[int, str, int, float], None] | None = None
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_stop: Callable[[dict], None] | None = None
 
 
 @dataclass
@@ -49,33 +59,42 @@ def run_loop(
     *,
     seed: int,
     epochs: int,
-    start_epoch: int = 1,
+    start: dict | None = None,
     hooks: LoopHooks | None = None,
+    max_abs_loss: float | None = None,
     progress: bool = True,
 ) -> LoopState:
-    """Run epochs ``start_epoch..epochs`` of ``method``. ``forward(model, batch)`` returns logits."""
+    """Run ``method`` from position ``start`` (default: the beginning) to the end of epoch ``epochs``.
+    ``forward(model, batch)`` returns logits. ``max_abs_loss``: a global step loss beyond it (or not
+    finite) stops the run with DivergenceError before that step is applied."""
     hooks = hooks or LoopHooks()
     state = LoopState()
-    for epoch in range(start_epoch, epochs + 1):
+    start = start or {"epoch": 1, "phase_index": 0, "step": 0, "epoch_losses": {}}
+    for epoch in range(start["epoch"], epochs + 1):
         state.epoch = epoch
         backend.set_lr(method.config.lr_at(epoch))  # set per epoch, before any phase (SCRUB.md)
-        epoch_losses: dict[str, float] = {}
-        for phase in method.phases(epoch):
+        resumed = epoch == start["epoch"]
+        sums = {k: list(v) for k, v in start["epoch_losses"].items()} if resumed else {}
+        for index, phase in enumerate(method.phases(epoch)):
+            if resumed and index < start["phase_index"]:
+                continue  # done before the checkpoint this run resumed from
+            skip = start["step"] if resumed and index == start["phase_index"] else 0
             stream = streams[phase.stream]
             phase_teacher = (
                 method.teacher_for(phase.name, teacher) if hasattr(method, "teacher_for") else teacher
             )
             # Train mode in BOTH phases: BatchNorm batch statistics and dropout are part of SCRUB.
             student.train()
-            batches = backend.batches(stream, phase.batch_size, seed, epoch, phase.stream)
+            batches = backend.batches(stream, phase.batch_size, seed, epoch, phase.stream, skip=skip)
             bar = tqdm(
                 batches,
+                initial=skip,
                 total=backend.num_batches(stream, phase.batch_size),
                 desc=f"epoch {epoch}/{epochs} {phase.name}",
                 disable=not (progress and backend.is_main),
                 leave=False,
             )
-            total, steps = 0.0, 0
+            total, steps = sums.setdefault(phase.name, [0.0, 0])  # steps == skip when resumed mid-phase
             for micro_batches in bar:  # one optimizer step: this rank's micro-batches of one global batch
                 value = torch.zeros(())
                 for batch in micro_batches:
@@ -95,15 +114,21 @@ def run_loop(
                         loss = loss + penalty * batch["share"]
                     backend.backward(loss)
                     value = value + loss.detach().float().cpu()
-                value = backend.sum_across_ranks(
-                    float(value)
-                )  # the global batch's loss, the same on every rank
-                if not math.isfinite(value):
+                if faults.inject("step", epoch, backend.rank, step=steps + 1):
+                    value = value * math.nan
+                stop = bool(hooks.should_stop and hooks.should_stop())
+                # one all-reduce: the global batch's loss, its size, stop requests; the same on every rank
+                value, size, stop = backend.sum_across_ranks([float(value), abs(float(value)), float(stop)])
+                if not math.isfinite(value) or max_abs_loss is not None and size > max_abs_loss:
                     # Every rank sees it in the same step and stops BEFORE the optimizer step: nothing after
                     # the last good step is ever committed.
+                    what = (
+                        "non-finite" if not math.isfinite(value) else f"exploding (|loss| > {max_abs_loss:g})"
+                    )
                     raise DivergenceError(
-                        f"non-finite {phase.name}-step loss at epoch {epoch}, step {steps + 1} of that phase; "
-                        "lower the learning rate or the number of max-steps (msteps)"
+                        f"{what} {phase.name}-step loss {value:.4g} at epoch {epoch}, step {steps + 1} of that "
+                        "phase; nothing after the previous step was applied. Lower the learning rate or the "
+                        "number of max-steps (msteps), then run again (the last checkpoint is kept)"
                     )
                 backend.step()
                 total, steps = total + value, steps + 1
@@ -112,7 +137,16 @@ def run_loop(
                 bar.set_postfix(loss=f"{value:.4f}")
                 if hooks.on_step:
                     hooks.on_step(epoch, phase.name, steps, value)
-            epoch_losses[phase.name] = total / max(steps, 1)
+                sums[phase.name] = [total, steps]
+                if stop:
+                    position = {"epoch": epoch, "phase": phase.name, "phase_index": index, "step": steps,
+                                "epoch_losses": sums}  # fmt: skip
+                    if hooks.on_stop:
+                        hooks.on_stop(position)
+                    raise PreemptedError(
+                        f"stopped by a signal at epoch {epoch}, {phase.name} step {steps}; a checkpoint was "
+                        "written there: run the same command again to resume"
+                    )
         if hooks.on_epoch_end:
-            hooks.on_epoch_end(epoch, epoch_losses)
+            hooks.on_epoch_end(epoch, {k: t / max(n, 1) for k, (t, n) in sums.items()})
     return state

@@ -17,15 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 
 
-@pytest.fixture(scope="session")
-def tiny_cifar(tmp_path_factory) -> Path:
+def make_tiny_cifar(out: Path) -> Path:
     """3 classes (airplane, automobile, bird): 50 train + 20 test images each, as parquet files named
     like the hub's (train-00000-of-00001.parquet), with the original ClassLabel features."""
     import datasets
 
     if not CIFAR.exists():
-        pytest.fail(f"real CIFAR-10 not found at {CIFAR}: the tests need ../shared/data beside the checkout")
-    out = tmp_path_factory.mktemp("tiny_cifar")
+        raise FileNotFoundError(
+            f"real CIFAR-10 not found at {CIFAR}: ../shared/data must be beside the checkout"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     for split, per_class in (("train", 50), ("test", 20)):
         ds = datasets.load_dataset(
             "parquet", data_files=str(CIFAR / f"{split}-00000-of-00001.parquet"), split="train"
@@ -40,6 +41,14 @@ def tiny_cifar(tmp_path_factory) -> Path:
                 break
         ds.select(keep).to_parquet(str(out / f"{split}-00000-of-00001.parquet"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A tiny real CIFAR-10 (make_tiny_cifar)."""
+    if not CIFAR.exists():
+        pytest.fail(f"real CIFAR-10 not found at {CIFAR}: the tests need ../shared/data beside the checkout")
+    return make_tiny_cifar(tmp_path_factory.mktemp("tiny_cifar"))
 
 
 def tiny_overrides(dataset: Path, tmp: Path, **extra) -> list[str]:
@@ -103,13 +112,10 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, **config):
     return LlamaForCausalLM(LlamaConfig(**settings))
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> Path:
+def make_tiny_lm(out: Path) -> Path:
     """A folder holding a tiny Llama + its tokenizer, saved with save_pretrained (loaded back by path)."""
     import json
 
-    if not TOFU.exists():
-        pytest.fail(f"TOFU not found at {TOFU}: the tests need ../shared/data beside the checkout")
     texts = []
     for name in ("full", "holdout10", "real_authors_perturbed", "world_facts_perturbed"):
         for line in (TOFU / f"{name}.jsonl").read_text().splitlines()[:400]:
@@ -117,10 +123,17 @@ def tiny_lm(tmp_path_factory) -> Path:
             texts += [row["question"], row["answer"]]
     tokenizer = build_tiny_tokenizer(texts)
     model = build_tiny_llama(len(tokenizer))
-    out = tmp_path_factory.mktemp("tiny_lm")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A tiny Llama + tokenizer folder (make_tiny_lm)."""
+    if not TOFU.exists():
+        pytest.fail(f"TOFU not found at {TOFU}: the tests need ../shared/data beside the checkout")
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
 def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:

@@ -30,11 +30,16 @@ class Backend:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def batches(self, stream, batch_size: int, seed: int, epoch: int, name: str) -> Iterator[list[dict]]:
-        """This rank's micro-batches, one list per optimizer step."""
+    def batches(
+        self, stream, batch_size: int, seed: int, epoch: int, name: str, skip: int = 0
+    ) -> Iterator[list[dict]]:
+        """This rank's micro-batches, one list per optimizer step, from step ``skip`` on (a resumed
+        run: the order and each step's draw seed are those of the uninterrupted run)."""
         order = epoch_order(len(stream), seed, epoch, name)
         plan = []  # per step: (draw seed, [(rows to fetch, counted?)] of this rank's micro-batches)
         for k, rows in enumerate(order.split(batch_size)):
+            if k < skip:
+                continue
             parts = rows.tensor_split(self.world_size)[self.rank].tensor_split(self.accum)
             plan.append(
                 (
@@ -42,7 +47,8 @@ class Backend:
                     [(p if len(p) else rows[:1], len(p) > 0) for p in parts],
                 )
             )
-        if hasattr(stream, "load_rows"):  # a stream that fetches rows (Ray Data) gets this rank's rows only
+        # a stream that fetches rows (Ray Data) gets this rank's rows only
+        if plan and hasattr(stream, "load_rows"):
             stream.load_rows(torch.cat([rows for _, parts in plan for rows, _ in parts]), epoch)
         seen = self.seen.setdefault(name, {}).setdefault(epoch, [])
         for draw, parts in plan:  # draw: the augmentation / pairing seed of this step
@@ -70,7 +76,8 @@ class Backend:
     def num_batches(self, stream, batch_size: int) -> int:
         return -(-len(stream) // batch_size)
 
-    def sum_across_ranks(self, value: float) -> float:
+    def sum_across_ranks(self, value: float | list[float]) -> float | list[float]:
+        """Sum over ranks (one all-reduce for a list)."""
         return value
 
     @property

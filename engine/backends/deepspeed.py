@@ -253,10 +253,12 @@ class DeepSpeedBackend(Backend):
     def step(self) -> None:
         self.engine.step()  # the accumulation boundary: reduce, update, zero the gradients
 
-    def sum_across_ranks(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+    def sum_across_ranks(self, value: float | list[float]) -> float | list[float]:
+        t = torch.tensor(
+            value if isinstance(value, list) else [value], dtype=torch.float64, device=self.device
+        )
         self.dist.all_reduce(t)
-        return float(t[0])
+        return t.tolist() if isinstance(value, list) else float(t[0])
 
     # --- whole-model views and checkpoints ---------------------------------------------------------
 
@@ -272,30 +274,22 @@ class DeepSpeedBackend(Backend):
         state = model._zero3_consolidated_16bit_state_dict()  # what engine.save_16bit_model writes
         return state if self.is_main else None
 
-    def save_checkpoint(self, folder: Path, epoch: int, student, client_state: dict) -> None:
-        """A DeepSpeed checkpoint of every rank's shards. ``latest`` is written by the main rank only
-        after every rank has finished, so it never names a partial checkpoint."""
-        tag = f"epoch_{epoch}"
+    def save_checkpoint(self, folder: Path, tag: str, student, client_state: dict) -> None:
+        """A DeepSpeed checkpoint of every rank's shards into ``folder/tag`` (collective; the store adds
+        the RNG states and, once every rank has written, the manifest)."""
         student.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
-        self.barrier()
-        if self.is_main:
-            (folder / "latest.tmp").write_text(tag)
-            (folder / "latest.tmp").replace(folder / "latest")
-            if not self.keep_checkpoints:
-                for old in folder.glob("epoch_*"):
-                    if old.name != tag and old.is_dir():
-                        import shutil
 
-                        shutil.rmtree(old)
-        self.barrier()
-
-    def load_checkpoint(self, folder: Path, student) -> tuple[int, dict] | None:
-        latest = folder / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        _, client_state = student.load_checkpoint(str(folder), tag=tag)
-        return int(tag.split("_")[1]), client_state or {}
+    def load_checkpoint(self, folder: Path, tag: str, student, weights_only: bool = False) -> dict:
+        """Load ``folder/tag`` (verified by the store first): every rank its shards; ``weights_only``:
+        the module's weights, not the optimizer state (a fresh optimizer)."""
+        _, client_state = student.load_checkpoint(
+            str(folder),
+            tag=tag,
+            load_module_only=weights_only,
+            load_optimizer_states=not weights_only,
+            load_lr_scheduler_states=not weights_only,
+        )
+        return client_state or {}
 
     def memory_report(self) -> list[dict]:
         return self.gather_object(self.meter.report(self.rank, self.device))

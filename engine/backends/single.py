@@ -4,7 +4,6 @@ orders and shards the data (base.py), and performs backward/step; it never knows
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -83,35 +82,25 @@ class SingleProcessBackend(Backend):
         """The whole model's weights on the main process (None elsewhere); None here = the model's own."""
         return None
 
-    def save_checkpoint(self, folder: Path, epoch: int, student, client_state: dict) -> None:
-        """Weights (safetensors), optimizer state and the recipe's ``client_state`` (JSON) at the end of
-        ``epoch``, written under a temporary name then renamed: a crash mid-save leaves the previous one."""
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"epoch_{epoch}.tmp"
-        tmp.mkdir(exist_ok=True)
+    def save_checkpoint(self, folder: Path, tag: str, student, client_state: dict) -> None:
+        """Weights (safetensors), optimizer state and the recipe's ``client_state`` (JSON) into
+        ``folder/tag`` (engine/checkpoint/store.py adds the RNG states and, last, the manifest)."""
+        out = folder / tag
+        out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()},
-                  tmp / "model.safetensors")  # fmt: skip
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "client_state.json").write_text(json.dumps(client_state, default=float))
-        tmp.rename(folder / f"epoch_{epoch}")
-        (folder / "latest.tmp").write_text(f"epoch_{epoch}")
-        (folder / "latest.tmp").replace(folder / "latest")
-        for old in folder.glob("epoch_*"):
-            if old.name != f"epoch_{epoch}" and old.is_dir() and not self.keep_checkpoints:
-                shutil.rmtree(old)
+                  out / "model.safetensors")  # fmt: skip
+        torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+        (out / "client_state.json").write_text(json.dumps(client_state, default=float))
 
-    def load_checkpoint(self, folder: Path, student) -> tuple[int, dict] | None:
-        """Load the last complete checkpoint in ``folder``: (its epoch, the recipe's client_state), or
-        None when there is none."""
-        latest = folder / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
+    def load_checkpoint(self, folder: Path, tag: str, student, weights_only: bool = False) -> dict:
+        """Load checkpoint ``folder/tag`` (verified by the store first): the weights, and unless
+        ``weights_only`` the optimizer state. Returns the recipe's client_state."""
         student.load_state_dict(load_file(folder / tag / "model.safetensors"))
-        # weights_only: an optimizer state is tensors and numbers; no arbitrary pickle is run
-        state = torch.load(folder / tag / "optimizer.pt", weights_only=True)  # noqa: TID251
-        self.optimizer.load_state_dict(state)
-        return int(tag.split("_")[1]), json.loads((folder / tag / "client_state.json").read_text())
+        if not weights_only:
+            # weights_only: an optimizer state is tensors and numbers; no arbitrary pickle is run
+            state = torch.load(folder / tag / "optimizer.pt", weights_only=True)  # noqa: TID251
+            self.optimizer.load_state_dict(state)
+        return json.loads((folder / tag / "client_state.json").read_text())
 
     def memory_report(self) -> list[dict]:
         return [self.meter.report(self.rank, self.device)]

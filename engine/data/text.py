@@ -11,6 +11,7 @@ only answer tokens. The chat template is used when the tokenizer has one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,6 @@ TOFU_AUTHORS = 200
 def load_tofu_split(source: str, name: str) -> list[dict]:
     """One TOFU split as a list of rows: ``{source}/{name}.jsonl`` when ``source`` is a local folder,
     else ``datasets.load_dataset(source, name)`` (the hub's layout: one config per split)."""
-    import datasets
-
     path = Path(source)
     try:
         if path.is_dir():
@@ -38,10 +37,14 @@ def load_tofu_split(source: str, name: str) -> list[dict]:
                     f"TOFU split {name!r} not found: {file} does not exist (a local TOFU folder holds "
                     "full.jsonl, forget10.jsonl, retain90.jsonl, ...)"
                 )
-            ds = datasets.load_dataset("json", data_files=str(file), split="train")
+            # read directly, not through datasets.load_dataset: that would leave an Arrow copy of every
+            # row (forget answers included) in the datasets cache after the run (forget-data hygiene)
+            return _check_columns(_read_jsonl(file), name)
         elif path.exists():
             raise DataError(f"tofu.dataset {source!r} is a file; give the folder holding the split files")
         else:
+            import datasets
+
             ds = datasets.load_dataset(source, name, split="train")
     except DataError:
         raise
@@ -50,7 +53,24 @@ def load_tofu_split(source: str, name: str) -> list[dict]:
             f"could not load TOFU split {name!r} from {source!r}: {err}. Offline, point tofu.dataset at a "
             "local folder of <split>.jsonl files (e.g. ../shared/data/tofu)"
         ) from err
-    rows = ds.to_list()
+    return _check_columns(ds.to_list(), name)
+
+
+def _read_jsonl(file: Path) -> list[dict]:
+    rows = []
+    with file.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"{file}:{n} is not a JSON line ({err}); a TOFU split has one row per line"
+                    ) from err
+    return rows
+
+
+def _check_columns(rows: list[dict], name: str) -> list[dict]:
     if rows and not {"question", "answer"} <= set(rows[0]):
         raise DataError(f"TOFU split {name!r} lacks the question/answer columns (has {sorted(rows[0])})")
     return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def load_splits(dataset: str, splits: list[str]):
             raise DataError(
                 f"{dataset!r} has no files named after the splits {splits} (e.g. 'train-*.parquet')"
             )
-        return dict(datasets.load_dataset(builder, data_files=data_files))
+        return _load_in_memory(builder, data_files)
     try:
         dd = datasets.load_dataset(dataset)
     except Exception as exc:  # the hub raises many kinds; all mean "can't get it"
@@ -53,6 +54,19 @@ def load_splits(dataset: str, splits: list[str]):
             f"cannot load dataset {dataset!r}: not a local path, and the hub said: {exc}"
         ) from exc
     return {s: dd[s] for s in splits if s in dd}
+
+
+def _load_in_memory(builder: str, data_files: dict) -> dict:
+    """Local files through ``datasets`` without leaving a cache behind: ``load_dataset`` always writes
+    an Arrow copy of the data (images of forgotten examples included) to its cache, so it writes to a
+    throwaway folder, the tables are read into memory, and the folder is deleted (forget-data hygiene).
+    The cost: the data is converted on every load and held in memory (as compressed image bytes)."""
+    import datasets
+
+    with tempfile.TemporaryDirectory(prefix="engine-datasets-") as cache:
+        return dict(
+            datasets.load_dataset(builder, data_files=data_files, cache_dir=cache, keep_in_memory=True)
+        )
 
 
 def detect_columns(ds, image_column: str | None, label_column: str | None) -> tuple[str, str]:
@@ -168,6 +182,7 @@ class UnlearningData:
             "size": len(self.forget),
             "ids_sha256": ids_sha256(self.forget.ids),
             "classes": [self.class_names[c] for c in self.forget_classes],
+            **({"retain_ids_sha256": ids_sha256(self.retain.ids)} if self.extra.get("retain_by_id") else {}),
         }
 
 
@@ -190,14 +205,40 @@ def _resolve_label(label, class_names: list[str]) -> int:
     return idx
 
 
-def _read_ids_file(path: str) -> list:
+def _read_ids_file(path: str, key: str = "forget.ids_file") -> list:
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"forget.ids_file {path!r} does not exist")
+        raise DataError(f"{key} {path!r} does not exist")
     text = p.read_text().strip()
     if text.startswith("["):
         return list(json.loads(text))
     return [int(t) if t.lstrip("-").isdigit() else t for t in text.split()]
+
+
+def requested_ids(ids: list | None, ids_file: str | None, what: str) -> list:
+    """The ids given inline plus those of the file, refused when listed twice (``what``: forget/retain)."""
+    key = "forget.ids_file" if what == "forget" else f"forget.{what}_ids_file"
+    requested = list(ids or []) + (_read_ids_file(ids_file, key) if ids_file else [])
+    seen, dups = set(), []
+    for i in requested:
+        (dups.append(i) if i in seen else seen.add(i))
+    if dups:
+        raise DataError(
+            f"{len(dups)} {what} ids are listed more than once, e.g. {dups[:5]}; list each id once"
+        )
+    return requested
+
+
+def _positions(requested: list, train: ImageSet, what: str) -> list[int]:
+    """Rows of ``requested`` in ``train``, refused when some are not there."""
+    position = {v: k for k, v in enumerate(train.ids)}
+    missing = [i for i in requested if i not in position]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(requested)} {what} ids are not in the training data (after the validation "
+            f"hold-out and data.classes / max_per_class filters), e.g. {missing[:5]}; check the ids and the data section"
+        )
+    return [position[i] for i in requested]
 
 
 def select_forget(train: ImageSet, class_names: list[str], fcfg) -> tuple[np.ndarray, list[int], str]:
@@ -239,27 +280,37 @@ def select_forget(train: ImageSet, class_names: list[str], fcfg) -> tuple[np.nda
             f"a random {fcfg.fraction:.1%} of the training set ({k} examples), seed {fcfg.seed}",
         )
     # kind == "ids"
-    requested = list(fcfg.ids or []) + (_read_ids_file(fcfg.ids_file) if fcfg.ids_file else [])
+    requested = requested_ids(fcfg.ids, fcfg.ids_file, "forget")
     if not requested:
         raise DataError("forget.kind=ids needs forget.ids or forget.ids_file")
-    seen, dups = set(), []
-    for i in requested:
-        (dups.append(i) if i in seen else seen.add(i))
-    if dups:
-        raise DataError(
-            f"{len(dups)} forget ids are listed more than once, e.g. {dups[:5]}; list each id once"
-        )
-    position = {v: k for k, v in enumerate(train.ids)}
-    missing = [i for i in requested if i not in position]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of {len(requested)} forget ids are not in the training data (after the validation "
-            f"hold-out and data.classes / max_per_class filters), e.g. {missing[:5]}; check the ids and the data section"
-        )
     mask = np.zeros(n, dtype=bool)
-    mask[[position[i] for i in requested]] = True
+    mask[_positions(requested, train, "forget")] = True
     classes = sorted(set(labels[mask].tolist()))
     return mask, classes, f"{len(requested)} examples given by id"
+
+
+def select_retain(train: ImageSet, forget_mask: np.ndarray, fcfg) -> np.ndarray:
+    """Boolean mask of the retain rows: exactly ``forget.retain_ids`` / ``retain_ids_file`` when given,
+    else every training row not forgotten."""
+    if fcfg.retain_ids is None and fcfg.retain_ids_file is None:
+        return ~forget_mask
+    if fcfg.kind != "ids":  # the config refuses this too; kept for configs built without validation
+        raise DataError("forget.retain_ids needs forget.kind=ids; drop the retain ids or list the forget ids")
+    requested = requested_ids(fcfg.retain_ids, fcfg.retain_ids_file, "retain")
+    if not requested:
+        raise DataError(
+            "forget.retain_ids is empty: list the examples to retain, or unset it to retain every example not forgotten"
+        )
+    rows = _positions(requested, train, "retain")
+    overlap = [train.ids[r] for r in rows if forget_mask[r]]
+    if overlap:
+        raise DataError(
+            f"{len(overlap)} ids are in both the forget and the retain set, e.g. {overlap[:5]}; "
+            "an example is either forgotten or retained: remove them from one of the lists"
+        )
+    mask = np.zeros(len(train), dtype=bool)
+    mask[rows] = True
+    return mask
 
 
 def prepare_data(dcfg, fcfg) -> UnlearningData:
@@ -312,14 +363,21 @@ def prepare_data(dcfg, fcfg) -> UnlearningData:
 
     if fcfg.kind == "ids":
         val_ids = set(val.ids)
-        held = [i for i in list(fcfg.ids or []) if i in val_ids]
-        if held:
-            raise DataError(
-                f"{len(held)} forget ids are in the validation hold-out (never trained on), e.g. {held[:5]}; "
-                "drop them or set data.val_fraction=0"
-            )
+        for what, ids, ids_file in (
+            ("forget", fcfg.ids, fcfg.ids_file),
+            ("retain", fcfg.retain_ids, fcfg.retain_ids_file),
+        ):
+            held = [i for i in requested_ids(ids, ids_file, what) if i in val_ids]
+            if held:
+                raise DataError(
+                    f"{len(held)} {what} ids are in the validation hold-out (never trained on), e.g. {held[:5]}; "
+                    "drop them or set data.val_fraction=0"
+                )
     mask, forget_classes, description = select_forget(train, class_names, fcfg)
-    forget, retain = train.subset(mask), train.subset(~mask)
+    retain_mask = select_retain(train, mask, fcfg)
+    if fcfg.retain_ids is not None or fcfg.retain_ids_file is not None:
+        description += f"; {int(retain_mask.sum())} retained examples given by id"
+    forget, retain = train.subset(mask), train.subset(retain_mask)
     if len(forget) == 0:
         raise DataError(f"the forget set is empty ({description}); check the forget section")
     if len(retain) == 0:
@@ -335,6 +393,7 @@ def prepare_data(dcfg, fcfg) -> UnlearningData:
         forget_classes=forget_classes,
         forget_kind=fcfg.kind,
         description=description,
+        extra={"retain_by_id": fcfg.retain_ids is not None or fcfg.retain_ids_file is not None},
     )
 
 

@@ -339,7 +339,6 @@ def evaluate_tofu(
                 per["forget_truth_ratio_by_id"] = dict(zip(ids, tr.tolist()))
                 per["forget_Q_A_Prob_by_id"] = dict(zip(ids, np.exp(-answer_nll).tolist()))
                 per["forget_Q_A_ROUGE_by_id"] = dict(zip(ids, rouge))
-                per["forget_generations_by_id"] = dict(zip(ids, gens))
                 forget_scored = scored
         res["model_utility"] = hmean([res[k] for k in UTILITY_KEYS])
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelError
+from engine.models.loading import refuse_pickle_weights, safetensors_hint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,6 +27,7 @@ def load_causal_lm(
         raise ModelError(
             "model.trust_remote_code=true runs the checkpoint's own Python code: pin it with model.revision=<commit>"
         )
+    refuse_pickle_weights(path, "AutoModelForCausalLM")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -39,6 +41,8 @@ def load_causal_lm(
         gguf = list(Path(path).glob("*.gguf")) if Path(path).is_dir() else []
         if gguf:
             hint = f" (it holds a GGUF file: convert it first with `unlearn convert-gguf {gguf[0]} OUT_DIR`)"
+        else:
+            hint += safetensors_hint(exc)
         raise ModelError(f"cannot load a causal LM from {path!r}{hint}: {exc}") from exc
     except ValueError as exc:
         raise ModelError(f"{path!r} is not a causal-LM checkpoint: {exc}") from exc
@@ -67,8 +71,10 @@ def check_vocab(model, tokenizer, path: str) -> None:
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3: the local tensor is a partition
     if len(tokenizer) > rows:
         raise ModelError(
-            f"the tokenizer of {path!r} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
-            "use the tokenizer saved with this checkpoint"
+            f"the tokenizer of {path!r} has {len(tokenizer)} tokens but the model's embedding has {rows} rows, so "
+            f"token ids >= {rows} cannot be embedded: use the tokenizer saved with this checkpoint (its "
+            "tokenizer.json beside config.json), or, if the tokenizer added tokens on purpose, call "
+            "model.resize_token_embeddings(len(tokenizer)) and save the model with save_pretrained first"
         )
 
 

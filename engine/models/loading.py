@@ -11,6 +11,36 @@ import torch
 
 from engine.errors import ModelError
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_weights(path: str, auto_class: str) -> None:
+    """Refuse a local checkpoint folder whose weights exist only as pickle files (pytorch_model.bin,
+    *.pt, *.pth): unpickling runs whatever code the file holds, so the engine never does it for a file
+    it did not write. The message says how to convert it once, in a session the user trusts."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path!r} holds only pickle weights ({', '.join(pickles[:3])}): the engine loads safetensors only "
+            "and does not unpickle files it did not write (unpickling can run arbitrary code). If you trust the "
+            f"file, convert it once in a trusted session: `{auto_class}.from_pretrained(PATH)"
+            ".save_pretrained(OUT, safe_serialization=True)`, then set model.path=OUT"
+        )
+
+
+def safetensors_hint(exc: Exception) -> str:
+    """For a hub checkpoint without safetensors (transformers' error names the missing file)."""
+    if "safetensors" not in str(exc):
+        return ""
+    return (
+        " (the engine loads safetensors only and does not unpickle pytorch_model.bin / *.pt files: use a "
+        "revision that has model.safetensors, or convert the checkpoint in a trusted session with "
+        "save_pretrained(OUT, safe_serialization=True))"
+    )
+
 
 def _auto():
     from transformers import AutoModelForImageClassification
@@ -26,6 +56,7 @@ def load_classifier(path: str, num_labels: int, revision: str | None = None, tru
         raise ModelError(
             "model.trust_remote_code=true runs the checkpoint's own Python code: pin it with model.revision=<commit>"
         )
+    refuse_pickle_weights(path, "AutoModelForImageClassification")
     auto = _auto()
     try:
         model = auto.from_pretrained(
@@ -33,6 +64,7 @@ def load_classifier(path: str, num_labels: int, revision: str | None = None, tru
         )
     except OSError as exc:
         hint = "" if Path(path).exists() else " (it is not a local folder; hub ids need a network)"
+        hint += safetensors_hint(exc)
         raise ModelError(f"cannot load a classifier from {path!r}{hint}: {exc}") from exc
     except ValueError as exc:
         raise ModelError(f"{path!r} is not an image-classification checkpoint: {exc}") from exc

@@ -35,11 +35,12 @@ def _absolute(spec: str) -> str:
     return str(p.resolve()) if p.exists() else spec  # a hub id stays as given
 
 
-def reference_key(cfg: RunConfig, forget_ids_sha256: str) -> tuple[str, dict]:
-    """What a reference model depends on: data, forget set, architecture and the training recipe."""
+def reference_key(cfg: RunConfig, forget: dict) -> tuple[str, dict]:
+    """What a reference model depends on: data, forget (and given retain) set, architecture and recipe."""
     recipe = {
         "data": {**cfg.data.model_dump(mode="json"), "dataset": _absolute(cfg.data.dataset)},
-        "forget_ids_sha256": forget_ids_sha256,
+        "forget_ids_sha256": forget["ids_sha256"],
+        "retain_ids_sha256": forget.get("retain_ids_sha256"),
         "arch": cfg.model.arch,
         "width": cfg.model.width,
         "train": cfg.train.model_dump(mode="json"),
@@ -136,7 +137,7 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
     require_single(cfg, "`unlearn audit` (its tasks run one process each)")
     check_output_dir(cfg.output_dir, cfg.overwrite)
     data = prepare_data(cfg.data, cfg.forget)
-    key, recipe = reference_key(cfg, data.forget_summary()["ids_sha256"])
+    key, recipe = reference_key(cfg, data.forget_summary())
     cache = Path(a.cache_dir or Path(cfg.model.path).resolve().parent / "audit_references") / key
     cache.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache / "recipe.json", json.dumps(recipe, indent=2))

@@ -32,6 +32,8 @@ from engine import faults
 from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
 from engine.checkpoint.receipt import now, write_receipt
+from engine.checkpoint.signals import StopRequest
+from engine.checkpoint.store import MANIFEST, CheckpointStore, describe_position, model_signature
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
 from engine.errors import ConfigError, OutputError
@@ -225,6 +227,7 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
                 seed=cfg.seed,
                 epochs=cfg.train.epochs,
                 hooks=LoopHooks(on_epoch_end=on_epoch_end),
+                max_abs_loss=cfg.checkpoint.max_abs_loss,
                 progress=cfg.logging.progress,
             )
             loop_seconds = time.perf_counter() - t_loop
@@ -323,6 +326,13 @@ def run_tofu_unlearning(
         set_dropout(student, dropout)  # the teacher stays in eval mode: no dropout there
     student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
     model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
+    identity = {  # what must match to resume (engine/checkpoint/store.py)
+        "backend": backend.name,
+        "world_size": backend.world_size,
+        "zero_stage": backend.zero_stage,
+        "model_signature": model_signature(model),
+        "data_order": {"seed": cfg.seed, "streams": {k: len(v) for k, v in setup.streams.items()}},
+    }
     teacher_before = backend.fingerprint(teacher) if teacher is not None else None
 
     def load_reference():
@@ -343,14 +353,17 @@ def run_tofu_unlearning(
             cfg.logging if backend.is_main else cfg.logging.model_copy(update={"wandb": False}),
             stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json"),
         )  # fmt: skip
-        history, losses, start = [], {}, 1
-        restored = backend.load_checkpoint(checkpoints, student) if resume else None
+        keep = 10**9 if backend.keep_checkpoints else cfg.checkpoint.keep
+        store = CheckpointStore(checkpoints, backend, identity, keep=keep, log=log)
+        history, losses, start = [], {}, None
+        restored = store.load(student, cfg.checkpoint.on_invalid) if resume else None
         if restored is not None:
-            done, client = restored
-            history, losses, start = client["history"], client["losses"], done + 1
-            log(
-                f"resuming from the checkpoint of epoch {done} in {checkpoints} (epochs {start}..{cfg.method.epochs} to go)"
-            )
+            client, start = restored["client_state"], restored["position"]
+            history, losses = client["history"], client["losses"]
+            seen = client["seen"][backend.rank] if backend.rank < len(client["seen"]) else {}
+            backend.seen.update({k: {int(e): rows for e, rows in v.items()} for k, v in seen.items()})
+            log(f"resuming from the checkpoint of {describe_position(start)} in {checkpoints / restored['tag']}"
+                + (" (its weights only, with a fresh optimizer)" if restored["mode"] == "weights_only" else ""))  # fmt: skip
         else:
             history = [_history_row(setup, model, device, 0, {})]
         snapshots = stage / "epochs"
@@ -373,27 +386,41 @@ def run_tofu_unlearning(
                 log(f"epoch {epoch}: {history[-1]}")
             if rewind:
                 save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
-            backend.save_checkpoint(checkpoints, epoch, student, {"history": history, "losses": losses})
+            position = {"epoch": epoch + 1, "phase": None, "phase_index": 0, "step": 0, "epoch_losses": {}}
+            save(f"epoch_{epoch}", position)
             if on_checkpoint is not None:
                 on_checkpoint(epoch, checkpoints, history[-1])
             faults.inject("after_checkpoint", epoch, backend.rank)
 
+        def save(tag: str, position: dict) -> None:
+            client = {"history": history, "losses": losses, "seen": backend.gather_object(backend.seen)}
+            store.save(tag, position, student, client)
+
+        def on_stop(position: dict) -> None:
+            save(f"epoch_{position['epoch']}-{position['phase']}-{position['step']}", position)
+            log(f"stop signal: checkpoint written at {describe_position(position)}")
+
         t_loop = time.perf_counter()
-        run_loop(
-            method,
-            backend,
-            student,
-            teacher,
-            {**setup.streams, **(streams or {})},  # training rows from Ray Data under the Ray backend
-            token_logits,
-            seed=cfg.seed,
-            epochs=cfg.method.epochs,
-            start_epoch=start,
-            hooks=LoopHooks(on_step=on_step, on_epoch_end=on_epoch_end),
-            progress=cfg.logging.progress,
-        )
+        with StopRequest() as stop:
+            run_loop(
+                method,
+                backend,
+                student,
+                teacher,
+                {**setup.streams, **(streams or {})},  # training rows from Ray Data under the Ray backend
+                token_logits,
+                seed=cfg.seed,
+                epochs=cfg.method.epochs,
+                start=start,
+                hooks=LoopHooks(
+                    on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=on_stop
+                ),
+                max_abs_loss=cfg.checkpoint.max_abs_loss,
+                progress=cfg.logging.progress,
+            )
         loop_seconds = time.perf_counter() - t_loop
-        train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:] if r["epoch"] >= start)
+        first = start["epoch"] if start else 1
+        train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:] if r["epoch"] >= first)
         memory = backend.memory_report()
         teacher_check = None
         if teacher is not None:
@@ -477,7 +504,16 @@ def run_tofu_unlearning(
                     "seconds": time.perf_counter() - t_start,
                     "loop_seconds": loop_seconds,
                     "train_seconds": train_seconds,
-                    "resumed_from_epoch": start - 1 if start > 1 else None,
+                    "resumed_from_epoch": start["epoch"] - 1 if start else None,
+                    "resume": None
+                    if restored is None
+                    else {
+                        "checkpoint": restored["tag"],
+                        "position": describe_position(start),
+                        "mode": restored["mode"],
+                        "problems": restored.get("problems"),
+                        "skipped": restored["skipped"],
+                    },  # fmt: skip
                     "seconds_to_first_step": first_step[0] if first_step else None,
                     "backend": {
                         "name": backend.name,
@@ -515,12 +551,12 @@ def _shard_ids(shards: list[dict], ids: dict[str, list[int]]) -> dict:
 def _check_resumable(partial_dir: Path, cfg: RunConfig) -> bool:
     """True when an unfinished run of the same config left a checkpoint to resume from; a different
     config is refused rather than silently mixed."""
-    if not (partial_dir / "checkpoints" / "latest").is_file():
-        return False
+    if not any((partial_dir / "checkpoints").glob(f"*/{MANIFEST}")):
+        return False  # no checkpoint (a save that died before its manifest is not one)
     saved = partial_dir / "config.yaml"
     mine = cfg.model_dump(mode="json")
     theirs = yaml.safe_load(saved.read_text()) if saved.is_file() else None
-    ignore = ("overwrite", "logging")
+    ignore = ("overwrite", "logging", "checkpoint")  # how to resume may change between attempts
     if theirs is None or {k: v for k, v in theirs.items() if k not in ignore} != {
         k: v for k, v in mine.items() if k not in ignore
     }:

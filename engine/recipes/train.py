@@ -92,6 +92,7 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
                 seed=cfg.seed,
                 epochs=cfg.train.epochs,
                 hooks=LoopHooks(on_epoch_end=on_epoch_end),
+                max_abs_loss=cfg.checkpoint.max_abs_loss,
                 progress=cfg.logging.progress,
             )
             loop_seconds = time.perf_counter() - t_loop

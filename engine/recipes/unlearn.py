@@ -130,6 +130,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             seed=cfg.seed,
             epochs=cfg.method.epochs,
             hooks=LoopHooks(on_epoch_end=on_epoch_end),
+            max_abs_loss=cfg.checkpoint.max_abs_loss,
             progress=cfg.logging.progress,
         )
         loop_seconds = time.perf_counter() - t_loop + prepare_seconds

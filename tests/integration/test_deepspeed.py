@@ -177,8 +177,8 @@ def test_a_run_killed_after_an_epoch_resumes_there_and_ends_as_the_uninterrupted
 
 def test_resuming_with_another_config_is_refused_before_any_work(tiny_lm, tmp_path, capsys):
     partial = tmp_path / "out.partial"
-    (partial / "checkpoints").mkdir(parents=True)
-    (partial / "checkpoints" / "latest").write_text("epoch_1")
+    (partial / "checkpoints" / "epoch_1").mkdir(parents=True)
+    (partial / "checkpoints" / "epoch_1" / "manifest.json").write_text("{}")
     (partial / "config.yaml").write_text("seed: 99\n")
     code = main(["run", "configs/tofu.yaml", *tofu_overrides(tiny_lm, tmp_path, **RUN)])
     assert code != 0

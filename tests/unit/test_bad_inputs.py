@@ -157,3 +157,105 @@ def test_a_method_that_does_not_fit_the_task_is_refused(overrides, named):
         load_config(None, overrides)
     for task, method in (("vision", "eu_k"), ("tofu", "npo"), ("vision", "scrub"), ("tofu", "scrub")):
         assert load_config(None, [f"task={task}", f"method={method}"]).method.name == method
+
+
+def test_retain_ids_select_exactly_those_examples(tiny_cifar, tmp_path):
+    full = data_for(tiny_cifar, tmp_path, **{"forget.label": "0"})
+    forget_ids = full.retain.ids[:3]
+    retain_ids = full.retain.ids[3:13] + full.forget.ids[:2]
+    ids_file = tmp_path / "retain.txt"
+    ids_file.write_text("\n".join(map(str, retain_ids[5:])))
+    extra = {"forget.kind": "ids", "forget.ids": str(forget_ids)}
+    for given in ({"forget.retain_ids": str(retain_ids)},
+                  {"forget.retain_ids": str(retain_ids[:5]), "forget.retain_ids_file": str(ids_file)}):  # fmt: skip
+        data = data_for(tiny_cifar, tmp_path, **extra, **given)
+        assert sorted(data.forget.ids) == sorted(forget_ids)
+        assert sorted(data.retain.ids) == sorted(retain_ids)  # D_r is exactly those, not the complement
+        assert len(data.train) == 15 and "retain_ids_sha256" in data.forget_summary()
+    assert "retain_ids_sha256" not in data_for(tiny_cifar, tmp_path, **extra).forget_summary()
+
+
+def test_retain_ids_overlapping_the_forget_ids_are_counted_and_shown(tiny_cifar, tmp_path):
+    full = data_for(tiny_cifar, tmp_path, **{"forget.label": "0"})
+    ids = full.retain.ids
+    with pytest.raises(DataError) as err:
+        data_for(
+            tiny_cifar,
+            tmp_path,
+            **{"forget.kind": "ids", "forget.ids": str(ids[:3]), "forget.retain_ids": str(ids[1:10])},
+        )
+    msg = str(err.value)
+    assert (
+        "2 ids are in both the forget and the retain set" in msg and str(ids[1]) in msg and str(ids[2]) in msg
+    )
+    assert "remove them from one of the lists" in msg
+
+
+@pytest.mark.parametrize(
+    ("retain", "needle"),
+    [
+        ("[99999, {0}]", "1 of 2 retain ids are not in the training data"),
+        ("[{0}, {0}]", "1 retain ids are listed more than once"),
+        ("[]", "forget.retain_ids is empty"),
+        ("[{val}]", "1 retain ids are in the validation hold-out"),
+    ],
+)
+def test_bad_retain_ids(tiny_cifar, tmp_path, retain, needle):
+    full = data_for(tiny_cifar, tmp_path, **{"forget.label": "0"})
+    retain = retain.format(full.retain.ids[5], val=full.val.ids[0])
+    with pytest.raises(DataError, match=needle):
+        data_for(
+            tiny_cifar,
+            tmp_path,
+            **{"forget.kind": "ids", "forget.ids": str(full.retain.ids[:2]), "forget.retain_ids": retain},
+        )
+
+
+def test_retain_ids_need_kind_ids():
+    with pytest.raises(ConfigError, match="forget.retain_ids / forget.retain_ids_file need forget.kind=ids"):
+        load_config(None, ["forget.kind=class", "forget.label=0", "forget.retain_ids=[1,2]"])
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    from engine.models.causal_lm import check_vocab
+    from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(["Who wrote the book?", "The author Jaime Vasquez wrote it."] * 4)
+    check_vocab(build_tiny_llama(len(tokenizer)), tokenizer, "ok")  # the tokenizer it was built with
+    with pytest.raises(ModelError) as err:
+        check_vocab(build_tiny_llama(len(tokenizer) - 10), tokenizer, str(tmp_path))
+    msg = str(err.value)
+    assert f"has {len(tokenizer)} tokens but the model's embedding has {len(tokenizer) - 10} rows" in msg
+    assert "use the tokenizer saved with this checkpoint" in msg and "resize_token_embeddings" in msg
+
+
+PICKLE_REFUSAL = "loads safetensors only and does not unpickle files it did not write"
+
+
+def _save_pickled(model, folder: Path, name: str) -> Path:
+    """A checkpoint as older tools wrote it: config.json + pickled weights, no safetensors (transformers 5
+    always writes safetensors, so the pickle is written the way torch.save writes pytorch_model.bin)."""
+    import torch
+
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_pickle_only_checkpoints_are_refused(tmp_path, name):
+    from engine.models.causal_lm import load_causal_lm
+    from tests.conftest import build_tiny_llama
+
+    lm = _save_pickled(build_tiny_llama(64), tmp_path / "lm", name)
+    with pytest.raises(ModelError, match=PICKLE_REFUSAL) as err:
+        load_causal_lm(str(lm))
+    assert name in str(err.value) and "AutoModelForCausalLM" in str(err.value)
+    assert "save_pretrained(OUT, safe_serialization=True)" in str(err.value)
+    net = build_vision_model("preact_resnet18", num_labels=3, width=0.125)
+    classifier = _save_pickled(net, tmp_path / "classifier", name)
+    with pytest.raises(ModelError, match=PICKLE_REFUSAL) as err:
+        load_classifier(str(classifier), num_labels=3)
+    assert "AutoModelForImageClassification" in str(err.value)
+    net.save_pretrained(classifier)  # with model.safetensors beside the pickle, the safetensors load
+    assert load_classifier(str(classifier), num_labels=3).config.num_labels == 3

@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except RuntimeError as exc:
-        if not any(c.__name__ in ("DistError", "DistBackendError") for c in type(exc).__mro__):
+        if not _collective_failure(exc):
             raise
-        # torch.distributed's own errors: a collective timed out or lost its peer
         print(
             f"error: another rank did not answer within backend.timeout_s (it died or hangs): {str(exc)[:300]}. "
             "The last complete checkpoint is kept: run the same command again to resume from it",
@@ -121,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 4
     return 0
+
+
+COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                       "collective operation timeout", "NCCL communicator was aborted")  # fmt: skip
+
+
+def _collective_failure(exc: RuntimeError) -> bool:
+    """A collective timed out or lost its peer (gloo and NCCL raise plain RuntimeErrors saying so)."""
+    if any(c.__name__.startswith("Dist") for c in type(exc).__mro__):
+        return True
+    return any(s in str(exc) for s in COLLECTIVE_FAILURES)
 
 
 if __name__ == "__main__":

@@ -135,15 +135,17 @@ class CheckpointStore:
             at_epoch_end = position["phase_index"] == 0 and position["step"] == 0
             faults.inject("during_save", position["epoch"] - at_epoch_end, b.rank)
             error = None
-        except OSError as exc:
-            error = f"rank {b.rank}: {exc}"
+        except Exception as exc:  # OSError, or a writer's own wrapper of it (safetensors, DeepSpeed)
+            error = f"rank {b.rank}: {type(exc).__name__}: {exc}"
         errors = [e for e in b.gather_object(error) if e]
         if errors:
+            free = shutil.disk_usage(self.folder).free  # writers hide ENOSPC in their own errors (torch.save)
+            space = f"; {free:,} bytes free there" + (": the disk is full" if free < 1 << 20 else "")
             if b.is_main:
                 shutil.rmtree(target, ignore_errors=True)
             previous = self.complete()
             raise CheckpointError(
-                f"could not write checkpoint {target} ({'; '.join(errors)}); "
+                f"could not write checkpoint {target} ({'; '.join(errors)}{space}); "
                 + (f"the previous checkpoint {previous[-1][0]} is intact: " if previous else "")
                 + "free space (or fix the folder) and run the same command again to resume"
             )
@@ -163,8 +165,15 @@ class CheckpointStore:
                 **self.identity,
                 "files": dict(sorted(hashed.items())),
             }
-            _write_atomic(target / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-            _write_atomic(self.folder / "latest", tag)  # for DeepSpeed's tools; resuming reads manifests
+            try:
+                _write_atomic(target / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                _write_atomic(self.folder / "latest", tag)  # for DeepSpeed's tools; resuming reads manifests
+            except OSError as exc:
+                shutil.rmtree(target, ignore_errors=True)
+                raise CheckpointError(
+                    f"could not write {target / MANIFEST} ({exc}); the previous checkpoint is intact: free "
+                    "space and run the same command again to resume"
+                ) from exc
             for old, _ in self.complete()[: -max(self.keep, 2)]:
                 shutil.rmtree(self.folder / old)
             for stray in self.folder.iterdir():  # folders of saves that died before their manifest

@@ -125,9 +125,14 @@ def run_loop(
                     what = (
                         "non-finite" if not math.isfinite(value) else f"exploding (|loss| > {max_abs_loss:g})"
                     )
+                    where = (
+                        f" (seen by rank {backend.rank} of {backend.world_size})"
+                        if backend.world_size > 1
+                        else ""
+                    )
                     raise DivergenceError(
                         f"{what} {phase.name}-step loss {value:.4g} at epoch {epoch}, step {steps + 1} of that "
-                        "phase; nothing after the previous step was applied. Lower the learning rate or the "
+                        f"phase{where}; nothing after the previous step was applied. Lower the learning rate or the "
                         "number of max-steps (msteps), then run again (the last checkpoint is kept)"
                     )
                 backend.step()

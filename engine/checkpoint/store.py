@@ -247,8 +247,14 @@ class CheckpointStore:
                         "mode": "full", "skipped": skipped}  # fmt: skip
             message = "; ".join(m for _, m in problems)
             kinds = {k for k, _ in problems}
-            if on_invalid == "weights" and not kinds & {"manifest", "model", "weights"}:
+            # under ZeRO-3 the weights live in the optimizer's partitions: there are no weights without it
+            zero3 = 3 in ((manifest or {}).get("zero_stage"), self.identity.get("zero_stage"))
+            weights_ok = not kinds & {"manifest", "model", "weights"} and not zero3
+            if on_invalid == "weights" and weights_ok:
+                before = self.backend.fingerprint(student)
                 client = self.backend.load_checkpoint(self.folder, tag, student, weights_only=True)
+                if self.backend.fingerprint(student) == before:  # a loader that silently loaded nothing
+                    raise CheckpointError(f"loading the weights of checkpoint {tag} left the model unchanged")
                 self.log(f"checkpoint {tag}: {message}; continuing from its weights with a fresh optimizer")
                 return {"tag": tag, "position": manifest["position"], "client_state": client,
                         "mode": "weights_only", "problems": message, "skipped": skipped}  # fmt: skip
@@ -257,8 +263,13 @@ class CheckpointStore:
                 skipped.append({"tag": tag, "problems": message})
                 continue
             options = "checkpoint.on_invalid=previous resumes from the previous good checkpoint"
-            if on_invalid != "weights" and not kinds & {"manifest", "model", "weights"}:
+            if weights_ok and on_invalid != "weights":
                 options += "; checkpoint.on_invalid=weights continues from its weights with a fresh optimizer"
+            elif zero3:
+                options += (
+                    "; a ZeRO-3 checkpoint resumes only with its own world size and stage (its weights are "
+                    "partitioned with the optimizer state; DeepSpeed's zero_to_fp32.py can consolidate them)"
+                )
             raise CheckpointError(f"cannot resume from checkpoint {tag}: {message}. {options}")
         if skipped:
             raise CheckpointError(

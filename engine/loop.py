@@ -122,19 +122,7 @@ def run_loop(
                 if not math.isfinite(value) or max_abs_loss is not None and size > max_abs_loss:
                     # Every rank sees it in the same step and stops BEFORE the optimizer step: nothing after
                     # the last good step is ever committed.
-                    what = (
-                        "non-finite" if not math.isfinite(value) else f"exploding (|loss| > {max_abs_loss:g})"
-                    )
-                    where = (
-                        f" (seen by rank {backend.rank} of {backend.world_size})"
-                        if backend.world_size > 1
-                        else ""
-                    )
-                    raise DivergenceError(
-                        f"{what} {phase.name}-step loss {value:.4g} at epoch {epoch}, step {steps + 1} of that "
-                        f"phase{where}; nothing after the previous step was applied. Lower the learning rate or the "
-                        "number of max-steps (msteps), then run again (the last checkpoint is kept)"
-                    )
+                    raise _diverged(value, max_abs_loss, f"{phase.name}-step", epoch, steps + 1, backend)
                 backend.step()
                 total, steps = total + value, steps + 1
                 state.global_step += 1
@@ -155,3 +143,15 @@ def run_loop(
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, {k: t / max(n, 1) for k, (t, n) in sums.items()})
     return state
+
+
+def _diverged(
+    value: float, bound: float | None, what: str, epoch: int, step: int, backend
+) -> DivergenceError:
+    kind = "non-finite" if not math.isfinite(value) else f"exploding (|loss| > {bound:g})"
+    where = f" (seen by rank {backend.rank} of {backend.world_size})" if backend.world_size > 1 else ""
+    return DivergenceError(
+        f"{kind} {what} loss {value:.4g} at epoch {epoch}, step {step} of that phase{where}; nothing after the "
+        "previous step was applied. Lower the learning rate or the number of max-steps (msteps), then run again "
+        "(the last checkpoint is kept)"
+    )

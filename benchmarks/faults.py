@@ -78,9 +78,8 @@ class Context:
 
     def run(self, args: list[str], fault: str | None = None, nproc: int = 1, timeout: int = 600) -> Run:
         """`unlearn run configs/tofu.yaml ARGS` as a user runs it (torchrun with ``nproc`` > 1)."""
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = clean_env()
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-        env.pop("UNLEARN_FAULT", None)
         if fault:
             env["UNLEARN_FAULT"] = fault
         cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml", *args]
@@ -129,6 +128,13 @@ class Context:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         return folder / "out"
+
+
+def clean_env() -> dict:
+    """The environment of a case's command: one torch thread, this checkout importable, no leftover fault."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("UNLEARN_FAULT", None)
+    return env
 
 
 def free_port() -> int:
@@ -315,8 +321,7 @@ def disk_full(ctx: Context) -> tuple[bool, str]:
         f"mount -t tmpfs -o size={limit} tmpfs {mount} || exit 97; ( {inner} ); rc=$?; "
         f"mkdir -p {saved} && cp -a {mount}/. {saved}/; exit $rc"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("UNLEARN_FAULT", None)
+    env = clean_env()
     t = time.perf_counter()
     p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -422,8 +427,7 @@ def sigterm_one_rank(ctx: Context) -> tuple[bool, str]:
 
 def _refused(ctx: Context, name: str, args: list[str], needle: str, command: str = "run",
              config: str = "configs/demo.yaml") -> tuple[bool, str]:  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env.pop("UNLEARN_FAULT", None)
+    env = clean_env()
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "engine.cli", command, config, *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -97,6 +97,12 @@ def _kind(rel: str) -> str:
     return "optimizer" if "optim" in rel else "weights"
 
 
+def has_checkpoint(folder: Path) -> bool:
+    """Does ``folder`` hold anything that claims to be a checkpoint (a manifest, even a damaged one)?
+    A save that died before its manifest is not one."""
+    return any(Path(folder).glob(f"*/{MANIFEST}"))
+
+
 def position_key(position: dict) -> tuple[int, int, int]:
     return (position["epoch"], position["phase_index"], position["step"])
 
@@ -278,7 +284,3 @@ class CheckpointStore:
                 + ". Delete the folder's parent (.partial) to start over"
             )
         return None
-
-    def exists(self) -> bool:
-        """Does the folder hold anything that claims to be a checkpoint (a manifest, even a bad one)?"""
-        return bool(self.complete())

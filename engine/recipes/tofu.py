@@ -33,7 +33,7 @@ from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.signals import StopRequest
-from engine.checkpoint.store import MANIFEST, CheckpointStore, describe_position, model_signature
+from engine.checkpoint.store import CheckpointStore, describe_position, has_checkpoint, model_signature
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
 from engine.errors import ConfigError, OutputError
@@ -551,8 +551,8 @@ def _shard_ids(shards: list[dict], ids: dict[str, list[int]]) -> dict:
 def _check_resumable(partial_dir: Path, cfg: RunConfig) -> bool:
     """True when an unfinished run of the same config left a checkpoint to resume from; a different
     config is refused rather than silently mixed."""
-    if not any((partial_dir / "checkpoints").glob(f"*/{MANIFEST}")):
-        return False  # no checkpoint (a save that died before its manifest is not one)
+    if not has_checkpoint(partial_dir / "checkpoints"):
+        return False
     saved = partial_dir / "config.yaml"
     mine = cfg.model_dump(mode="json")
     theirs = yaml.safe_load(saved.read_text()) if saved.is_file() else None

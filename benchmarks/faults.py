@@ -76,13 +76,14 @@ class Context:
         ds = {"backend.name": "deepspeed", "backend.zero_stage": "3"} if distributed else {}
         return tofu_overrides(self.lm, out.parent, output_dir=out, **{**self.settings(), **ds, **extra})
 
-    def run(self, args: list[str], fault: str | None = None, nproc: int = 1, timeout: int = 600) -> Run:
-        """`unlearn run configs/tofu.yaml ARGS` as a user runs it (torchrun with ``nproc`` > 1)."""
+    def run(self, args: list[str], fault: str | None = None, nproc: int = 1, timeout: int = 600,
+            command: str = "run", config: str = "configs/tofu.yaml") -> Run:  # fmt: skip
+        """`unlearn COMMAND CONFIG ARGS` as a user runs it (torchrun with ``nproc`` > 1)."""
         env = clean_env()
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
         if fault:
             env["UNLEARN_FAULT"] = fault
-        cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml", *args]
+        cmd = [sys.executable, "-m", "engine.cli", command, config, *args]
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *cmd[1:]]  # fmt: skip
@@ -106,6 +107,37 @@ class Context:
                     raise RuntimeError(f"the reference run failed: {r.tail(3000)}")
             self._refs[key] = out
         return self._refs[key]
+
+    def vision_args(self, out: Path, **extra) -> list[str]:
+        """An image-classifier SCRUB+R run (configs/demo.yaml, a tiny ResNet on tiny real CIFAR-10) of the
+        Original that ``vision_model`` trains once."""
+        size = {"method.epochs": "2" if self.quick else "3", "method.rewind": "true"}
+        return tiny_overrides(self.cifar, out.parent, output_dir=out, overwrite="false", **{
+            "model.path": self.vision_model(), "eval.reference": "null", **size, **extra})  # fmt: skip
+
+    def vision_model(self) -> Path:
+        models = self.root / "vision_models"
+        if not (models / "original" / "model.safetensors").is_file():
+            shutil.rmtree(models, ignore_errors=True)
+            args = tiny_overrides(self.cifar, self.root, output_dir=models, **{"train.epochs": "1"})
+            r = self.run([*args, "--only", "original"], command="train", config="configs/demo.yaml")
+            if r.code != 0:
+                raise RuntimeError(f"training the vision Original failed: {r.tail(3000)}")
+        return models / "original"
+
+    def vision_run(self, out: Path, fault: str | None = None) -> Run:
+        return self.run(self.vision_args(out), fault=fault, config="configs/demo.yaml")
+
+    def vision_reference(self) -> Path:
+        if "vision" not in self._refs:
+            out = self.root / "reference_vision" / "out"
+            if not (out / "model" / "model.safetensors").is_file():
+                shutil.rmtree(out.parent, ignore_errors=True)
+                r = self.vision_run(out)
+                if r.code != 0:
+                    raise RuntimeError(f"the vision reference run failed: {r.tail(3000)}")
+            self._refs["vision"] = out
+        return self._refs["vision"]
 
     def killed_after_epoch(self) -> Path:
         """``killed/out``: a run killed right after epoch 2's checkpoint (so the checkpoints of epochs 1
@@ -144,10 +176,16 @@ def free_port() -> int:
 
 
 def same_weights(a: Path, b: Path) -> bool:
+    """Every exported model of run ``a`` (model, and SCRUB+R's model_rewound) equals ``b``'s, bit for bit."""
     from safetensors.torch import load_file
 
-    x, y = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
-    return x.keys() == y.keys() and all(x[k].equal(y[k]) for k in x)
+    for name in ("model", "model_rewound"):
+        if not (a / name).is_dir() and not (b / name).is_dir():
+            continue
+        x, y = load_file(a / name / "model.safetensors"), load_file(b / name / "model.safetensors")
+        if x.keys() != y.keys() or not all(x[k].equal(y[k]) for k in x):
+            return False
+    return True
 
 
 def report(out: Path) -> dict:
@@ -419,6 +457,47 @@ def sigterm_one_rank(ctx: Context) -> tuple[bool, str]:
     return (
         ok,
         f"exit {first.code}, checkpoints {tags}; restart exit {second.code}; bit-identical: {identical}",
+    )
+
+
+@case(
+    "SIGTERM in an image-classifier run",
+    "SCRUB+R on a tiny ResNet (real CIFAR-10): SIGTERM in epoch 2, a checkpoint at the next step, exit 75; the "
+    "same command resumes from that step and ends bit-identical (the model and the rewound model)",
+)
+def vision_sigterm(ctx: Context) -> tuple[bool, str]:
+    ref = ctx.vision_reference()
+    out = ctx.fresh("vision_sigterm")
+    first = ctx.vision_run(out, fault=f"step:{FAULT_EPOCH}:step=2:do=term")
+    tags = complete_tags(out)
+    second = ctx.vision_run(out)
+    identical = second.code == 0 and same_weights(out, ref)
+    resumed = report(out)["resume"]["position"] if second.code == 0 else None
+    ok = first.code == 75 and identical and resumed is not None and "step" in resumed
+    return (
+        ok,
+        f"exit {first.code}, checkpoints {tags}; restart exit {second.code} from {resumed}; bit-identical: {identical}",
+    )
+
+
+@case(
+    "kill an image-classifier run mid-epoch, restart",
+    "SCRUB+R on a tiny ResNet: SIGKILL in epoch 2; the same command resumes after epoch 1 (not from the "
+    "beginning, and says so) and ends bit-identical",
+)
+def vision_kill(ctx: Context) -> tuple[bool, str]:
+    ref = ctx.vision_reference()
+    out = ctx.fresh("vision_kill")
+    first = ctx.vision_run(out, fault=f"step:{FAULT_EPOCH}:step=1:do=kill")
+    tags = complete_tags(out)
+    second = ctx.vision_run(out)
+    identical = second.code == 0 and same_weights(out, ref)
+    resumed = report(out)["resume"]["position"] if second.code == 0 else None
+    said = "resuming from the checkpoint of epoch 1" in second.output
+    ok = first.code == -9 and tags == ["epoch_1"] and identical and resumed == "epoch 1" and said
+    return (
+        ok,
+        f"exit {first.code}, checkpoints {tags}; restart exit {second.code} from {resumed}; bit-identical: {identical}",
     )
 
 

@@ -213,6 +213,14 @@ def markdown_footer(report: dict, plots: dict[str, str]) -> list[str]:
         if num(report.get("train_seconds")) is not None:
             line += f"; {fmt(report['train_seconds'], '.1f')} s of it training / unlearning"
         out += ["## Time", "", line, ""]
+    resume = report.get("resume")
+    if resume:  # engine/checkpoint/resume.py: the times above are this attempt's
+        how = (
+            "its weights only, with a fresh optimizer" if resume.get("mode") == "weights_only" else "in full"
+        )
+        line = f"Resumed from the checkpoint of {resume['position']} (`{resume['checkpoint']}`), {how}"
+        skipped = ", ".join(f"`{s['tag']}`" for s in resume.get("skipped") or [])
+        out += [line + (f"; skipped as unusable: {skipped}" if skipped else "") + ".", ""]
     if plots:
         out += ["## Plots", ""] + [f"![{title}]({path})\n" for title, path in plots.items()]
     artifacts = report.get("artifacts") or {}

@@ -82,8 +82,6 @@ def _resources(report: dict) -> list[str]:
         stage = "" if backend.get("zero_stage") is None else f", ZeRO-{backend['zero_stage']}"
         out += ["## Where it ran", "", f"- backend `{backend['name']}`, {backend['world_size']} process(es)"
                 f"{stage}, {backend.get('accumulation', 1)} micro-batch(es) per step"]  # fmt: skip
-        if report.get("resumed_from_epoch"):
-            out.append(f"- resumed after the checkpoint of epoch {report['resumed_from_epoch']}")
         teacher = report.get("teacher")
         if teacher:
             state = "unchanged (sha256 of every rank's weights equal before and after)"

@@ -48,9 +48,10 @@ class Evaluator:
             seed=self.cfg.eval.mia_seed,
         )
 
-    def training_seconds(self, loop_seconds: float) -> float:
-        """``loop_seconds`` less the per-epoch evaluations the epoch hook ran inside the loop."""
-        return loop_seconds - sum(r["eval_seconds"] for r in self.history if r["epoch"] >= 1)
+    def training_seconds(self, loop_seconds: float, since: int = 1) -> float:
+        """``loop_seconds`` less the per-epoch evaluations the epoch hook ran inside the loop (from epoch
+        ``since`` on: a resumed run's loop began there)."""
+        return loop_seconds - sum(r["eval_seconds"] for r in self.history if r["epoch"] >= since)
 
     def record(
         self, epoch: int, model, lr: float | None, losses: dict[str, float], metrics: dict | None = None

@@ -25,15 +25,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from engine import faults
 from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
 from engine.checkpoint.receipt import now, write_receipt
+from engine.checkpoint.resume import RunCheckpoints, check_resumable
 from engine.checkpoint.signals import StopRequest
-from engine.checkpoint.store import CheckpointStore, describe_position, has_checkpoint, model_signature
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
 from engine.errors import ConfigError, OutputError
@@ -294,7 +293,7 @@ def run_tofu_unlearning(
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)
     partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
-    resume = _check_resumable(partial_dir, cfg)  # before any work: another run's checkpoint is refused
+    resume = check_resumable(partial_dir, cfg)  # before any work: another run's checkpoint is refused
     if expect_resume and not resume:
         raise OutputError(
             f"restarted after a failure but {partial_dir}/checkpoints has no complete checkpoint: refusing to start "
@@ -326,13 +325,6 @@ def run_tofu_unlearning(
         set_dropout(student, dropout)  # the teacher stays in eval mode: no dropout there
     student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
     model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
-    identity = {  # what must match to resume (engine/checkpoint/store.py)
-        "backend": backend.name,
-        "world_size": backend.world_size,
-        "zero_stage": backend.zero_stage,
-        "model_signature": model_signature(model),
-        "data_order": {"seed": cfg.seed, "streams": {k: len(v) for k, v in setup.streams.items()}},
-    }
     teacher_before = backend.fingerprint(teacher) if teacher is not None else None
 
     def load_reference():
@@ -346,28 +338,27 @@ def run_tofu_unlearning(
     log(f"original: {describe(original)}")
 
     with staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage:
-        checkpoints = stage / "checkpoints"
         if backend.is_main:
             dump_config(cfg, stage / "config.yaml")
         tracker = Tracker(
             cfg.logging if backend.is_main else cfg.logging.model_copy(update={"wandb": False}),
             stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json"),
         )  # fmt: skip
-        keep = 10**9 if backend.keep_checkpoints else cfg.checkpoint.keep
-        store = CheckpointStore(checkpoints, backend, identity, keep=keep, log=log)
-        history, losses, start = [], {}, None
-        restored = store.load(student, cfg.checkpoint.on_invalid) if resume else None
-        if restored is not None:
-            client, start = restored["client_state"], restored["position"]
+        history, losses = [], {}
+        ckpt = RunCheckpoints(
+            stage, cfg, backend, student, model, setup.streams, log=log,
+            client_state=lambda: {"history": history, "losses": losses, "seen": backend.gather_object(backend.seen)},
+        )  # fmt: skip
+        client = ckpt.restore() if resume else None
+        start = ckpt.start
+        if client is not None:
             history, losses = client["history"], client["losses"]
             seen = client["seen"][backend.rank] if backend.rank < len(client["seen"]) else {}
             backend.seen.update({k: {int(e): rows for e, rows in v.items()} for k, v in seen.items()})
-            log(f"resuming from the checkpoint of {describe_position(start)} in {checkpoints / restored['tag']}"
-                + (" (its weights only, with a fresh optimizer)" if restored["mode"] == "weights_only" else ""))  # fmt: skip
         else:
-            history = [_history_row(setup, model, device, 0, {})]
+            history.append(_history_row(setup, model, device, 0, {}))
         snapshots = stage / "epochs"
-        if rewind:
+        if rewind and client is None:  # a resumed run keeps the snapshots it made before
             snapshots.mkdir(exist_ok=True)
             save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
 
@@ -386,19 +377,10 @@ def run_tofu_unlearning(
                 log(f"epoch {epoch}: {history[-1]}")
             if rewind:
                 save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
-            position = {"epoch": epoch + 1, "phase": None, "phase_index": 0, "step": 0, "epoch_losses": {}}
-            save(f"epoch_{epoch}", position)
+            ckpt.end_of_epoch(epoch)
             if on_checkpoint is not None:
-                on_checkpoint(epoch, checkpoints, history[-1])
+                on_checkpoint(epoch, ckpt.folder, history[-1])
             faults.inject("after_checkpoint", epoch, backend.rank)
-
-        def save(tag: str, position: dict) -> None:
-            client = {"history": history, "losses": losses, "seen": backend.gather_object(backend.seen)}
-            store.save(tag, position, student, client)
-
-        def on_stop(position: dict) -> None:
-            save(f"epoch_{position['epoch']}-{position['phase']}-{position['step']}", position)
-            log(f"stop signal: checkpoint written at {describe_position(position)}")
 
         t_loop = time.perf_counter()
         with StopRequest() as stop:
@@ -413,7 +395,7 @@ def run_tofu_unlearning(
                 epochs=cfg.method.epochs,
                 start=start,
                 hooks=LoopHooks(
-                    on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=on_stop
+                    on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
                 ),
                 max_abs_loss=cfg.checkpoint.max_abs_loss,
                 progress=cfg.logging.progress,
@@ -486,8 +468,7 @@ def run_tofu_unlearning(
                 outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
                 metrics=final, started_at=started_at,
             )  # fmt: skip
-            if not backend.keep_checkpoints and checkpoints.exists():
-                shutil.rmtree(checkpoints)  # the run is complete: the exported model is the result
+            ckpt.remove()  # the run is complete: the exported model is the result
             write_tofu_report(
                 stage,
                 {
@@ -505,15 +486,7 @@ def run_tofu_unlearning(
                     "loop_seconds": loop_seconds,
                     "train_seconds": train_seconds,
                     "resumed_from_epoch": start["epoch"] - 1 if start else None,
-                    "resume": None
-                    if restored is None
-                    else {
-                        "checkpoint": restored["tag"],
-                        "position": describe_position(start),
-                        "mode": restored["mode"],
-                        "problems": restored.get("problems"),
-                        "skipped": restored["skipped"],
-                    },  # fmt: skip
+                    "resume": ckpt.report(),
                     "seconds_to_first_step": first_step[0] if first_step else None,
                     "backend": {
                         "name": backend.name,
@@ -546,25 +519,6 @@ def _shard_ids(shards: list[dict], ids: dict[str, list[int]]) -> dict:
                 slot = out.setdefault(stream, {}).setdefault(str(epoch), {})
                 slot[str(rank)] = [table[r] for r in rows] if table else rows
     return out
-
-
-def _check_resumable(partial_dir: Path, cfg: RunConfig) -> bool:
-    """True when an unfinished run of the same config left a checkpoint to resume from; a different
-    config is refused rather than silently mixed."""
-    if not has_checkpoint(partial_dir / "checkpoints"):
-        return False
-    saved = partial_dir / "config.yaml"
-    mine = cfg.model_dump(mode="json")
-    theirs = yaml.safe_load(saved.read_text()) if saved.is_file() else None
-    ignore = ("overwrite", "logging", "checkpoint")  # how to resume may change between attempts
-    if theirs is None or {k: v for k, v in theirs.items() if k not in ignore} != {
-        k: v for k, v in mine.items() if k not in ignore
-    }:
-        raise ConfigError(
-            f"{partial_dir} holds an unfinished run with another config ({saved}); resume it with that config, "
-            "or delete the folder to start over"
-        )
-    return True
 
 
 def run_tofu_eval(cfg: RunConfig, log=print) -> Path:

@@ -28,6 +28,8 @@ from engine.checkpoint.export import (
     staged_dir,
 )
 from engine.checkpoint.receipt import now, write_receipt
+from engine.checkpoint.resume import RunCheckpoints, check_resumable
+from engine.checkpoint.signals import StopRequest
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream, PairedImageStream
 from engine.errors import ConfigError
@@ -59,6 +61,8 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             "`unlearn run` needs model.path: the checkpoint to unlearn (e.g. runs/cifar5-train/original)"
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)  # refuse before any work
+    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    resume = check_resumable(partial_dir, cfg)  # another run's checkpoint is refused, also before any work
     seed_everything(cfg.seed)
     require_single(cfg, "`unlearn run` of image classifiers (task=vision)")
     backend = build_backend(cfg.backend)
@@ -87,19 +91,21 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
     if any(p.stream == "paired" for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)):
         streams["paired"] = PairedImageStream(streams["forget"], streams["retain"])
 
-    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
+    with staged_dir(cfg.output_dir, cfg.overwrite, resume=resume) as stage:
         dump_config(cfg, stage / "config.yaml")
         tracker = Tracker(
             cfg.logging, stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json")
         )
         evaluator = Evaluator(data, transform, cfg, backend.device, tracker)
         student.to(backend.device)  # evaluated before `prepare` may change it; backend.prepare keeps it there
-        original = evaluator(student, attacks=True)
-        evaluator.record(0, student, None, {}, metrics=original)
-        log(f"original: {describe(original)}")
+        original = None  # a resumed run has the original's scores in its checkpoint
+        if not resume:
+            original = evaluator(student, attacks=True)
+            evaluator.record(0, student, None, {}, metrics=original)
+            log(f"original: {describe(original)}")
         rewind = bool(getattr(cfg.method, "rewind", False))
         snapshots = stage / "epochs"
-        if rewind:
+        if rewind and not resume:  # a resumed run keeps the snapshots it made before
             snapshots.mkdir()
             save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
 
@@ -108,33 +114,50 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             method.prepare(student, _method_context(data, transform, backend))
         student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
         prepare_seconds = time.perf_counter() - t_prepare
+        losses: dict[str, list[float]] = {}
+        ckpt = RunCheckpoints(
+            stage, cfg, backend, student, student, streams, log=log,
+            client_state=lambda: {"history": evaluator.history, "losses": losses, "original": original},
+        )  # fmt: skip
+        client = ckpt.restore() if resume else None
+        if client is not None:
+            evaluator.history, losses, original = client["history"], client["losses"], client["original"]
 
-        def on_epoch_end(epoch: int, losses: dict[str, float]) -> None:
+        def on_step(epoch: int, phase: str, step: int, value: float) -> None:
+            losses.setdefault(phase, []).append(value)
+
+        def on_epoch_end(epoch: int, epoch_losses: dict[str, float]) -> None:
             row = (
-                evaluator.record(epoch, student, cfg.method.lr_at(epoch), losses)
+                evaluator.record(epoch, student, cfg.method.lr_at(epoch), epoch_losses)
                 if cfg.eval.every_epoch
                 else {}
             )
             if rewind:
                 save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
-            log(f"epoch {epoch}: losses {losses} {describe(row)}")
+            ckpt.end_of_epoch(epoch)
+            log(f"epoch {epoch}: losses {epoch_losses} {describe(row)}")
 
         t_loop = time.perf_counter()
-        state = run_loop(
-            method,
-            backend,
-            student,
-            teacher,
-            streams,
-            classifier_logits,
-            seed=cfg.seed,
-            epochs=cfg.method.epochs,
-            hooks=LoopHooks(on_epoch_end=on_epoch_end),
-            max_abs_loss=cfg.checkpoint.max_abs_loss,
-            progress=cfg.logging.progress,
-        )
+        with StopRequest() as stop:  # SIGTERM: a checkpoint at the next step, then exit 75
+            run_loop(
+                method,
+                backend,
+                student,
+                teacher,
+                streams,
+                classifier_logits,
+                seed=cfg.seed,
+                epochs=cfg.method.epochs,
+                start=ckpt.start,
+                hooks=LoopHooks(
+                    on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
+                ),
+                max_abs_loss=cfg.checkpoint.max_abs_loss,
+                progress=cfg.logging.progress,
+            )
         loop_seconds = time.perf_counter() - t_loop + prepare_seconds
-        train_seconds = evaluator.training_seconds(loop_seconds)
+        first = ckpt.start["epoch"] if ckpt.start else 1  # evaluations before a resume were not in this loop
+        train_seconds = evaluator.training_seconds(loop_seconds, since=first)
         final = evaluator(student, attacks=True)
         log(f"{cfg.method.name}: {describe(final)}")
         ref_metrics = evaluator(reference.to(backend.device), attacks=True) if reference is not None else None
@@ -191,6 +214,7 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             snapshots.rmdir()
 
         tracker.finish()
+        ckpt.remove()  # the run is complete: the exported model is the result
         write_receipt(
             stage, forget=data.forget_summary(), input_model=cfg.model.path, revision=cfg.model.revision,
             outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
@@ -208,11 +232,13 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
                 "reference": ref_metrics,
                 "rewound": rewound,
                 "history": evaluator.history,
-                "losses": state.losses,
+                "losses": losses,
                 "seconds": time.perf_counter() - t_start,
                 "loop_seconds": loop_seconds,
                 "prepare_seconds": prepare_seconds,
                 "train_seconds": train_seconds,
+                "resumed_from_epoch": first - 1 if ckpt.start else None,
+                "resume": ckpt.report(),
                 "artifacts": artifacts,
             },
         )

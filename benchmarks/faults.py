@@ -175,11 +175,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def same_weights(a: Path, b: Path) -> bool:
-    """Every exported model of run ``a`` (model, and SCRUB+R's model_rewound) equals ``b``'s, bit for bit."""
+def same_weights(a: Path, b: Path, folder: str | None = None) -> bool:
+    """Every exported model of run ``a`` (model, and SCRUB+R's model_rewound; or the one in ``folder``)
+    equals ``b``'s, bit for bit."""
     from safetensors.torch import load_file
 
-    for name in ("model", "model_rewound"):
+    for name in (folder,) if folder else ("model", "model_rewound"):
         if not (a / name).is_dir() and not (b / name).is_dir():
             continue
         x, y = load_file(a / name / "model.safetensors"), load_file(b / name / "model.safetensors")
@@ -498,6 +499,38 @@ def vision_kill(ctx: Context) -> tuple[bool, str]:
     return (
         ok,
         f"exit {first.code}, checkpoints {tags}; restart exit {second.code} from {resumed}; bit-identical: {identical}",
+    )
+
+
+@case(
+    "SIGTERM in `unlearn train`, each target",
+    "training the Original then Retrain (tiny ResNet), SIGTERM in epoch 2 of each: each time a checkpoint and "
+    "exit 75; the reruns resume the Original mid-epoch, then keep it and resume Retrain; both bit-identical",
+)
+def train_sigterm(ctx: Context) -> tuple[bool, str]:
+    def train(out: Path, fault: str | None = None) -> Run:
+        args = tiny_overrides(ctx.cifar, out.parent, output_dir=out, **{"train.batch_size": "16"})
+        return ctx.run(args, fault=fault, command="train", config="configs/demo.yaml")
+
+    ref = ctx.root / "reference_train" / "out"
+    if not (ref / "retrain" / "model.safetensors").is_file():
+        shutil.rmtree(ref.parent, ignore_errors=True)
+        assert train(ref).code == 0, "the uninterrupted training run failed"
+    out = ctx.fresh("train_sigterm")
+    # the same fault each time: a resumed target is past it, so it strikes the next target's epoch 2
+    runs = [train(out, fault=f"step:{FAULT_EPOCH}:step=1:do=term") for _ in range(3)]
+    codes = [r.code for r in runs]
+    kept = "original: finished before the interruption, kept" in runs[2].output
+    resumed = [
+        report(out / t)["resume"]["position"] if codes[2] == 0 else None for t in ("original", "retrain")
+    ]
+    identical = codes[2] == 0 and all(
+        same_weights(out / t, ref / t, folder=".") for t in ("original", "retrain")
+    )
+    ok = codes == [75, 75, 0] and kept and identical and all(resumed)
+    return (
+        ok,
+        f"exits {codes}; resumed from {resumed}; Original kept on the last run: {kept}; bit-identical: {identical}",
     )
 
 

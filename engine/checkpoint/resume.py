@@ -15,10 +15,13 @@ from engine.checkpoint.store import CheckpointStore, describe_position, has_chec
 from engine.errors import ConfigError
 
 
-def check_resumable(partial_dir: Path, cfg) -> bool:
-    """True when an unfinished run of the same config left a checkpoint in ``partial_dir`` to resume
-    from; a different config is refused rather than silently mixed."""
-    if not has_checkpoint(partial_dir / "checkpoints"):
+def check_resumable(partial_dir: Path, cfg, checkpoints: tuple[str, ...] = ("checkpoints",),
+                    finished: tuple[str, ...] = ()) -> bool:  # fmt: skip
+    """True when an unfinished run of the same config left something in ``partial_dir`` to go on from: a
+    checkpoint in one of the ``checkpoints`` folders, or one of the ``finished`` files (a training run's
+    completed target). A different config is refused rather than silently mixed."""
+    found = any(has_checkpoint(partial_dir / c) for c in checkpoints)
+    if not found and not any((partial_dir / f).is_file() for f in finished):
         return False
     saved = partial_dir / "config.yaml"
     mine = cfg.model_dump(mode="json")
@@ -35,8 +38,9 @@ def check_resumable(partial_dir: Path, cfg) -> bool:
 
 
 class RunCheckpoints:
-    """The checkpoints of one run in ``stage/checkpoints``. ``client_state()`` returns what the recipe
-    needs back on resume (history, losses, ...); ``module`` is the bare model (for its signature)."""
+    """The checkpoints of one run in ``stage/name`` (a training run: one folder per target). ``client_state()``
+    returns what the recipe needs back on resume (history, losses, ...); ``module`` is the bare model (for its
+    signature)."""
 
     def __init__(
         self,
@@ -48,8 +52,10 @@ class RunCheckpoints:
         streams: dict,
         client_state: Callable[[], dict],
         log=print,
+        name: str = "checkpoints",
     ):
-        self.folder, self.cfg, self.backend, self.student = stage / "checkpoints", cfg, backend, student
+        self.stage, self.folder = stage, stage / name
+        self.cfg, self.backend, self.student = cfg, backend, student
         self.client_state, self.log = client_state, log
         identity = {  # what must match to resume
             "backend": backend.name,
@@ -104,3 +110,8 @@ class RunCheckpoints:
         """The run is complete (its model exported): checkpoints go, unless backend.keep_checkpoints."""
         if self.backend.is_main and not self.backend.keep_checkpoints and self.folder.exists():
             shutil.rmtree(self.folder)
+            for parent in self.folder.relative_to(self.stage).parents[
+                :-1
+            ]:  # checkpoints/<target>: empty parents
+                if not any((self.stage / parent).iterdir()):
+                    (self.stage / parent).rmdir()

@@ -188,16 +188,25 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
     if unknown:
         raise ConfigError(f"unknown train targets {unknown}; with task=tofu choose from retain, original")
     check_output_dir(cfg.output_dir, cfg.overwrite)
+    order = [t for t in ("retain", "original") if t in targets]  # retain first: it is the reference
+    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    resume = check_resumable(partial_dir, cfg, tuple(f"checkpoints/{t}" for t in order),
+                             finished=tuple(f"{t}/report.json" for t in order))  # fmt: skip
     backend = build_backend(cfg.backend)
     log = log if backend.is_main else _quiet
     setup = TofuSetup(cfg, cfg.model.path)
     log(f"{setup.data.description}")
-    order = [t for t in ("retain", "original") if t in targets]  # retain first: it is the reference
     reference = None
-    with staged_dir(cfg.output_dir, cfg.overwrite, backend) as stage:
+    with staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage:
         if backend.is_main:
             dump_config(cfg, stage / "config.yaml")
         for target in order:
+            finished = stage / target / "report.json"  # written last
+            if backend.broadcast_object(finished.is_file()):
+                log(f"{target}: finished before the interruption, kept ({stage / target})")
+                if target == "retain":  # the reference of the original's evaluation, from its cache
+                    reference = json.loads((stage / target / CACHE).read_text())["metrics"]
+                continue
             t0 = time.perf_counter()
             seed_everything(cfg.seed)  # same seed for both: the only difference is the data
             with backend.init_context():
@@ -208,29 +217,46 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
             engine, _ = backend.prepare(model, None, cfg.train.build_optimizer)
             model = backend.unwrap(engine)
             streams = {"retain": setup.streams["full" if target == "original" else "retain"]}
-            history = [_history_row(setup, model, backend.device, 0, {})]
+            history, losses = [], {}
+            ckpt = RunCheckpoints(
+                stage, cfg, backend, engine, model, streams, log=log, name=f"checkpoints/{target}",
+                client_state=lambda history=history, losses=losses: {"history": history, "losses": losses},
+            )  # fmt: skip
+            client = ckpt.restore() if resume else None  # None also when this target had not begun
+            history += client["history"] if client else [_history_row(setup, model, backend.device, 0, {})]
+            losses.update(client["losses"] if client else {})
 
-            def on_epoch_end(epoch, losses, model=model, target=target, history=history):
+            def on_step(epoch, phase, step, value, losses=losses):
+                losses.setdefault(phase, []).append(value)
+
+            def on_epoch_end(epoch, epoch_losses, model=model, target=target, history=history, ckpt=ckpt):
                 if cfg.eval.every_epoch:
-                    history.append(_history_row(setup, model, backend.device, epoch, losses))
+                    history.append(_history_row(setup, model, backend.device, epoch, epoch_losses))
+                ckpt.end_of_epoch(epoch)
                 log(f"{target} epoch {epoch}: {history[-1]}")
 
             t_loop = time.perf_counter()
-            state = run_loop(
-                Erm(cfg.train),
-                backend,
-                engine,
-                None,
-                streams,
-                token_logits,
-                seed=cfg.seed,
-                epochs=cfg.train.epochs,
-                hooks=LoopHooks(on_epoch_end=on_epoch_end),
-                max_abs_loss=cfg.checkpoint.max_abs_loss,
-                progress=cfg.logging.progress,
-            )
+            with StopRequest() as stop:
+                run_loop(
+                    Erm(cfg.train),
+                    backend,
+                    engine,
+                    None,
+                    streams,
+                    token_logits,
+                    seed=cfg.seed,
+                    epochs=cfg.train.epochs,
+                    start=ckpt.start,
+                    hooks=LoopHooks(
+                        on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
+                    ),
+                    max_abs_loss=cfg.checkpoint.max_abs_loss,
+                    progress=cfg.logging.progress,
+                )
             loop_seconds = time.perf_counter() - t_loop
-            train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:])
+            # evaluations before a resume were not in this loop
+            first = ckpt.start["epoch"] if ckpt.start else 1
+            train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:] if r["epoch"] >= first)
             out = stage / target
             settings = {
                 **cfg.train.model_dump(mode="json"),
@@ -256,12 +282,14 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
                     "forget": setup.data.forget_summary(),
                     "metrics": metrics,
                     "history": history,
-                    "losses": state.losses,
+                    "losses": losses,
                     "seconds": time.perf_counter() - t0,
                     "train_seconds": train_seconds,
+                    "resume": ckpt.report(),
                     "memory": memory,
                 },
             )
+            ckpt.remove()
     log(f"done: {', '.join(str(Path(cfg.output_dir) / t) for t in order)}")
     backend.close()
     return Path(cfg.output_dir)

@@ -3,6 +3,9 @@
 - ``original``: trained on D = D_r + D_f (what a user would hold).
 - ``retrain``: the same recipe, same seed, on D_r alone (exact unlearning, the gold standard). We use
   D_r as is, not padded back to |D| with duplicates as the authors' code does.
+
+Each target checkpoints after every epoch (and where a SIGTERM lands) in ``OUTPUT.partial/checkpoints/
+<target>``; the same command run again skips the targets already finished and resumes the one that was not.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from engine.checkpoint.export import (
     save_checkpoint,
     staged_dir,
 )
+from engine.checkpoint.resume import RunCheckpoints, check_resumable
+from engine.checkpoint.signals import StopRequest
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream
 from engine.errors import ConfigError
@@ -46,13 +51,19 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
     if unknown:
         raise ConfigError(f"unknown train targets {unknown}; choose from {TARGETS}")
     check_output_dir(cfg.output_dir, cfg.overwrite)
+    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    resume = check_resumable(partial_dir, cfg, tuple(f"checkpoints/{t}" for t in targets),
+                             finished=tuple(f"{t}/report.json" for t in targets))  # fmt: skip
     data, image, transform = load_data_and_transform(cfg, None if cfg.model.arch else cfg.model.path)
     log(f"forget set: {data.description}: {len(data.forget)} examples; retain {len(data.retain)}")
     require_single(cfg, "`unlearn train` of image classifiers (task=vision)")
     backend = build_backend(cfg.backend)
-    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
+    with staged_dir(cfg.output_dir, cfg.overwrite, resume=resume) as stage:
         dump_config(cfg, stage / "config.yaml")
         for target in targets:
+            if (stage / target / "report.json").is_file():  # report.json is written last
+                log(f"{target}: finished before the interruption, kept ({stage / target})")
+                continue
             t0 = time.perf_counter()
             seed_everything(cfg.seed)  # same seed for both: the only difference is the data
             if cfg.model.arch:  # from scratch; model.path is then where `run` will find the result
@@ -72,31 +83,52 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
                 config=cfg.model_dump(mode="json"),
             )
             evaluator = Evaluator(data, transform, cfg, backend.device, tracker)
+            losses: dict[str, list[float]] = {}
+            ckpt = RunCheckpoints(
+                stage, cfg, backend, model, model, streams, log=log, name=f"checkpoints/{target}",
+                client_state=lambda evaluator=evaluator, losses=losses: {"history": evaluator.history, "losses": losses},
+            )  # fmt: skip
+            client = ckpt.restore() if resume else None  # None also when this target had not begun
+            if client is not None:
+                evaluator.history = client["history"]
+                losses.update(client["losses"])
 
-            def on_epoch_end(epoch, losses, evaluator=evaluator, model=model, target=target):
+            def on_step(epoch, phase, step, value, losses=losses):
+                losses.setdefault(phase, []).append(value)
+
+            def on_epoch_end(epoch, epoch_losses, evaluator=evaluator, model=model, target=target, ckpt=ckpt):
                 row = (
-                    evaluator.record(epoch, model, cfg.train.lr_at(epoch), losses)
+                    evaluator.record(epoch, model, cfg.train.lr_at(epoch), epoch_losses)
                     if cfg.eval.every_epoch
                     else {}
                 )
-                log(f"{target} epoch {epoch}: loss {losses.get('min', float('nan')):.4f} {describe(row)}")
+                ckpt.end_of_epoch(epoch)
+                log(
+                    f"{target} epoch {epoch}: loss {epoch_losses.get('min', float('nan')):.4f} {describe(row)}"
+                )
 
             t_loop = time.perf_counter()
-            state = run_loop(
-                method,
-                backend,
-                model,
-                None,
-                streams,
-                classifier_logits,
-                seed=cfg.seed,
-                epochs=cfg.train.epochs,
-                hooks=LoopHooks(on_epoch_end=on_epoch_end),
-                max_abs_loss=cfg.checkpoint.max_abs_loss,
-                progress=cfg.logging.progress,
-            )
+            with StopRequest() as stop:
+                run_loop(
+                    method,
+                    backend,
+                    model,
+                    None,
+                    streams,
+                    classifier_logits,
+                    seed=cfg.seed,
+                    epochs=cfg.train.epochs,
+                    start=ckpt.start,
+                    hooks=LoopHooks(
+                        on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
+                    ),
+                    max_abs_loss=cfg.checkpoint.max_abs_loss,
+                    progress=cfg.logging.progress,
+                )
             loop_seconds = time.perf_counter() - t_loop
-            train_seconds = evaluator.training_seconds(loop_seconds)
+            train_seconds = evaluator.training_seconds(
+                loop_seconds, since=ckpt.start["epoch"] if ckpt.start else 1
+            )
             metrics = evaluator(model, attacks=True)
             tracker.finish()
             log(f"{target}: {describe(metrics)} ({loop_seconds:.1f}s)")
@@ -125,13 +157,15 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
                     "reference": None,
                     "rewound": None,
                     "history": evaluator.history,
-                    "losses": state.losses,
+                    "losses": losses,
                     "seconds": time.perf_counter() - t0,
                     "loop_seconds": loop_seconds,
                     "train_seconds": train_seconds,
+                    "resume": ckpt.report(),
                     "artifacts": {"model": "."},
                 },
             )
+            ckpt.remove()
     out = Path(cfg.output_dir)
     log(f"done: {', '.join(str(out / t) for t in targets)}")
     return out

@@ -63,3 +63,28 @@ def test_tofu_train_run_eval(tiny_lm, tmp_path):
     args += [f"model.path={tmp_path / 'scrub' / 'model'}", f"eval.reference={models / 'retain'}"]
     assert main(["eval", "configs/tofu.yaml", *args]) == 0
     assert json.loads((out / "report.json").read_text())["metrics"]["forget_quality"] is not None
+
+
+def test_tofu_train_resumes_each_target_bit_identically(tiny_lm, tmp_path, monkeypatch):
+    """SIGTERM in epoch 2 of each target of `unlearn train`: a checkpoint and exit 75 each time; the reruns
+    resume the retain model mid-epoch, then keep it (its evaluation, the original's reference, from its
+    cache) and resume the original; both end with the weights of an uninterrupted run."""
+    settings = {"train.epochs": 2, "tofu.num_authors": 5}
+    ref = tmp_path / "ref"
+    assert (
+        main(["train", "configs/tofu.yaml", *tofu_overrides(tiny_lm, tmp_path, output_dir=ref, **settings)])
+        == 0
+    )
+    out = tmp_path / "out"
+    args = ["train", "configs/tofu.yaml", *tofu_overrides(tiny_lm, tmp_path, output_dir=out, **settings)]
+    # the same fault every time: a resumed target is past it, so it strikes the next target's epoch 2
+    monkeypatch.setenv("UNLEARN_FAULT", "step:2:step=1:do=term")
+    assert [main(args) for _ in range(3)] == [75, 75, 0]
+    for target in ("retain", "original"):
+        report = json.loads((out / target / "report.json").read_text())
+        assert report["resume"]["position"] == "epoch 2, min step 1"
+        a, b = load_file(ref / target / "model.safetensors"), load_file(out / target / "model.safetensors")
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), target
+        expected = json.loads((ref / target / "report.json").read_text())["metrics"]
+        assert report["metrics"]["forget_quality"] == expected["forget_quality"]
+    assert not (out / "checkpoints").exists()

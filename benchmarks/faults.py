@@ -209,15 +209,16 @@ def complete_tags(out: Path) -> list[str]:
 
 
 CASES: list[tuple[str, str, Callable[[Context], tuple[bool, str]]]] = []
-LIGHT: set[str] = set()  # cases that only start a process and read its error: they run during IDLE_CASE
-IDLE_CASE = "a rank that hangs"
+# cases of one process on one core, without DeepSpeed or shared folders (image-classifier runs, bad requests):
+# they run one after another BESIDE the others, on the core those leave free
+SIDE: set[str] = set()
 
 
-def case(name: str, expected: str, light: bool = False):
+def case(name: str, expected: str, side: bool = False):
     def register(fn):
         CASES.append((name, expected, fn))
-        if light:
-            LIGHT.add(name)
+        if side:
+            SIDE.add(name)
         return fn
 
     return register
@@ -472,6 +473,7 @@ def sigterm_one_rank(ctx: Context) -> tuple[bool, str]:
     "SIGTERM in an image-classifier run",
     "SCRUB+R on a tiny ResNet (real CIFAR-10): SIGTERM in epoch 2, a checkpoint at the next step, exit 75; the "
     "same command resumes from that step and ends bit-identical (the model and the rewound model)",
+    side=True,
 )
 def vision_sigterm(ctx: Context) -> tuple[bool, str]:
     ref = ctx.vision_reference()
@@ -492,6 +494,7 @@ def vision_sigterm(ctx: Context) -> tuple[bool, str]:
     "kill an image-classifier run mid-epoch, restart",
     "SCRUB+R on a tiny ResNet: SIGKILL in epoch 2; the same command resumes after epoch 1 (not from the "
     "beginning, and says so) and ends bit-identical",
+    side=True,
 )
 def vision_kill(ctx: Context) -> tuple[bool, str]:
     ref = ctx.vision_reference()
@@ -513,6 +516,7 @@ def vision_kill(ctx: Context) -> tuple[bool, str]:
     "SIGTERM in `unlearn train`, each target",
     "training the Original then Retrain (tiny ResNet), SIGTERM in epoch 2 of each: each time a checkpoint and "
     "exit 75; the reruns resume the Original mid-epoch, then keep it and resume Retrain; both bit-identical",
+    side=True,
 )
 def train_sigterm(ctx: Context) -> tuple[bool, str]:
     ref = ctx.vision_models()
@@ -557,7 +561,7 @@ def _vision(ctx: Context, name: str, **extra) -> list[str]:
 
 
 def _bad(name: str, expected: str, needle: str, **extra):
-    @case(name, expected, light=True)
+    @case(name, expected, side=True)
     def check(ctx: Context) -> tuple[bool, str]:
         return _refused(ctx, name, _vision(ctx, name, **extra), needle, command="train")
 
@@ -574,9 +578,7 @@ _bad("an empty forget set", "exit 2, says that forget ids are needed", "needs fo
      **{"forget.kind": "ids", "forget.ids": "[]"})  # fmt: skip
 
 
-@case(
-    "a class-count mismatch", "a 10-class checkpoint on 3-class data: exit 2, names both counts", light=True
-)
+@case("a class-count mismatch", "a 10-class checkpoint on 3-class data: exit 2, names both counts", side=True)
 def class_mismatch(ctx: Context) -> tuple[bool, str]:
     from engine.models.vision import build_vision_model
 
@@ -590,7 +592,7 @@ def class_mismatch(ctx: Context) -> tuple[bool, str]:
 @case(
     "a tokenizer that does not fit the model",
     "a model with a smaller vocabulary than its tokenizer: exit 2",
-    light=True,
+    side=True,
 )
 def vocab_mismatch(ctx: Context) -> tuple[bool, str]:
     from transformers import AutoTokenizer
@@ -612,7 +614,7 @@ OUTPUT_TAKEN = "output folder holding another run's results"
 @case(
     OUTPUT_TAKEN,
     "exit 2 unless overwrite=true or a resume; the folder is untouched",
-    light=True,
+    side=True,
 )
 def output_taken(ctx: Context) -> tuple[bool, str]:
     args = _vision(ctx, "output taken", overwrite="false")  # configs/demo.yaml overwrites: a demo reruns
@@ -627,7 +629,7 @@ def output_taken(ctx: Context) -> tuple[bool, str]:
 @case(
     "unsafe model source: pickle weights",
     "a folder with only pytorch_model.bin: exit 2, nothing unpickled",
-    light=True,
+    side=True,
 )
 def pickle_only(ctx: Context) -> tuple[bool, str]:
     from tests.conftest import build_tiny_llama
@@ -649,7 +651,7 @@ def pickle_only(ctx: Context) -> tuple[bool, str]:
 @case(
     "unsafe model source: remote code without a revision",
     "trust_remote_code=true unpinned: exit 2",
-    light=True,
+    side=True,
 )
 def remote_code(ctx: Context) -> tuple[bool, str]:
     out = ctx.fresh("bad_remote_code")
@@ -690,15 +692,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return r
 
-    light = [name for name in names if name in LIGHT]
-    done: dict[str, dict] = {}
     with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for name in (n for n in names if n not in LIGHT):
-            if name == IDLE_CASE:  # its ranks wait out a timeout, CPUs idle: the light cases run meanwhile
-                pending = pool.submit(lambda: {n: one(n) for n in light})
-            done[name] = one(name)
-        done.update(pending.result() if pending else {n: one(n) for n in light})
+        beside = pool.submit(lambda: {n: one(n) for n in names if n in SIDE})
+        done = {n: one(n) for n in names if n not in SIDE}
+        done.update(beside.result())
     results = [done[name] for name in names]
     write_json(args.out / "results.json", {**header, "quick": args.quick, "cases": results})
     rows = [[r["name"], r["expected"], r["observed"], "yes" if r["passed"] else "**NO**", f"{r['seconds']:.0f}"]

@@ -99,6 +99,8 @@ def run_on_ray(cfg, log=print) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from engine.checkpoint.export import check_output_dir
+    from engine.checkpoint.signals import StopRequest
+    from engine.errors import PreemptedError
     from engine.recipes.tofu import TofuSetup
 
     launched = time.time()
@@ -126,6 +128,7 @@ def run_on_ray(cfg, log=print) -> Path:
             "launched_at": launched,
             "datasets": datasets,
             "cwd": os.getcwd(),
+            "stop_file": str(stop_file(out)),
         },  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if b.use_gpu else "gloo", timeout_s=b.timeout_s),
         scaling_config=ray.train.ScalingConfig(
@@ -137,13 +140,28 @@ def run_on_ray(cfg, log=print) -> Path:
             failure_config=ray.train.FailureConfig(max_failures=b.max_failures),
         ),
     )
-    result = trainer.fit()
+    stop_file(out).unlink(missing_ok=True)  # an earlier attempt's request
+    # After ray.init (which may set a SIGTERM handler of its own): SIGTERM / `ray job stop` reaches the
+    # workers through the stop file; they checkpoint at the next step and end without error
+    with StopRequest(stop_file(out), write=True) as stop:
+        result = trainer.fit()
     if result.error:
         raise result.error
+    if stop() and not (out / "report.json").is_file():
+        stop_file(out).unlink(missing_ok=True)
+        raise PreemptedError(
+            f"stopped by a signal; the workers wrote a checkpoint at their next step in "
+            f"{out.with_name(out.name + '.partial')}/checkpoints: run the same command again to resume"
+        )
     log(
         f"done: model in {out / 'model'}, report in {out / 'report.md'}; Ray Train run in {storage / out.name}"
     )
     return out
+
+
+def stop_file(out: Path) -> Path:
+    """Where the driver asks the workers to stop (it must be on storage every worker sees, as the output is)."""
+    return out.with_name(out.name + ".partial") / "STOP"
 
 
 def fan_out(fn, items: list, num_cpus: float = 1.0, address: str | None = None) -> list:
@@ -179,6 +197,7 @@ def _worker(config: dict) -> None:
 
     from engine.backends.deepspeed import DeepSpeedBackend
     from engine.config import RunConfig
+    from engine.errors import PreemptedError
     from engine.recipes.tofu import run_tofu_unlearning
 
     quiet_ray_data()
@@ -206,11 +225,17 @@ def _worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
     resumed = ray.train.get_checkpoint()
-    run_tofu_unlearning(
-        cfg,
-        backend=backend,
-        streams=streams,
-        on_checkpoint=report,
-        launched_at=config["launched_at"],
-        expect_resume=resumed is not None,
-    )
+    try:
+        run_tofu_unlearning(
+            cfg,
+            backend=backend,
+            streams=streams,
+            on_checkpoint=report,
+            launched_at=config["launched_at"],
+            expect_resume=resumed is not None,
+            stop_file=Path(config["stop_file"]),
+        )
+    except PreemptedError:
+        # asked to stop, checkpoint written: end without error (an error would make Ray Train restart the
+        # workers); the driver reports the stop
+        backend.close()

@@ -303,6 +303,7 @@ def run_tofu_unlearning(
     on_checkpoint=None,
     launched_at: float | None = None,
     expect_resume: bool = False,
+    stop_file: Path | None = None,
 ) -> Path:
     """Unlearn under any backend. Every process runs this function; only the main one logs and writes
     results, all of them take part in forwards (ZeRO-3 gathers weights collectively) and checkpoints.
@@ -311,7 +312,8 @@ def run_tofu_unlearning(
 
     The Ray backend calls this in each worker with its DeepSpeed ``backend``, Ray Data ``streams``,
     ``on_checkpoint(epoch, folder, history_row)`` (ray.train.report), the driver's ``launched_at`` and
-    ``expect_resume`` (Ray Train restarted the workers after a failure: a checkpoint must exist)."""
+    ``expect_resume`` (Ray Train restarted the workers after a failure: a checkpoint must exist) and
+    ``stop_file`` (the driver creates it when it is asked to stop: engine/checkpoint/signals.py)."""
     t_start = time.perf_counter()
     started_at = now()
     launched_at = launched_at or time.time()
@@ -411,7 +413,7 @@ def run_tofu_unlearning(
             faults.inject("after_checkpoint", epoch, backend.rank)
 
         t_loop = time.perf_counter()
-        with StopRequest() as stop:
+        with StopRequest(stop_file) as stop:
             run_loop(
                 method,
                 backend,

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -172,5 +174,43 @@ def test_a_killed_worker_restarts_the_group_which_resumes_from_the_last_checkpoi
     assert json.loads((out / "report.json").read_text())["resumed_from_epoch"] == 1
     single = tmp_path / "single"
     assert run(single).returncode == 0
+    a, b = load_file(out / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
+
+
+def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_rerun_resumes(tiny_lm, tmp_path):
+    """`ray job stop` and a preempted head signal the driver only: it relays the request through a stop file,
+    the 2 workers checkpoint at their next step and end, the driver exits 75; the same command resumes
+    mid-epoch and ends with the weights of an uninterrupted run (the single process's, within the float32
+    tolerance of 2 ranks)."""
+    env = ray_env()
+    ray = {"backend.name": "ray", "backend.num_workers": "2", "backend.zero_stage": "2", "method.epochs": "3"}
+
+    def command(out: Path, **extra) -> list[str]:
+        return [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
+                *tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN, **extra)]  # fmt: skip
+
+    out = tmp_path / "ray"
+    driver = subprocess.Popen(command(out, **ray), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    first = out.with_name("ray.partial") / "checkpoints" / "epoch_1" / "manifest.json"
+    deadline = time.time() + 900
+    while not first.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGTERM)  # two epochs are left: the run cannot end first
+    logs = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 75, logs[-4000:]
+    tags = [p.parent.name for p in first.parents[1].glob("*/manifest.json")]
+    assert any(t.startswith("epoch_2-") for t in tags), (tags, logs[-3000:])  # mid-epoch, not epoch 2's end
+    again = subprocess.run(
+        command(out, **ray), cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "step" in json.loads((out / "report.json").read_text())["resume"]["position"]
+    single = tmp_path / "single"
+    assert (
+        subprocess.run(command(single, **{"method.epochs": "3"}), cwd=REPO, env=env, timeout=1200).returncode
+        == 0
+    )
     a, b = load_file(out / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5

@@ -209,16 +209,20 @@ def complete_tags(out: Path) -> list[str]:
 
 
 CASES: list[tuple[str, str, Callable[[Context], tuple[bool, str]]]] = []
-# cases of one process on one core, without DeepSpeed or shared folders (image-classifier runs, bad requests):
-# they run one after another BESIDE the others, on the core those leave free
+# Scheduling on 2 cores (the cases stay independent): the one-process cases without DeepSpeed or shared
+# folders (image-classifier runs, bad requests) run one after another BESIDE the other one-process cases,
+# on the core those leave free; the 2-rank cases then run alone.
 SIDE: set[str] = set()
+TWO_RANKS: set[str] = set()
 
 
-def case(name: str, expected: str, side: bool = False):
+def case(name: str, expected: str, side: bool = False, ranks: int = 1):
     def register(fn):
         CASES.append((name, expected, fn))
         if side:
             SIDE.add(name)
+        if ranks > 1:
+            TWO_RANKS.add(name)
         return fn
 
     return register
@@ -231,6 +235,7 @@ def case(name: str, expected: str, side: bool = False):
     "kill a rank mid-epoch, restart",
     "2 ranks (ZeRO-3): rank 1 SIGKILLed in epoch 2; the run fails fast; the restart resumes after epoch 1 "
     "and ends bit-identical to the uninterrupted run",
+    ranks=2,
 )
 def kill_rank_mid_epoch(ctx: Context) -> tuple[bool, str]:
     ref = ctx.reference(distributed=True)
@@ -332,6 +337,7 @@ def truncated_manifest(ctx: Context) -> tuple[bool, str]:
     "a 2-rank ZeRO-2 run killed after epoch 1, started again as 1 process: stops naming the field world_size; "
     "checkpoint.on_invalid=weights continues from its weights with a fresh optimizer (under ZeRO-3 this is "
     "refused: the weights are partitioned with the optimizer state)",
+    ranks=2,
 )
 def other_world_size(ctx: Context) -> tuple[bool, str]:
     out = ctx.fresh("other_world_size")
@@ -397,6 +403,7 @@ def disk_full(ctx: Context) -> tuple[bool, str]:
     "NaN in the loss on one rank",
     "2 ranks: rank 1's loss becomes NaN in epoch 2; rank 0 sees it in that step and both stop before applying it, exit 3; "
     "epoch 1's checkpoint stays complete and verified",
+    ranks=2,
 )
 def nan_one_rank(ctx: Context) -> tuple[bool, str]:
     out = ctx.fresh("nan_one_rank")
@@ -417,6 +424,7 @@ def nan_one_rank(ctx: Context) -> tuple[bool, str]:
     "a rank that hangs",
     "2 ranks, backend.timeout_s=10: rank 1 stops responding in epoch 2; rank 0 fails within the timeout "
     "(not 30 minutes) and the launcher ends the run; epoch 1's checkpoint is kept",
+    ranks=2,
 )
 def hanging_rank(ctx: Context) -> tuple[bool, str]:
     out = ctx.fresh("hanging_rank")
@@ -454,6 +462,7 @@ def sigterm(ctx: Context) -> tuple[bool, str]:
     "SIGTERM on one rank of two",
     "2 ranks: only rank 1 gets SIGTERM; both agree in that step's all-reduce, checkpoint together and exit 75; "
     "the restart resumes mid-epoch and ends bit-identical to the uninterrupted 2-rank run",
+    ranks=2,
 )
 def sigterm_one_rank(ctx: Context) -> tuple[bool, str]:
     ref = ctx.reference(distributed=True)
@@ -694,8 +703,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(1) as pool:
         beside = pool.submit(lambda: {n: one(n) for n in names if n in SIDE})
-        done = {n: one(n) for n in names if n not in SIDE}
+        done = {n: one(n) for n in names if n not in SIDE | TWO_RANKS}
         done.update(beside.result())
+    done.update({n: one(n) for n in names if n in TWO_RANKS})
     results = [done[name] for name in names]
     write_json(args.out / "results.json", {**header, "quick": args.quick, "cases": results})
     rows = [[r["name"], r["expected"], r["observed"], "yes" if r["passed"] else "**NO**", f"{r['seconds']:.0f}"]

@@ -84,9 +84,10 @@ class Context:
         if fault:
             env["UNLEARN_FAULT"] = fault
         cmd = [sys.executable, "-m", "engine.cli", command, config, *args]
+        port = free_port()
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *cmd[1:]]  # fmt: skip
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), *cmd[1:]]  # fmt: skip
         t = time.perf_counter()
         try:
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -94,6 +95,9 @@ class Context:
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode() + (exc.stderr or b"").decode()
             return Run(-999, out + f"\n[no exit within {timeout} s]", time.perf_counter() - t)
+        finally:  # DeepSpeed's CPU all-reduce buffers of a killed run stay in /dev/shm (hundreds of MB)
+            for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+                leftover.unlink(missing_ok=True)
 
     def reference(self, distributed: bool = False) -> Path:
         """The uninterrupted run every resumed run must equal, bit for bit."""

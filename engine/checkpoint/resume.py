@@ -11,8 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from engine.checkpoint.signals import StopRequest
 from engine.checkpoint.store import CheckpointStore, describe_position, has_checkpoint, model_signature
 from engine.errors import ConfigError
+from engine.loop import LoopHooks, LoopState, run_loop
 
 
 def check_resumable(partial_dir: Path, cfg, checkpoints: tuple[str, ...] = ("checkpoints",),
@@ -98,6 +100,17 @@ class RunCheckpoints:
         self.save(f"epoch_{position['epoch']}-{position['phase']}-{position['step']}", position)
         self.log(f"stop signal: checkpoint written at {describe_position(position)}")
 
+    def run(self, method, teacher, streams: dict, forward, *, epochs: int, on_step, on_epoch_end,
+            stop_file: Path | None = None) -> LoopState:  # fmt: skip
+        """The one loop (engine/loop.py) for the student, from this run's position, with the checkpoint hooks:
+        SIGTERM (or ``stop_file``) ends it with a checkpoint at the next step."""
+        with StopRequest(stop_file) as stop:
+            return run_loop(
+                method, self.backend, self.student, teacher, streams, forward, seed=self.cfg.seed, epochs=epochs,
+                start=self.start, max_abs_loss=self.cfg.checkpoint.max_abs_loss, progress=self.cfg.logging.progress,
+                hooks=LoopHooks(on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=self.on_stop),
+            )  # fmt: skip
+
     def report(self) -> dict | None:
         """report.json's ``resume`` entry: None for a run that started from the beginning."""
         r = self.restored
@@ -110,8 +123,8 @@ class RunCheckpoints:
         """The run is complete (its model exported): checkpoints go, unless backend.keep_checkpoints."""
         if self.backend.is_main and not self.backend.keep_checkpoints and self.folder.exists():
             shutil.rmtree(self.folder)
-            for parent in self.folder.relative_to(self.stage).parents[
-                :-1
-            ]:  # checkpoints/<target>: empty parents
-                if not any((self.stage / parent).iterdir()):
-                    (self.stage / parent).rmdir()
+            parent = (
+                self.stage / "checkpoints"
+            )  # a training run's checkpoints/<target>: the folder, once empty
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()

@@ -32,14 +32,12 @@ from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
-from engine.checkpoint.signals import StopRequest
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
 from engine.errors import ConfigError, OutputError
 from engine.eval.report import write_text_atomic
 from engine.eval.tofu import evaluate_tofu
 from engine.eval.tofu_report import write_tofu_report
-from engine.loop import LoopHooks, run_loop
 from engine.methods import Erm, build_method
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, set_dropout, token_logits
@@ -236,23 +234,8 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
                 log(f"{target} epoch {epoch}: {history[-1]}")
 
             t_loop = time.perf_counter()
-            with StopRequest() as stop:
-                run_loop(
-                    Erm(cfg.train),
-                    backend,
-                    engine,
-                    None,
-                    streams,
-                    token_logits,
-                    seed=cfg.seed,
-                    epochs=cfg.train.epochs,
-                    start=ckpt.start,
-                    hooks=LoopHooks(
-                        on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
-                    ),
-                    max_abs_loss=cfg.checkpoint.max_abs_loss,
-                    progress=cfg.logging.progress,
-                )
+            ckpt.run(Erm(cfg.train), None, streams, token_logits, epochs=cfg.train.epochs, on_step=on_step,
+                     on_epoch_end=on_epoch_end)  # fmt: skip
             loop_seconds = time.perf_counter() - t_loop
             # evaluations before a resume were not in this loop
             first = ckpt.start["epoch"] if ckpt.start else 1
@@ -413,23 +396,10 @@ def run_tofu_unlearning(
             faults.inject("after_checkpoint", epoch, backend.rank)
 
         t_loop = time.perf_counter()
-        with StopRequest(stop_file) as stop:
-            run_loop(
-                method,
-                backend,
-                student,
-                teacher,
-                {**setup.streams, **(streams or {})},  # training rows from Ray Data under the Ray backend
-                token_logits,
-                seed=cfg.seed,
-                epochs=cfg.method.epochs,
-                start=start,
-                hooks=LoopHooks(
-                    on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
-                ),
-                max_abs_loss=cfg.checkpoint.max_abs_loss,
-                progress=cfg.logging.progress,
-            )
+        ckpt.run(
+            method, teacher, {**setup.streams, **(streams or {})},  # training rows from Ray Data under Ray
+            token_logits, epochs=cfg.method.epochs, on_step=on_step, on_epoch_end=on_epoch_end, stop_file=stop_file,
+        )  # fmt: skip
         loop_seconds = time.perf_counter() - t_loop
         first = start["epoch"] if start else 1
         train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history[1:] if r["epoch"] >= first)

@@ -22,12 +22,10 @@ from engine.checkpoint.export import (
     staged_dir,
 )
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
-from engine.checkpoint.signals import StopRequest
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream
 from engine.errors import ConfigError
 from engine.eval.report import write_report
-from engine.loop import LoopHooks, run_loop
 from engine.methods import Erm
 from engine.models.loading import build_classifier, classifier_logits, load_classifier
 from engine.recipes.common import (
@@ -108,23 +106,8 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
                 )
 
             t_loop = time.perf_counter()
-            with StopRequest() as stop:
-                run_loop(
-                    method,
-                    backend,
-                    model,
-                    None,
-                    streams,
-                    classifier_logits,
-                    seed=cfg.seed,
-                    epochs=cfg.train.epochs,
-                    start=ckpt.start,
-                    hooks=LoopHooks(
-                        on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
-                    ),
-                    max_abs_loss=cfg.checkpoint.max_abs_loss,
-                    progress=cfg.logging.progress,
-                )
+            ckpt.run(method, None, streams, classifier_logits, epochs=cfg.train.epochs, on_step=on_step,
+                     on_epoch_end=on_epoch_end)  # fmt: skip
             loop_seconds = time.perf_counter() - t_loop
             train_seconds = evaluator.training_seconds(
                 loop_seconds, since=ckpt.start["epoch"] if ckpt.start else 1

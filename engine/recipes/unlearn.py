@@ -29,12 +29,10 @@ from engine.checkpoint.export import (
 )
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
-from engine.checkpoint.signals import StopRequest
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream, PairedImageStream
 from engine.errors import ConfigError
 from engine.eval.report import write_report
-from engine.loop import LoopHooks, run_loop
 from engine.methods import build_method
 from engine.methods.base import MethodContext
 from engine.methods.blocks import last_blocks
@@ -138,23 +136,8 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             log(f"epoch {epoch}: losses {epoch_losses} {describe(row)}")
 
         t_loop = time.perf_counter()
-        with StopRequest() as stop:  # SIGTERM: a checkpoint at the next step, then exit 75
-            run_loop(
-                method,
-                backend,
-                student,
-                teacher,
-                streams,
-                classifier_logits,
-                seed=cfg.seed,
-                epochs=cfg.method.epochs,
-                start=ckpt.start,
-                hooks=LoopHooks(
-                    on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=ckpt.on_stop
-                ),
-                max_abs_loss=cfg.checkpoint.max_abs_loss,
-                progress=cfg.logging.progress,
-            )
+        ckpt.run(method, teacher, streams, classifier_logits, epochs=cfg.method.epochs, on_step=on_step,
+                 on_epoch_end=on_epoch_end)  # fmt: skip
         loop_seconds = time.perf_counter() - t_loop + prepare_seconds
         first = ckpt.start["epoch"] if ckpt.start else 1  # evaluations before a resume were not in this loop
         train_seconds = evaluator.training_seconds(loop_seconds, since=first)

@@ -6,7 +6,7 @@ export OMP_NUM_THREADS ?= 1
 # DeepSpeed compiles a small CPU op on first use (about 45 s); keep it with the venv, not in ~/.cache.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-all lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,8 +30,16 @@ demo: setup
 		$(VENV)/bin/unlearn train configs/demo.yaml output_dir=runs/demo-models overwrite=true
 	$(VENV)/bin/unlearn run configs/demo.yaml
 
+# Two tiers (README, "Tests"): `test` is the fast one, at most 10 minutes on 2 cores: unit tests and, per
+# capability, its fastest real check; `test-all` is everything else (marked `full`). Two pytest-xdist
+# workers, one thread each; a module's tests stay on one worker, so its fixtures are built once.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST) -m "not full"
+
+test-all: setup
+	$(PYTEST) -m full
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

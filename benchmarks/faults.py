@@ -55,16 +55,20 @@ class Context:
 
     root: Path
     quick: bool = True
+    lm: Path | None = None  # the tiny Llama folder and tiny CIFAR-10 (the tests pass their session-wide ones)
+    cifar: Path | None = None
     _refs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.root.mkdir(parents=True, exist_ok=True)
-        self.lm = self.root / "tiny_lm"
-        if not (self.lm / "model.safetensors").is_file():
-            make_tiny_lm(self.lm)
-        self.cifar = self.root / "tiny_cifar"
-        if not (self.cifar / "test-00000-of-00001.parquet").is_file():
-            make_tiny_cifar(self.cifar)
+        if self.lm is None:
+            self.lm = self.root / "tiny_lm"
+            if not (self.lm / "model.safetensors").is_file():
+                make_tiny_lm(self.lm)
+        if self.cifar is None:
+            self.cifar = self.root / "tiny_cifar"
+            if not (self.cifar / "test-00000-of-00001.parquet").is_file():
+                make_tiny_cifar(self.cifar)
 
     def settings(self) -> dict:
         size = {"tofu.num_authors": "10", "method.epochs": "2"}

@@ -17,6 +17,6 @@ CONFIG=$2
 shift 2
 cd "$(dirname "$0")/.."
 exec "${RAY:-ray}" job submit --address "$ADDRESS" --working-dir . \
-  --runtime-env-json '{"excludes": [".venv", ".git", "runs", "*.partial", "*.ray", "__pycache__"],
+  --runtime-env-json '{"excludes": [".venv", ".git", "runs", "*.partial", "*.ray", "*.tokens", "__pycache__"],
     "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "'"${UNLEARN_STOP_WAIT_S:-300}"'"}}' \
   -- "${PYTHON:-python}" -m engine.cli run "$CONFIG" backend.name=ray "$@"

@@ -159,3 +159,100 @@ def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def ray_env() -> dict:
+    """Environment of the processes a Ray test starts: Ray kept on loopback, no usage stats, an explicit auth
+    mode (the same for a head and its clients), one thread per process, and no launcher or fault variables
+    from outside."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    for key in (
+        "RAY_ADDRESS",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "UNLEARN_FAULT",
+    ):
+        env.pop(key, None)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One Ray head node on 127.0.0.1 for the Ray tests that join a cluster, started once per test session (per
+    pytest-xdist worker that runs such tests) as a child process with a short temp dir; only this head is
+    stopped at the end, by its pid (never `ray stop`, which stops every Ray on the machine). Yields
+    ``{"address": GCS address, "dashboard": job API URL}``."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    env = {**ray_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay under 107 bytes
+    gcs, dash = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=3", f"--temp-dir={temp}", "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    info = {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
+    try:
+        for _ in range(120):  # the job API answers once the dashboard is up
+            try:
+                urllib.request.urlopen(f"{info['dashboard']}/api/version", timeout=2)
+                break
+            except OSError:
+                if head.poll() is not None:
+                    pytest.fail(f"the Ray head exited with status {head.returncode}")
+                time.sleep(1)
+        yield info
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+# every single-process TOFU reference the distributed tests compare with: SCRUB, 2 epochs of max+min, a
+# learning rate that really moves a tiny model, forget batches of 3 (20 forget rows: the last batch has 2 rows,
+# so with 2 ranks x 2 micro-batches some are stand-ins)
+DIST_RUN = {"eval.reference": "null", "method.lr": "0.003", "method.forget_batch_size": "3"}
+
+
+@pytest.fixture(scope="session")
+def tofu_reference(tiny_lm, tmp_path_factory):
+    """``tofu_reference(**overrides)``: the output folder of the single-process `unlearn run configs/tofu.yaml`
+    with DIST_RUN and ``overrides``, run once per session for each distinct set of overrides (the reference
+    several distributed tests compare their weights with)."""
+    from engine.cli import main
+
+    done: dict[tuple, Path] = {}
+
+    def reference(**overrides) -> Path:
+        key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
+        if key not in done:
+            out = tmp_path_factory.mktemp("reference") / "out"
+            args = tofu_overrides(tiny_lm, out.parent, output_dir=out, **DIST_RUN, **overrides)
+            assert main(["run", "configs/tofu.yaml", *args]) == 0
+            done[key] = out
+        return done[key]
+
+    return reference

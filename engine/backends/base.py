@@ -47,9 +47,6 @@ class Backend:
                     [(p if len(p) else rows[:1], len(p) > 0) for p in parts],
                 )
             )
-        # a stream that fetches rows (Ray Data) gets this rank's rows only
-        if plan and hasattr(stream, "load_rows"):
-            stream.load_rows(torch.cat([rows for _, parts in plan for rows, _ in parts]), epoch)
         seen = self.seen.setdefault(name, {}).setdefault(epoch, [])
         for draw, parts in plan:  # draw: the augmentation / pairing seed of this step
             micro, counted = [], []

@@ -1,13 +1,14 @@
-"""Ray: Ray Train workers run the one recipe, with the DeepSpeed backend inside each; Ray Data holds
-the preprocessed forget and retain sets and streams each worker its own rows every epoch.
+"""Ray: Ray Train workers run the one recipe, with the DeepSpeed backend inside each; Ray Data tokenizes
+the forget and retain sets once, into token stores every worker reads its own rows from.
 
 - Driver (``run_on_ray``): joins a cluster (``backend.ray_address`` or RAY_ADDRESS) or starts an
   embedded local Ray on 127.0.0.1; tokenizes the forget and retain sets in Ray Data (from the same
-  Hugging Face ``datasets`` rows as the other backends) and materializes them in the object store;
-  runs a ``TorchTrainer`` of ``backend.num_workers`` workers with ``FailureConfig(max_failures)``.
+  Hugging Face ``datasets`` rows as the other backends) into token stores beside the output
+  (``OUTPUT.tokens``, engine/data/store.py; removed when the run ends); runs a ``TorchTrainer`` of
+  ``backend.num_workers`` workers with ``FailureConfig(max_failures)``.
 - Worker (``_worker``): the process group is Ray Train's; ``run_tofu_unlearning`` runs as under
-  ``deepspeed``/``torchrun``. Every epoch each worker asks Ray Data for exactly the rows the seeded
-  per-epoch order gives it (backends/base.py decides; the rows of other workers never reach it), and
+  ``deepspeed``/``torchrun``. Every step each worker reads from the stores exactly the rows the seeded
+  per-epoch order gives it (backends/base.py decides; the rows of other workers are never read), and
   after each epoch's DeepSpeed checkpoint reports it through ``ray.train.report``.
 - Failure: a restarted worker group runs the recipe again; it finds the last complete checkpoint
   (the one Ray Train recorded as reported) in ``OUTPUT.partial/checkpoints``, says so, and goes on.
@@ -17,14 +18,14 @@ the preprocessed forget and retain sets and streams each worker its own rows eve
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from engine.data.text import collate
-
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# an embedded Ray: on loopback, no usage reporting, and no Ray Train preemption watcher (an actor process
+# polling for node drains, which a one-machine Ray never has: a second or two of start-up on 2 cores)
+EMBEDDED = {**LOOPBACK, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def quiet_ray_data() -> None:
@@ -44,46 +45,27 @@ def init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # the cluster's processes do not inherit this one's environment: fault injection (UNLEARN_FAULT, for
+        # tests and benchmarks/faults.py) is handed to the job's workers explicitly
+        env = {k: v for k, v in os.environ.items() if k.startswith("UNLEARN_")}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         return
-    for key, value in LOOPBACK.items():
-        os.environ.setdefault(key, value)  # keep an embedded Ray on loopback, no usage reporting
+    for key, value in EMBEDDED.items():
+        os.environ.setdefault(key, value)
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
 
 
-class RayRows:
-    """A stream whose rows live in a Ray Dataset (columns ``row``, ``input_ids``, ``labels``). At the start
-    of each epoch the backend names the rows this worker will use (``load_rows``); Ray Data filters them
-    out of the dataset and only those reach this process."""
+def tokenize_to_store(rows: list[dict], formatter, folder: Path) -> Path:
+    """Tokenize TOFU rows in Ray Data (prompt masked, as ``TextStream``) and write them into a token store
+    (engine/data/store.py) in ``folder``, which every worker opens and reads its own rows from by index.
 
-    def __init__(self, dataset, size: int, pad_id: int):
-        self.dataset, self.size, self.pad_id = dataset, size, pad_id
-        self.cache: dict[int, dict] = {}
-        self.loaded: dict[str, int] = {}  # epoch -> rows fetched (for the tests and the report)
+    The workers reading the store replace the per-epoch Ray Data ``filter`` they used to run, whose zero-CPU
+    tasks started a fresh Python process per one-row block (40-60 of them per epoch on 2 cores, 60-115 s per
+    epoch and stream: benchmarks/ray_overhead.py). Here blocks hold up to ``ROWS_PER_BLOCK`` rows, and the
+    tokenizing tasks take a CPU each, so at most one per CPU runs at once."""
+    import ray.data
 
-    def __len__(self) -> int:
-        return self.size
-
-    def load_rows(self, rows: torch.Tensor, epoch: int) -> None:
-        wanted = {int(r) for r in rows}
-        # num_cpus=0: the training workers hold their CPUs for the whole run; the filter must not wait for one
-        taken = self.dataset.filter(lambda r: int(r["row"]) in wanted, num_cpus=0).take_all()
-        self.cache = {int(r["row"]): {"input_ids": list(map(int, r["input_ids"])),
-                                      "labels": list(map(int, r["labels"]))} for r in taken}  # fmt: skip
-        self.loaded[str(epoch)] = len(self.cache)
-        missing = wanted - set(self.cache)
-        if missing:
-            raise RuntimeError(f"Ray Data returned no row for ids {sorted(missing)[:5]}...")
-
-    def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
-        batch = collate([self.cache[int(r)] for r in rows], self.pad_id)
-        batch["rows"] = rows
-        return batch
-
-
-def ray_dataset(rows: list[dict], formatter):
-    """Tokenize TOFU rows in Ray Data (prompt masked, as ``TextStream``) and keep them in the object store."""
-    import ray
+    from engine.data.store import write_token_store
 
     def encode(batch: dict) -> dict:
         out = [formatter.encode(q, a) for q, a in zip(batch["question"], batch["answer"])]
@@ -91,7 +73,12 @@ def ray_dataset(rows: list[dict], formatter):
                 "labels": [o["labels"] for o in out]}  # fmt: skip
 
     items = [{"row": i, "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
-    return ray.data.from_items(items).map_batches(encode, batch_format="numpy").materialize()
+    blocks = max(1, -(-len(items) // ROWS_PER_BLOCK))
+    ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(encode, batch_format="numpy")
+    return write_token_store(folder, len(items), ds.iter_batches(batch_format="numpy"))
+
+
+ROWS_PER_BLOCK = 4096
 
 
 def run_on_ray(cfg, log=print) -> Path:
@@ -111,22 +98,22 @@ def run_on_ray(cfg, log=print) -> Path:
     check_output_dir(cfg.output_dir, cfg.overwrite)
     b = cfg.backend
     init_ray(b.ray_address)
-    setup = TofuSetup(cfg, cfg.model.path)  # the driver tokenizes once, in Ray Data
-    datasets = {
-        name: ray_dataset(getattr(setup.data, name), setup.formatter) for name in ("forget", "retain")
-    }
-    log(
-        f"Ray Data: forget {datasets['forget'].count()} rows, retain {datasets['retain'].count()} rows, tokenized"
-    )
-    worker_cfg = cfg.model_copy(update={"backend": b.model_copy(update={"name": "deepspeed"})}, deep=True)
     out = Path(cfg.output_dir).resolve()
+    setup = TofuSetup(cfg, cfg.model.path)  # the driver tokenizes once, in Ray Data
+    stores = {
+        name: str(tokenize_to_store(getattr(setup.data, name), setup.formatter, store_dir(out) / name))
+        for name in ("forget", "retain")
+    }
+    log(f"Ray Data: forget {len(setup.data.forget)} rows, retain {len(setup.data.retain)} rows, tokenized "
+        f"into {store_dir(out)}")  # fmt: skip
+    worker_cfg = cfg.model_copy(update={"backend": b.model_copy(update={"name": "deepspeed"})}, deep=True)
     storage = Path(b.storage_path).resolve() if b.storage_path else out.with_name(out.name + ".ray")
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
             "cfg": worker_cfg.model_dump(mode="json"),
             "launched_at": launched,
-            "datasets": datasets,
+            "stores": stores,
             "cwd": os.getcwd(),
             "stop_file": str(stop_file(out)),
         },  # fmt: skip
@@ -143,8 +130,11 @@ def run_on_ray(cfg, log=print) -> Path:
     stop_file(out).unlink(missing_ok=True)  # an earlier attempt's request
     # After ray.init (which may set a SIGTERM handler of its own): SIGTERM / `ray job stop` reaches the
     # workers through the stop file; they checkpoint at the next step and end without error
-    with StopRequest(stop_file(out), write=True) as stop:
-        result = trainer.fit()
+    try:
+        with StopRequest(stop_file(out), write=True) as stop:
+            result = trainer.fit()
+    finally:  # tokenized forget rows are not left behind (forget-data hygiene); a rerun tokenizes again
+        shutil.rmtree(store_dir(out), ignore_errors=True)
     if result.error:
         raise result.error
     if stop() and not (out / "report.json").is_file():
@@ -157,6 +147,12 @@ def run_on_ray(cfg, log=print) -> Path:
         f"done: model in {out / 'model'}, report in {out / 'report.md'}; Ray Train run in {storage / out.name}"
     )
     return out
+
+
+def store_dir(out: Path) -> Path:
+    """Where the driver writes the tokenized forget and retain rows (beside the output: storage every worker
+    sees; not inside OUTPUT.partial, which a fresh run clears)."""
+    return out.with_name(out.name + ".tokens")
 
 
 def stop_file(out: Path) -> Path:
@@ -204,12 +200,11 @@ def _worker(config: dict) -> None:
     os.chdir(config["cwd"])  # relative paths of the config (configs/deepspeed/*.json, data) as on the driver
     cfg = RunConfig.model_validate(config["cfg"])
     backend = DeepSpeedBackend(cfg.backend)  # joins the process group Ray Train has set up
+    from engine.data.store import TokenStore
     from engine.models.causal_lm import load_tokenizer
 
     pad = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code).pad_token_id
-    streams = {
-        name: RayRows(ds, ds.count(), pad) for name, ds in config["datasets"].items()
-    }  # fmt: skip
+    streams = {name: TokenStore(folder, pad) for name, folder in config["stores"].items()}
 
     def report(epoch: int, folder: Path, row: dict) -> None:
         # every worker reports (Ray Train needs all of them); the main one names the checkpoint
@@ -222,7 +217,12 @@ def _worker(config: dict) -> None:
             (pointer / "deepspeed_checkpoint.txt").write_text(f"{folder}\nepoch_{epoch}\n")
             ckpt = Checkpoint.from_directory(str(pointer))
         metrics = {"epoch": epoch, **{k: v for k, v in row.items() if isinstance(v, (int, float))}}
+        t = time.perf_counter()
         ray.train.report(metrics, checkpoint=ckpt)
+        if (
+            row.get("epoch") == epoch
+        ):  # this epoch's row of report.json's history (benchmarks/ray_overhead.py)
+            row["ray_report_seconds"] = time.perf_counter() - t
 
     resumed = ray.train.get_checkpoint()
     try:

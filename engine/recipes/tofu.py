@@ -380,8 +380,8 @@ def run_tofu_unlearning(
         def on_step(epoch: int, phase: str, step: int, value: float) -> None:
             losses.setdefault(phase, []).append(value)
             if not first_step:
-                first_step.append(time.time() - launched_at)
-                log(f"first step done {first_step[0]:.1f} s after launch")
+                first_step.append(time.time())
+                log(f"first step done {first_step[0] - launched_at:.1f} s after launch")
 
         def on_epoch_end(epoch: int, epoch_losses: dict[str, float]) -> None:
             if cfg.eval.every_epoch or epoch == cfg.method.epochs:
@@ -487,7 +487,8 @@ def run_tofu_unlearning(
                     "train_seconds": train_seconds,
                     "resumed_from_epoch": start["epoch"] - 1 if start else None,
                     "resume": ckpt.report(),
-                    "seconds_to_first_step": first_step[0] if first_step else None,
+                    "seconds_to_first_step": first_step[0] - launched_at if first_step else None,
+                    "first_step_at": first_step[0] if first_step else None,  # time.time() of the first step
                     "backend": {
                         "name": backend.name,
                         "world_size": backend.world_size,

@@ -1,5 +1,5 @@
-"""`unlearn audit` end to end on real CIFAR-10 images with K=2 per side, as Ray tasks on an embedded
-local Ray: the references are trained once and reused by a second audit of another method."""
+"""`unlearn audit` end to end on real CIFAR-10 images with K=2 per side, as Ray tasks on the session's
+Ray head node: the references are trained once and reused by a second audit of another method."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_overrides
-from tests.integration.test_ray import REPO, ray_env
+from tests.conftest import ROOT as REPO
+from tests.conftest import ray_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +22,12 @@ def _unlearn(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def test_audit_k2_scores_every_forget_example_and_reuses_its_references(tiny_cifar, tmp_path):
+@pytest.mark.full
+def test_audit_k2_scores_every_forget_example_and_reuses_its_references(tiny_cifar, tmp_path, ray_head):
     over = tiny_overrides(tiny_cifar, tmp_path, **{
         "forget.kind": "selective", "forget.label": "airplane", "forget.count": "12",
         "model.path": str(tmp_path / "models" / "original"), "audit.k": "2", "audit.seed": "5",
-        "audit.cache_dir": str(tmp_path / "refs"), "train.epochs": "3",
+        "audit.cache_dir": str(tmp_path / "refs"), "train.epochs": "3", "audit.ray_address": ray_head["address"],
     })  # fmt: skip
     proc = _unlearn(
         "train", "configs/demo.yaml", *over, f"output_dir={tmp_path / 'models'}", "--only", "original"

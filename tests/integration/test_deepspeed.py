@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,19 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from engine.cli import main
-from tests.conftest import tofu_overrides
+from tests.conftest import DIST_RUN, free_port, tofu_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 2e-5
-# every run: SCRUB, 2 epochs of max+min, a learning rate that really moves a tiny model, forget batches of 3
-# (20 forget rows: the last batch has 2 rows, so with 2 ranks x 2 micro-batches some are stand-ins)
-RUN = {"eval.reference": "null", "method.lr": "0.003", "method.forget_batch_size": "3"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RUN = DIST_RUN  # SCRUB, 2 epochs, forget batches of 3: some micro-batches are stand-ins (conftest.py)
 
 
 def torchrun(overrides: list[str], fault: str | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -55,12 +46,9 @@ def ds(tiny_lm, out: Path, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single(tiny_lm, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single") / "out"
-    assert (
-        main(["run", "configs/tofu.yaml", *tofu_overrides(tiny_lm, out.parent, output_dir=out, **RUN)]) == 0
-    )
-    return out
+def single(tofu_reference) -> Path:
+    """The single-process run every distributed run here must equal (shared with test_ray.py)."""
+    return tofu_reference()
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +80,7 @@ def test_zero3_on_two_ranks_ends_with_the_single_process_weights(single, zero3, 
     assert r["backend"] == {"name": "deepspeed", "world_size": 2, "zero_stage": 3, "accumulation": 1}
 
 
+@pytest.mark.full
 def test_zero2_with_gradient_accumulation_ends_with_the_single_process_weights(single, tiny_lm, tmp_path):
     out = tmp_path / "zero2"
     proc = torchrun(
@@ -106,6 +95,7 @@ def test_zero2_with_gradient_accumulation_ends_with_the_single_process_weights(s
         assert a[phase] == pytest.approx(b[phase], rel=1e-4)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("stage", ["0", "1"])
 def test_zero0_and_zero1_end_with_the_single_process_weights(single, tiny_lm, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
@@ -155,6 +145,7 @@ def test_consolidated_checkpoint_reloads_in_plain_transformers_with_the_single_p
     assert (a - b).abs().max() < 1e-4
 
 
+@pytest.mark.full
 def test_a_run_killed_after_an_epoch_resumes_there_and_ends_as_the_uninterrupted_run(
     zero3, tiny_lm, tmp_path
 ):
@@ -185,6 +176,7 @@ def test_resuming_with_another_config_is_refused_before_any_work(tiny_lm, tmp_pa
     assert "unfinished run with another config" in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_zero3_with_optimizer_and_parameter_offload_without_a_launcher(single, tiny_lm, tmp_path):
     """One process started plainly (a world of one), ZeRO-3 with optimizer and parameter offload to CPU:
     DeepSpeed's own CPU Adam (compiled on first use, about 2 minutes once) replaces torch's AdamW, the

@@ -14,8 +14,8 @@ from benchmarks.faults import CASES, Context, run_case
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory) -> Context:
-    return Context(tmp_path_factory.mktemp("faults"), quick=True)
+def ctx(tmp_path_factory, tiny_lm, tiny_cifar) -> Context:
+    return Context(tmp_path_factory.mktemp("faults"), quick=True, lm=tiny_lm, cifar=tiny_cifar)
 
 
 def _can_mount_tmpfs() -> bool:
@@ -27,6 +27,7 @@ def _can_mount_tmpfs() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("name", [n for n, _, _ in CASES])
 def test_fault_case(ctx, name):
     if name == "disk full during a save" and not _can_mount_tmpfs():

@@ -126,7 +126,7 @@ def _search(run: dict, texts: set[str]) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_no_forget_text_is_left_after_a_tofu_run(tofu_run):
     texts = tofu_run["texts"]
     assert len(texts) >= 60  # 20 forget rows: questions, answers, paraphrases, perturbed answers
@@ -143,7 +143,7 @@ def test_no_forget_text_is_left_after_a_tofu_run(tofu_run):
         shutil.rmtree(planted.parent)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_no_generated_forget_answer_is_written(tofu_run):
     assert len(tofu_run["generated"]) >= 20  # the original's and the final model's forget generations
     assert _search(tofu_run, {CANARY}) == {}

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, tofu_overrides
 
 VENV_BIN = Path(sys.executable).parent
@@ -76,6 +78,7 @@ def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.full
 def test_deepspeed_launcher_two_processes(tiny_lm, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,6 +138,7 @@ printf '127.0.0.1\\n127.0.0.1\\n'
 """
 
 
+@pytest.mark.full
 def test_slurm_script_under_fake_srun(tiny_lm, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

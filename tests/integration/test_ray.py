@@ -1,7 +1,8 @@
-"""The Ray backend for real on loopback: an embedded local Ray, Ray Train with 2 CPU workers (DeepSpeed
-ZeRO-3 inside each), the forget and retain rows tokenized in Ray Data and fetched per epoch by each
-worker. Compared with the single-process run of the same global batches (tolerance as in
-test_deepspeed.py: float32 summation order, measured 1.3e-6)."""
+"""The Ray backend for real on loopback: Ray Train with 2 CPU workers (DeepSpeed ZeRO inside each), the
+forget and retain rows tokenized once in Ray Data into token stores each worker reads its own rows from.
+Compared with the single-process run of the same global batches (tolerance as in test_deepspeed.py:
+float32 summation order, measured 1.3e-6). One run starts an embedded local Ray, as a user's first run
+does; the others join one head node started once for the session (``ray_head`` in conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,60 +14,52 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import tofu_overrides
+from tests.conftest import DIST_RUN, ray_env, tofu_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = {"eval.reference": "null", "method.lr": "0.003", "method.forget_batch_size": "3"}
+RUN = DIST_RUN
+TOL = 2e-5
 
 
-def ray_env() -> dict:
-    """Subprocess environment: Ray kept on loopback, no usage stats, an explicit auth mode (the same for a
-    head and its clients), one thread per process, and no launcher or fault variables from outside."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "UNLEARN_FAULT"):
-        env.pop(key, None)
-    return env
+def max_diff(a: Path, b: Path) -> float:
+    x, y = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert x.keys() == y.keys()
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
-def test_ray_train_two_workers_zero3_equal_the_single_process(tiny_lm, tmp_path):
-    single = tmp_path / "single"
+def test_ray_train_two_workers_zero3_equal_the_single_process(tiny_lm, tofu_reference, tmp_path):
     ray_out = tmp_path / "ray"
-    env = ray_env()
-
-    def run(out: Path, **extra) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
-               *tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN, **extra)]  # fmt: skip
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-
-    proc = run(ray_out, **{"backend.name": "ray", "backend.num_workers": "2", "backend.zero_stage": "3"})
+    cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
+           *tofu_overrides(tiny_lm, tmp_path, output_dir=ray_out, **RUN, **{"backend.name": "ray",
+                           "backend.num_workers": "2", "backend.zero_stage": "3"})]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "Ray Train run in" in proc.stdout + proc.stderr  # where results and checkpoints went
-    assert run(single).returncode == 0
-    a, b = (
-        load_file(ray_out / "model" / "model.safetensors"),
-        load_file(single / "model" / "model.safetensors"),
-    )
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
+    assert max_diff(ray_out, tofu_reference()) < TOL
     report = json.loads((ray_out / "report.json").read_text())
     assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == 3
     assert report["seconds_to_first_step"] > 0
+    assert all(row["ray_report_seconds"] >= 0 for row in report["history"][1:])  # each epoch was reported
     shards = json.loads((ray_out / "shards.json").read_text())
     for stream in ("forget", "retain"):
         for epoch, ranks in shards[stream].items():
             assert ranks["0"] and ranks["1"] and not set(ranks["0"]) & set(ranks["1"]), (stream, epoch)
+    assert not ray_out.with_name("ray.tokens").exists()  # the tokenized rows are not left behind
 
 
+@pytest.mark.full
 def test_fan_out_runs_independent_runs_as_ray_tasks_and_gathers_their_results(tiny_lm, tmp_path, monkeypatch):
+    """In this process, on an embedded Ray of its own: ray.init from the pytest process hung connecting to the
+    session's head node (in Node._init_gcs_client), which the command-line drivers of the other tests join."""
     import ray
 
     from engine.backends.ray_train import fan_out, run_cli
 
-    for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-        monkeypatch.setenv(key, value)
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
+        monkeypatch.setenv(key, ray_env()[key])
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     lrs = ["0.001", "0.002"]
     jobs = [
@@ -83,108 +76,72 @@ def test_fan_out_runs_independent_runs_as_ray_tasks_and_gathers_their_results(ti
         assert json.loads((tmp_path / f"run{i}" / "report.json").read_text())["method"]["lr"] == float(lr)
 
 
-def test_ray_submit_runs_a_real_job_on_a_head_node_started_here(tiny_lm, tmp_path):
-    """A head node as a child process on 127.0.0.1 (short temp dir, explicit auth mode), a real job through
-    launchers/ray_submit.sh, then only that head is stopped, by its pid."""
-    import shutil
-    import socket
-    import tempfile
-    import time
-    import urllib.request
-
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
+@pytest.mark.full
+def test_ray_submit_runs_a_real_job_on_a_head_node_started_here(tiny_lm, tofu_reference, tmp_path, ray_head):
+    """A real job through launchers/ray_submit.sh against the session's head node on 127.0.0.1."""
     venv_bin = Path(sys.executable).parent
     env = {**ray_env(), "PATH": f"{venv_bin}:{os.environ['PATH']}"}
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay under 107 bytes
-    dash = port()
-    head = subprocess.Popen(
-        [str(venv_bin / "ray"), "start", "--head", f"--port={port()}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=3", f"--temp-dir={temp}", "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        for _ in range(120):  # the job API answers once the dashboard is up
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        out = tmp_path / "job"
-        overrides = tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN,
-                                   **{"backend.num_workers": "2", "backend.zero_stage": "2", "method.epochs": "1",
-                                      "method.msteps": "1", "backend.timeout_s": "120"})  # fmt: skip
-        for _ in range(48):  # a fresh head answers HTTP before its job agent registers: retry that only
-            proc = subprocess.run(["bash", "launchers/ray_submit.sh", address, "configs/tofu.yaml", *overrides],
-                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
-            logs = proc.stdout + proc.stderr
-            if "No available agent to submit job" not in logs:
-                break
-            time.sleep(5)
-        assert proc.returncode == 0, logs[-4000:]
-        assert "succeeded" in logs and "Ray Train run in" in logs
-        report = json.loads((out / "report.json").read_text())
-        assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == 2
-        # Ray Train recorded the epoch's checkpoint (a pointer to the DeepSpeed checkpoint of that epoch)
-        assert list((tmp_path / "job.ray" / "job").glob("checkpoint_*/deepspeed_checkpoint.txt"))
-        # ZeRO-2 on 2 workers: the single process's weights (as for ZeRO-3 above)
-        single = tmp_path / "single"
-        solo = [o.replace(str(out), str(single)) for o in overrides if not o.startswith("backend.")]
-        assert subprocess.run([sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml", *solo],
-                              cwd=REPO, env=env, capture_output=True).returncode == 0  # fmt: skip
-        a, b = (
-            load_file(out / "model" / "model.safetensors"),
-            load_file(single / "model" / "model.safetensors"),
-        )
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
-    finally:
-        head.terminate()  # this head only: never `ray stop`, which stops every Ray on the machine
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(temp, ignore_errors=True)
+    out = tmp_path / "job"
+    epochs = {"method.epochs": "1", "method.msteps": "1"}
+    overrides = tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN, **epochs,
+                               **{"backend.num_workers": "2", "backend.zero_stage": "2", "backend.timeout_s": "120"})  # fmt: skip
+    for _ in range(48):  # a fresh head answers HTTP before its job agent registers: retry that only
+        proc = subprocess.run(["bash", "launchers/ray_submit.sh", ray_head["dashboard"], "configs/tofu.yaml", *overrides],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+        logs = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in logs:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs and "Ray Train run in" in logs
+    report = json.loads((out / "report.json").read_text())
+    assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == 2
+    # Ray Train recorded the epoch's checkpoint (a pointer to the DeepSpeed checkpoint of that epoch)
+    assert list((tmp_path / "job.ray" / "job").glob("checkpoint_*/deepspeed_checkpoint.txt"))
+    # ZeRO-2 on 2 workers: the single process's weights (as for ZeRO-3 above)
+    assert max_diff(out, tofu_reference(**epochs)) < TOL
 
 
-def test_a_killed_worker_restarts_the_group_which_resumes_from_the_last_checkpoint(tiny_lm, tmp_path):
+@pytest.mark.full
+def test_a_killed_worker_restarts_the_group_which_resumes_from_the_last_checkpoint(
+    tiny_lm, tofu_reference, tmp_path, ray_head
+):
     """max_failures=1: worker 1 is SIGKILLed right after epoch 1's checkpoint (once); Ray Train restarts the
     worker group, which resumes from that checkpoint, says so, and ends with the weights of an
-    uninterrupted run (the single process's, within the float32 tolerance of 2 ranks)."""
+    uninterrupted run (the single process's, within the float32 tolerance of 2 ranks). The fault reaches the
+    head's workers through the job's runtime environment (init_ray hands UNLEARN_* variables on)."""
     marker = tmp_path / "killed"
-    env = ray_env()
-
-    def run(out: Path, fault: str | None = None, **extra) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
-               *tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN, **extra)]  # fmt: skip
-        run_env = {**env, "UNLEARN_FAULT": fault} if fault else env
-        return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=1500)
-
     out = tmp_path / "ray"
-    proc = run(out, fault=f"after_checkpoint:1:rank=1:once={marker}",
-               **{"backend.name": "ray", "backend.num_workers": "2", "backend.zero_stage": "2",
-                  "backend.max_failures": "1", "backend.timeout_s": "60"})  # fmt: skip
+    cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
+           *tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN,
+                           **{"backend.name": "ray", "backend.num_workers": "2", "backend.zero_stage": "2",
+                              "backend.max_failures": "1", "backend.timeout_s": "60",
+                              "backend.ray_address": ray_head["address"]})]  # fmt: skip
+    env = {**ray_env(), "UNLEARN_FAULT": f"after_checkpoint:1:rank=1:once={marker}"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]
     assert marker.is_file(), "the fault did not fire"
     assert "resuming from the checkpoint of epoch 1" in logs
     assert json.loads((out / "report.json").read_text())["resumed_from_epoch"] == 1
-    single = tmp_path / "single"
-    assert run(single).returncode == 0
-    a, b = load_file(out / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
+    assert max_diff(out, tofu_reference()) < TOL
 
 
-def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_rerun_resumes(tiny_lm, tmp_path):
+@pytest.mark.full
+def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_rerun_resumes(
+    tiny_lm, tofu_reference, tmp_path, ray_head
+):
     """`ray job stop` and a preempted head signal the driver only: it relays the request through a stop file,
     the 2 workers checkpoint at their next step and end, the driver exits 75; the same command resumes
     mid-epoch and ends with the weights of an uninterrupted run (the single process's, within the float32
     tolerance of 2 ranks)."""
     env = ray_env()
-    ray = {"backend.name": "ray", "backend.num_workers": "2", "backend.zero_stage": "2"}  # 2 epochs
+    ray = {
+        "backend.name": "ray",
+        "backend.num_workers": "2",
+        "backend.zero_stage": "2",
+        "backend.ray_address": ray_head["address"],
+    }  # fmt: skip  (2 epochs)
 
     def command(out: Path, **extra) -> list[str]:
         return [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
@@ -207,7 +164,4 @@ def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_rerun_resume
     )
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "step" in json.loads((out / "report.json").read_text())["resume"]["position"]
-    single = tmp_path / "single"
-    assert subprocess.run(command(single), cwd=REPO, env=env, timeout=1200).returncode == 0
-    a, b = load_file(out / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
+    assert max_diff(out, tofu_reference()) < TOL

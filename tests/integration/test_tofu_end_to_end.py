@@ -65,6 +65,7 @@ def test_tofu_train_run_eval(tiny_lm, tmp_path):
     assert json.loads((out / "report.json").read_text())["metrics"]["forget_quality"] is not None
 
 
+@pytest.mark.full
 def test_tofu_train_resumes_each_target_bit_identically(tiny_lm, tmp_path, monkeypatch):
     """SIGTERM in epoch 2 of each target of `unlearn train`: a checkpoint and exit 75 each time; the reruns
     resume the retain model mid-epoch, then keep it (its evaluation, the original's reference, from its

@@ -1,0 +1,53 @@
+"""The token store (engine/data/store.py) the Ray workers read their rows from: real TOFU rows, tokenized,
+written in any order, read back by index as the very batches the in-memory stream gives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.data.store import TokenStore, write_token_store
+from engine.data.text import QAFormatter, TextStream
+from engine.models.causal_lm import load_tokenizer
+from tests.conftest import TOFU
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_lm):
+    tok = load_tokenizer(str(tiny_lm))
+    rows = [json.loads(line) for line in (TOFU / "forget10.jsonl").read_text().splitlines()[:30]]
+    formatter = QAFormatter(tok, max_length=96)
+    return rows, formatter, tok.pad_token_id
+
+
+def _batches(formatter, rows, order, size=7):
+    for start in range(0, len(order), size):
+        part = order[start : start + size]
+        enc = [formatter.encode(rows[i]["question"], rows[i]["answer"]) for i in part]
+        yield {"row": part, "input_ids": [e["input_ids"] for e in enc], "labels": [e["labels"] for e in enc]}
+
+
+def test_rows_written_in_any_order_read_back_as_the_in_memory_stream_batches(encoded, tmp_path):
+    rows, formatter, pad = encoded
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    write_token_store(tmp_path / "store", len(rows), _batches(formatter, rows, order))
+    store, memory = TokenStore(tmp_path / "store", pad), TextStream(rows, formatter, pad)
+    assert len(store) == len(memory) == 30
+    for wanted in ([0], [29, 3, 17], list(range(30))):
+        a, b = store.get(torch.tensor(wanted)), memory.get(torch.tensor(wanted))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), wanted
+    assert not (tmp_path / "store.tmp").exists()
+
+
+def test_a_missing_or_repeated_row_is_refused_and_nothing_is_published(encoded, tmp_path):
+    rows, formatter, _ = encoded
+    with pytest.raises(ValueError, match="1 of 30 rows were never written"):
+        write_token_store(tmp_path / "a", 30, _batches(formatter, rows, list(range(29))))
+    with pytest.raises(ValueError, match="row 3 is out of range, repeated"):
+        write_token_store(tmp_path / "b", 30, _batches(formatter, rows, [0, 1, 2, 3, 3]))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(FileNotFoundError, match="not a complete token store"):
+        TokenStore(tmp_path / "a.tmp", 0)

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ except ImportError:
     from benchmarks._common import REPO, header_markdown, md_table, run_header, write_json, write_text
 
 sys.path.insert(0, str(REPO))
-from tests.conftest import make_tiny_cifar, make_tiny_lm, tiny_overrides, tofu_overrides  # noqa: E402
+from tests.conftest import free_port, make_tiny_cifar, make_tiny_lm, tiny_overrides, tofu_overrides  # noqa: E402
 
 FAULT_EPOCH = 2  # every fault strikes in epoch 2, after epoch 1's checkpoint
 
@@ -181,12 +180,6 @@ def clean_env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("UNLEARN_FAULT", None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def same_weights(a: Path, b: Path, folder: str | None = None) -> bool:

@@ -219,9 +219,8 @@ def _worker(config: dict) -> None:
         metrics = {"epoch": epoch, **{k: v for k, v in row.items() if isinstance(v, (int, float))}}
         t = time.perf_counter()
         ray.train.report(metrics, checkpoint=ckpt)
-        if (
-            row.get("epoch") == epoch
-        ):  # this epoch's row of report.json's history (benchmarks/ray_overhead.py)
+        # this epoch's row of report.json's history (read by benchmarks/ray_overhead.py)
+        if row.get("epoch") == epoch:
             row["ray_report_seconds"] = time.perf_counter() - t
 
     resumed = ray.train.get_checkpoint()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tofu_overrides
+from tests.conftest import ROOT, free_port, tofu_overrides
 
 VENV_BIN = Path(sys.executable).parent
 # each run takes about 20 s on 2 idle cores once DeepSpeed's CPU op is compiled (about 45 s more the
@@ -30,12 +29,6 @@ RUN = {
     # a rank that fails leaves the others waiting in a collective: fail them in minutes, not the default 10
     "backend.timeout_s": "300",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -88,7 +81,7 @@ def test_deepspeed_launcher_two_processes(tiny_lm, tmp_path):
         "--hostfile", str(tmp_path / "no_hostfile"),
         "--num_gpus", "2",  # on CPU: processes
         "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()),
+        "--master_port", str(free_port()),
         "--module", "engine.cli", "run", "configs/tofu.yaml",
         *tofu_overrides(tiny_lm, tmp_path, **RUN),
         "backend.name=deepspeed",
@@ -149,7 +142,7 @@ def test_slurm_script_under_fake_srun(tiny_lm, tmp_path):
     env = _env(
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         PYTHON=sys.executable,
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         FAKE_SLURM_LOG=str(log),
         SLURM_JOB_ID="4242",
         SLURM_JOB_NODELIST="node[1-2]",

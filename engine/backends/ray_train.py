@@ -1,9 +1,10 @@
-"""Ray: Ray Train workers run the one recipe, with the DeepSpeed backend inside each; Ray Data tokenizes
-the forget and retain sets once, into token stores every worker reads its own rows from.
+"""Ray: Ray Train workers run the one recipe, with the DeepSpeed backend inside each; the forget and retain
+sets are tokenized once (in Ray Data when larger than a block) into token stores every worker reads its
+own rows from.
 
 - Driver (``run_on_ray``): joins a cluster (``backend.ray_address`` or RAY_ADDRESS) or starts an
-  embedded local Ray on 127.0.0.1; tokenizes the forget and retain sets in Ray Data (from the same
-  Hugging Face ``datasets`` rows as the other backends) into token stores beside the output
+  embedded local Ray on 127.0.0.1; writes the forget and retain sets, tokenized (in Ray Data above
+  one block of rows), from the same Hugging Face ``datasets`` rows as the other backends, into token stores beside the output
   (``OUTPUT.tokens``, engine/data/store.py; removed when the run ends); runs a ``TorchTrainer`` of
   ``backend.num_workers`` workers with ``FailureConfig(max_failures)``.
 - Worker (``_worker``): the process group is Ray Train's; ``run_tofu_unlearning`` runs as under
@@ -23,9 +24,12 @@ import time
 from pathlib import Path
 
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray Train's print patch sends a worker's print() both to stdout and through its logger: every line of
+# the engine's log reached the driver twice
+WORKERS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # an embedded Ray: on loopback, no usage reporting, and no Ray Train preemption watcher (an actor process
 # polling for node drains, which a one-machine Ray never has: a second or two of start-up on 2 cores)
-EMBEDDED = {**LOOPBACK, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+EMBEDDED = {**LOOPBACK, **WORKERS, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def quiet_ray_data() -> None:
@@ -47,21 +51,63 @@ def init_ray(address: str | None) -> None:
     if address:
         # the cluster's processes do not inherit this one's environment: fault injection (UNLEARN_FAULT, for
         # tests and benchmarks/faults.py) is handed to the job's workers explicitly
-        env = {k: v for k, v in os.environ.items() if k.startswith("UNLEARN_")}
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+        env = {**WORKERS, **{k: v for k, v in os.environ.items() if k.startswith("UNLEARN_")}}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
         return
     for key, value in EMBEDDED.items():
         os.environ.setdefault(key, value)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    # No dashboard (1.5 s more start-up and a busy process on 2 cores); without it the State API that Ray
+    # Train's placement-group cleaner polls every second is absent, and the hook quiets its warning
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": _no_state_api_warning})  # fmt: skip
 
 
-def tokenize_to_store(rows: list[dict], formatter, folder: Path) -> Path:
+def _no_state_api_warning() -> None:
+    """In every process of an embedded Ray: drop the placement-group cleaner's once-a-second "Failed to query
+    Ray Train Controller actor state. State API may be temporarily unavailable" (a dashboard-less Ray has no
+    State API; the cleaner only matters when a driver dies and the Ray it started goes with it)."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+        lambda record: "State API may be temporarily unavailable" not in record.getMessage()
+    )
+
+
+ROWS_PER_BLOCK = 4096
+
+
+def write_stores(stream_rows: dict, formatter, out: Path, rows_per_block: int = ROWS_PER_BLOCK) -> dict:
+    """The forget and retain token stores of a run (``{name: (rows, encoded)}``: the rows and the driver's
+    own tokenization of them) in ``store_dir(out)``: ``{name: folder}``.
+
+    A set of at most one block is written from the rows the driver has already tokenized: a Ray Data
+    pipeline of one block runs that same encoding once more, in a task process that imports torch and
+    transformers first (4-6 s of a 2-core machine, benchmarks/ray_overhead.py). Larger sets go through
+    Ray Data, in blocks of ``rows_per_block`` rows tokenized in parallel over the cluster's CPUs."""
+    from engine.data.store import write_token_store
+
+    stores = {}
+    for name, (rows, encoded) in stream_rows.items():
+        folder = store_dir(out) / name
+        if len(rows) <= rows_per_block:
+            batch = {"row": range(len(rows)), "input_ids": [e["input_ids"] for e in encoded],
+                     "labels": [e["labels"] for e in encoded]}  # fmt: skip
+            write_token_store(folder, len(rows), [batch])
+        else:
+            tokenize_to_store(rows, formatter, folder, rows_per_block)
+        stores[name] = str(folder)
+    return stores
+
+
+def tokenize_to_store(
+    rows: list[dict], formatter, folder: Path, rows_per_block: int = ROWS_PER_BLOCK
+) -> Path:
     """Tokenize TOFU rows in Ray Data (prompt masked, as ``TextStream``) and write them into a token store
     (engine/data/store.py) in ``folder``, which every worker opens and reads its own rows from by index.
 
     The workers reading the store replace the per-epoch Ray Data ``filter`` they used to run, whose zero-CPU
     tasks started a fresh Python process per one-row block (40-60 of them per epoch on 2 cores, 60-115 s per
-    epoch and stream: benchmarks/ray_overhead.py). Here blocks hold up to ``ROWS_PER_BLOCK`` rows, and the
+    epoch and stream: benchmarks/ray_overhead.py). Here blocks hold up to ``rows_per_block`` rows, and the
     tokenizing tasks take a CPU each, so at most one per CPU runs at once."""
     import ray.data
 
@@ -73,12 +119,9 @@ def tokenize_to_store(rows: list[dict], formatter, folder: Path) -> Path:
                 "labels": [o["labels"] for o in out]}  # fmt: skip
 
     items = [{"row": i, "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
-    blocks = max(1, -(-len(items) // ROWS_PER_BLOCK))
+    blocks = max(1, -(-len(items) // rows_per_block))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(encode, batch_format="numpy")
     return write_token_store(folder, len(items), ds.iter_batches(batch_format="numpy"))
-
-
-ROWS_PER_BLOCK = 4096
 
 
 def run_on_ray(cfg, log=print) -> Path:
@@ -99,13 +142,11 @@ def run_on_ray(cfg, log=print) -> Path:
     b = cfg.backend
     init_ray(b.ray_address)
     out = Path(cfg.output_dir).resolve()
-    setup = TofuSetup(cfg, cfg.model.path)  # the driver tokenizes once, in Ray Data
-    stores = {
-        name: str(tokenize_to_store(getattr(setup.data, name), setup.formatter, store_dir(out) / name))
-        for name in ("forget", "retain")
-    }
-    log(f"Ray Data: forget {len(setup.data.forget)} rows, retain {len(setup.data.retain)} rows, tokenized "
-        f"into {store_dir(out)}")  # fmt: skip
+    setup = TofuSetup(cfg, cfg.model.path)
+    rows = {name: (getattr(setup.data, name), setup.streams[name].encoded) for name in ("forget", "retain")}
+    stores = write_stores(rows, setup.formatter, out)
+    log(f"forget {len(setup.data.forget)} rows, retain {len(setup.data.retain)} rows, tokenized into "
+        f"{store_dir(out)}")  # fmt: skip
     worker_cfg = cfg.model_copy(update={"backend": b.model_copy(update={"name": "deepspeed"})}, deep=True)
     storage = Path(b.storage_path).resolve() if b.storage_path else out.with_name(out.name + ".ray")
     trainer = TorchTrainer(

@@ -165,3 +165,32 @@ def test_sigterm_to_the_driver_checkpoints_at_the_next_step_and_the_rerun_resume
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "step" in json.loads((out / "report.json").read_text())["resume"]["position"]
     assert max_diff(out, tofu_reference()) < TOL
+
+
+@pytest.mark.full
+def test_ray_data_tokenizes_a_set_of_several_blocks_into_the_in_memory_streams_batches(
+    tiny_lm, tmp_path, monkeypatch
+):
+    """A set larger than a block goes through Ray Data (here 30 real TOFU rows in blocks of 7, on an
+    embedded Ray in this process): the store holds exactly the batches the in-memory stream gives."""
+    import ray
+
+    from engine.backends.ray_train import write_stores
+    from engine.data.text import QAFormatter
+    from engine.models.causal_lm import load_tokenizer
+    from tests.conftest import TOFU
+    from tests.unit.test_token_store import _assert_same_batches
+
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
+        monkeypatch.setenv(key, ray_env()[key])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    tok = load_tokenizer(str(tiny_lm))
+    formatter = QAFormatter(tok, max_length=96)
+    rows = [json.loads(line) for line in (TOFU / "forget10.jsonl").read_text().splitlines()[:30]]
+    encoded = [{"input_ids": [0], "labels": [0]}] * len(rows)  # not used above one block: Ray Data encodes
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
+    try:
+        stores = write_stores({"retain": (rows, encoded)}, formatter, tmp_path / "run", rows_per_block=7)
+    finally:
+        ray.shutdown()
+    _assert_same_batches(stores["retain"], rows, formatter, tok.pad_token_id)

@@ -51,3 +51,32 @@ def test_a_missing_or_repeated_row_is_refused_and_nothing_is_published(encoded, 
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     with pytest.raises(FileNotFoundError, match="not a complete token store"):
         TokenStore(tmp_path / "a.tmp", 0)
+
+
+def _assert_same_batches(folder, rows, formatter, pad):
+    store, memory = TokenStore(folder, pad), TextStream(rows, formatter, pad)
+    assert len(store) == len(memory)
+    everything = torch.arange(len(rows))
+    a, b = store.get(everything), memory.get(everything)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_set_of_one_block_is_stored_from_the_rows_the_driver_already_tokenized(
+    encoded, tmp_path, monkeypatch
+):
+    """write_stores (the Ray driver) writes a set of at most one block without Ray Data: the same store as
+    the in-memory stream's batches, and no Ray task (Ray Data is made to fail if it is reached)."""
+    import engine.backends.ray_train as ray_train
+
+    rows, formatter, pad = encoded
+
+    def no_ray_data(*args, **kwargs):
+        raise AssertionError("Ray Data was started for a set of one block")
+
+    monkeypatch.setattr(ray_train, "tokenize_to_store", no_ray_data)
+    memory = TextStream(rows, formatter, pad)
+    stores = ray_train.write_stores(
+        {"forget": (rows, memory.encoded)}, formatter, tmp_path / "run", rows_per_block=30
+    )
+    assert stores == {"forget": str(tmp_path / "run.tokens" / "forget")}
+    _assert_same_batches(stores["forget"], rows, formatter, pad)

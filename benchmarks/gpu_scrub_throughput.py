@@ -8,20 +8,22 @@ Protocol (one process, world size 1, nccl on a GPU / gloo on CPU):
    Full default: the TinyLlama-1.1B shape (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
    heads, vocab 32000, untied embeddings: 1.1 B parameters), bf16; ``--quick``: hidden 64, 2 layers,
    vocab 512, fp32 on CPU;
-2. the student: ``deepspeed.initialize`` with ZeRO-3 and a torch ``AdamW`` (lr 5e-5, weight decay 0, as
-   configs/tofu.yaml's method; no DeepSpeed ``optimizer`` section, so no fused op is compiled); the teacher:
-   a second model from the same config and seed, ``requires_grad_(False)``, its own ``deepspeed.initialize``
-   with the same ZeRO-3 config and no optimizer, eval mode: what engine/backends/deepspeed.py does;
-3. random token ids (fixed seed), [batch, seq_len], every token counted; a step computes the logits rows the
-   way engine/models/causal_lm.py's ``token_logits`` does (position t predicts token t + 1) and, in this
-   order, three modes, each ``--warmup`` untimed steps then ``--steps`` timed ones:
+2. the engine's own set-up: ``engine.backends.deepspeed.DeepSpeedBackend`` (configs/deepspeed/zero3.json,
+   ZeRO-3, world size 1) builds both models inside its ``init_context()`` and ``prepare``s them: the student
+   with the method's torch ``AdamW`` (lr 5e-5, weight decay 0, as configs/tofu.yaml's method; no DeepSpeed
+   ``optimizer`` section, so no fused op is compiled), the teacher frozen and sharded without an optimizer;
+3. random token ids (fixed seed), [batch, seq_len], every token counted, padded by the engine's
+   ``collate``; a step is the engine loop's step: ``token_logits`` (engine/models/causal_lm.py) of the
+   teacher (no grad) and of the student, the method's own ``loss`` (engine/methods: ``Erm``, ``Scrub``),
+   divided by its count, ``backend.backward`` and ``backend.step``, in this order, three modes, each
+   ``--warmup`` untimed steps then ``--steps`` timed ones:
    - ``finetune``: student forward + loss (mean token cross-entropy, ``Erm``) + backward + optimizer step;
    - ``scrub_min``: teacher forward (no grad) + student forward + gamma * CE + alpha * T^2 * KL(t || s) +
      backward + step (SCRUB's min-step);
    - ``scrub_max``: teacher forward + student forward + (-T^2 * KL(t || s) - forget_nll * CE) + backward +
      step (SCRUB's max-step); T = gamma = alpha = forget_nll = 1 as in configs/tofu.yaml
      (``--forget-nll 0``: the faithful max-step). The divergence is chunked by ``--chunk-rows`` token rows
-     with activation checkpointing, as engine/methods/losses.py's ``distill_kl_sum`` (default 4096, the
+     with activation checkpointing (engine/methods/losses.py's ``distill_kl_sum``; default 4096, the
      engine's).
    Every step ends with ``loss.item()`` as the engine's loop does; on a GPU ``torch.cuda.synchronize()``
    brackets each timed step. tokens/s = batch * seq_len * steps / timed seconds.
@@ -31,9 +33,8 @@ Protocol (one process, world size 1, nccl on a GPU / gloo on CPU):
    no per-mode peak: the host's peak RSS of the whole process so far (``getrusage``) is reported, and
    it can only grow from one mode to the next.
 
-It imports nothing from ``engine`` (engine.methods, engine.config, engine.data and engine.eval.report pull
-pydantic, datasets or matplotlib): the two SCRUB losses are restated below from engine/methods/losses.py
-and engine/methods/scrub.py.
+It imports the engine's backend, methods, forward and collate (pydantic and DeepSpeed travel as wheels; it
+needs no ``datasets``), never a copy of them: what it times is what `unlearn run` runs.
 
 Writes ``DIR/results.json`` ({"device", "torch", "deepspeed", "model": {"params", "shape"}, "modes":
 {"finetune": {...}, "scrub_min": {...}, "scrub_max": {...}}, ...}) and ``DIR/results.md`` (the table),
@@ -69,15 +70,11 @@ import math
 import os
 import platform
 import resource
-import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 MODES = ("finetune", "scrub_min", "scrub_max")
 FULL = dict(
@@ -146,17 +143,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- small helpers (benchmarks/_common.py imports engine.eval.report, hence matplotlib: not used here) -------
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sync(cuda: bool) -> None:
@@ -168,109 +161,52 @@ def host_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
 
 
-# --- SCRUB's losses, restated from engine/methods/losses.py (distill_kl_sum, cross_entropy_sum) and
-# engine/methods/scrub.py (Scrub.loss); sums over token rows, divided by the row count as engine/loop.py does.
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _kl_rows(s: torch.Tensor, t: torch.Tensor, temp: float) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(_upcast(s) / temp, -1), F.softmax(_upcast(t) / temp, -1), reduction="sum")
-
-
-def kl_sum(s: torch.Tensor, t: torch.Tensor, temp: float, chunk_rows: int) -> torch.Tensor:
-    """Sum over rows of T^2 * KL(softmax(t/T) || softmax(s/T)); chunks recomputed in backward."""
-    if not chunk_rows or s.shape[0] <= chunk_rows:
-        return _kl_rows(s, t, temp) * temp**2
-    total = _upcast(s).new_zeros(())
-    for i in range(0, s.shape[0], chunk_rows):
-        total = total + checkpoint(
-            _kl_rows, s[i : i + chunk_rows], t[i : i + chunk_rows], temp, use_reentrant=False
-        )
-    return total * temp**2
-
-
-def ce_sum(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_upcast(s), labels, reduction="sum")
-
-
-def loss_of(mode: str, s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, a) -> torch.Tensor:
-    if mode == "finetune":
-        total = ce_sum(s, labels)
-    elif mode == "scrub_min":
-        total = a.gamma * ce_sum(s, labels) + a.alpha * kl_sum(s, t, a.temperature, a.chunk_rows)
-    else:  # scrub_max
-        total = -kl_sum(s, t, a.temperature, a.chunk_rows)
-        if a.forget_nll:
-            total = total - a.forget_nll * ce_sum(s, labels)
-    return total / s.shape[0]
-
-
 # --- the run ------------------------------------------------------------------------------------------------
 
 
-def ds_config(dtype: str, micro_batch: int) -> dict:
-    """configs/deepspeed/zero3.json with what engine/backends/deepspeed.py's build_ds_config puts on top."""
-    return {
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": False,
-            "contiguous_gradients": True,
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-        "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {"enabled": False},
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro_batch,  # world size 1
-        "gradient_clipping": 0.0,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+def methods(args) -> dict:
+    """mode -> (the engine's method, its phase): what the loop would run."""
+    from engine.methods import Erm, ErmConfig, Scrub, ScrubConfig
+
+    opt = {"optimizer": "adamw", "lr": args.lr, "weight_decay": 0.0}
+    scrub = Scrub(ScrubConfig(temperature=args.temperature, gamma=args.gamma, alpha=args.alpha,
+                              forget_nll=args.forget_nll, chunk_rows=args.chunk_rows or None, **opt))  # fmt: skip
+    erm = Erm(ErmConfig(lr_decay_epochs=[], **opt))
+    return {"finetune": (erm, "min"), "scrub_min": (scrub, "min"), "scrub_max": (scrub, "max")}
 
 
-def token_rows(model, batch: dict) -> torch.Tensor:
-    """engine/models/causal_lm.py's token_logits with every token counted: [batch * (seq_len - 1), vocab]."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]
-    return logits.reshape(-1, logits.shape[-1])
+def one_step(mode: str, backend, student, teacher, batch: dict, args) -> float:
+    """One optimizer step as engine/loop.py takes it (one micro-batch that is the whole global batch)."""
+    from engine.models.causal_lm import token_logits
 
-
-def one_step(mode: str, student, teacher, batch: dict, args) -> float:
+    method, phase = args.methods[mode]
     t_rows = None
-    if mode != "finetune":
+    if method.needs_teacher:
         with torch.no_grad():
-            t_rows = token_rows(teacher, batch)
-    s_rows = token_rows(student, batch)
-    loss = loss_of(mode, s_rows, t_rows, batch["labels"], args)
-    student.backward(loss, scale_wrt_gas=False)
-    student.step()
+            t_rows = token_logits(teacher, batch)
+    s_rows = token_logits(student, batch)
+    terms = method.loss(phase, s_rows, t_rows, batch["labels"], batch=batch)
+    loss = terms.total / max(terms.count, 1)
+    backend.backward(loss)
+    backend.step()
     return float(loss.detach().float().cpu())  # the engine's loop reads every step's loss
 
 
-def run_mode(mode: str, student, teacher, batch: dict, args, cuda: bool) -> dict:
+def run_mode(mode: str, backend, student, teacher, batch: dict, args, cuda: bool) -> dict:
     student.train()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start_alloc = torch.cuda.memory_allocated() if cuda else None
     t0 = time.perf_counter()
-    losses = [one_step(mode, student, teacher, batch, args) for _ in range(args.warmup)]
+    losses = [one_step(mode, backend, student, teacher, batch, args) for _ in range(args.warmup)]
     sync(cuda)
     warmup_seconds = time.perf_counter() - t0
     times = []
     for _ in range(args.steps):
         sync(cuda)
         t0 = time.perf_counter()
-        losses.append(one_step(mode, student, teacher, batch, args))
+        losses.append(one_step(mode, backend, student, teacher, batch, args))
         sync(cuda)
         times.append(time.perf_counter() - t0)
     seconds = sum(times)
@@ -372,33 +308,25 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:  # no launcher: a world of one on loopback
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
+    sys.path.insert(0, str(REPO))  # the engine, from this checkout
     # after DS_ACCELERATOR is set; the model classes are imported before any zero.Init
     import deepspeed
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
+
+    from engine.backends.deepspeed import DeepSpeedBackend
+    from engine.config import BackendConfig
+    from engine.data.text import collate
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # DeepSpeed 0.19 calls reduce_scatter_tensor, which torch 2.13 deprecates: one warning per step otherwise
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
     import_seconds = time.perf_counter() - wall0
-    deepspeed.init_distributed(
-        dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False
-    )
-    print(f"imports {import_seconds:.1f} s, process group up {time.perf_counter() - wall0:.1f} s", flush=True)
-
     dtype_name = args.dtype or ("bf16" if cuda else "fp32")
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    config = ds_config(dtype_name, args.batch)
-    hf_ds = HfDeepSpeedConfig(config)  # noqa: F841  kept alive: transformers holds a weak reference
+    # no launcher: the backend makes a world of one on loopback (nccl on a GPU, gloo on CPU)
+    backend = DeepSpeedBackend(BackendConfig(name="deepspeed", zero_stage=3, dtype=dtype_name,
+                                             deepspeed_config=str(REPO / "configs" / "deepspeed" / "zero3.json")))  # fmt: skip
+    print(f"imports {import_seconds:.1f} s, process group up {time.perf_counter() - wall0:.1f} s", flush=True)
+    device = backend.device
     cfg = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -415,28 +343,19 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         return LlamaForCausalLM._from_config(copy.deepcopy(cfg), dtype=dtype, attn_implementation="sdpa")
 
+    args.methods = methods(args)
     t0 = time.perf_counter()
-    student = build()
-    teacher = build().requires_grad_(False)
+    with backend.init_context():  # ZeRO-3: partitioned as they are built
+        student, teacher = build(), build()
     params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
     embed = args.vocab * args.hidden  # the input embedding is a lookup, not a matmul
-    optimizer = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
-    )
-    student, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
-    teacher, *_ = deepspeed.initialize(model=teacher, config=copy.deepcopy(config))
-    teacher.eval()  # DeepSpeedEngine.eval returns None: keep the engine
+    student, teacher = backend.prepare(student, teacher, args.methods["scrub_min"][0].config.build_optimizer)
     init_seconds = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-        "labels": ids[:, 1:].reshape(-1),
-    }
+    ids = torch.randint(1, args.vocab, (args.batch, args.seq_len), generator=g).tolist()
+    batch = collate([{"input_ids": row, "labels": row} for row in ids], pad_id=0)  # every token counted
+    batch = {k: v.to(device) for k, v in batch.items()}
 
     results = {
         "question": "tokens/s and peak memory of SCRUB min/max steps vs a fine-tuning step, ZeRO-3, world size 1",
@@ -488,7 +407,7 @@ def main(argv=None) -> int:
     ok = True
     for mode in MODES:
         try:
-            results["modes"][mode] = run_mode(mode, student, teacher, batch, args, cuda)
+            results["modes"][mode] = run_mode(mode, backend, student, teacher, batch, args, cuda)
         except torch.OutOfMemoryError as exc:  # keep what ran; a later mode needs at least as much memory
             results["modes"][mode] = {"error": f"out of memory: {str(exc).splitlines()[0]}"}
             ok = False
@@ -503,8 +422,7 @@ def main(argv=None) -> int:
             break
     print(save(args.out, results), flush=True)
     print(f"wrote {args.out / 'results.json'} and results.md ({results['wall_seconds']:.1f} s)", flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    backend.close()
     return 0 if ok and all(r.get("finite") for r in results["modes"].values()) else 1
 
 

@@ -56,6 +56,9 @@ try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.zero
 except ImportError:  # pragma: no cover
     from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
 
+sys.path.insert(0, str(REPO))
+from engine.checkpoint.run_folder import RunFolder  # noqa: E402
+
 CONFIG = REPO / "configs" / "tofu.yaml"
 TOFU = REPO.parent / "shared" / "data" / "tofu"
 WORLD_SIZES = (1, 2)
@@ -239,7 +242,7 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
     # a run that did not finish leaves no report; its leftovers (including a resumable checkpoint, which
     # would skip the steps whose memory is measured) are removed so the job runs from the start
     model_in = runs / f"ws{world}.base"
-    for leftover in (output_dir, output_dir.with_name(output_dir.name + ".partial"), model_in):
+    for leftover in (output_dir, RunFolder(output_dir).partial, model_in):
         shutil.rmtree(leftover, ignore_errors=True)
     # each run reads its own hard-linked view of the base model: the engine caches the base model's
     # evaluation next to its weights, and a cache written by one run would spare the other its work

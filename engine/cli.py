@@ -78,35 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         from engine.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        tofu = cfg.task == "tofu"
-        if args.command == "train":
-            only = (args.only,) if args.only else None
-            if tofu:
-                from engine.recipes.tofu import run_tofu_training
+        from engine.recipes import recipe_for
 
-                run_tofu_training(cfg, **({"targets": only} if only else {}))
-            else:
-                from engine.recipes.train import TARGETS, run_training
+        recipe = recipe_for(args.command, cfg)  # a backend the command does not run on is refused here
+        kwargs = {"targets": (args.only,)} if getattr(args, "only", None) else {}
+        if cfg.backend.name == "ray":
+            from engine.launchers.ray_train import run_on_ray
 
-                run_training(cfg, targets=only or TARGETS)
-        elif args.command == "audit":
-            from engine.recipes.audit import run_audit
-
-            run_audit(cfg)
-        elif args.command == "run":
-            if cfg.backend.name == "ray":
-                from engine.backends.ray_train import run_on_ray as run
-            elif tofu:
-                from engine.recipes.tofu import run_tofu_unlearning as run
-            else:
-                from engine.recipes.unlearn import run_unlearning as run
-            run(cfg)
+            run_on_ray(cfg, recipe, **kwargs)
         else:
-            if tofu:
-                from engine.recipes.tofu import run_tofu_eval as evaluate
-            else:
-                from engine.recipes.evaluate import run_evaluation as evaluate
-            evaluate(cfg)
+            recipe.run(cfg, **kwargs)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

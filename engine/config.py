@@ -262,6 +262,11 @@ class BackendConfig(StrictModel):
         description="Keep every epoch's resumable checkpoint in OUTPUT/checkpoints (default: only the last, "
         "and none once the run has completed).",
     )
+    sync_batchnorm: bool = Field(
+        False,
+        description="deepspeed/ray on GPUs: BatchNorm layers as torch.nn.SyncBatchNorm, statistics over the "
+        "global batch (default: each rank's own, as DDP keeps them; the export is rank 0's).",
+    )
 
 
 class CheckpointConfig(StrictModel):
@@ -347,7 +352,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def parse_overrides(overrides: list[str]) -> dict:
     """``["method.alpha=0.5", "forget.ids=[1,2]"]`` -> nested dict; values are parsed as YAML."""
     tree: dict = {}
-    for item in overrides:
+    # `method=NAME` first, wherever it stands: `method.lr=0.01 method=npo` must not drop the learning rate
+    switch = [o for o in overrides if o.split("=", 1)[0].strip() == "method"]
+    for item in switch + [o for o in overrides if o not in switch]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (for example: method.alpha=0.5)")
         key, raw = item.split("=", 1)
@@ -356,7 +363,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else None
         if key.strip() == "method" and isinstance(value, str):
             # `method=npo` switches methods: that method's defaults replace the file's method section
-            # (whose keys, e.g. SCRUB's msteps, the new method may not have); later method.* apply on top.
+            # (whose keys, e.g. SCRUB's msteps, the new method may not have); every method.* applies on top.
             value = {"name": value, REPLACE: True}
         _set_dotted(tree, key.strip(), value)
     return tree

@@ -20,7 +20,8 @@ PreemptedError; a restart passes the position back as ``start`` and goes on with
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -97,18 +98,30 @@ def run_loop(
             total, steps = sums.setdefault(phase.name, [0.0, 0])  # steps == skip when resumed mid-phase
             for micro_batches in bar:  # one optimizer step: this rank's micro-batches of one global batch
                 value = torch.zeros(())
+                part_totals = None
+                if hasattr(method, "part_counts"):  # a loss of several means: each part's global count
+                    local = [0.0] * len(method.parts)
+                    for batch in micro_batches:
+                        if batch["share"] > 0:  # a stand-in counts nothing
+                            local = [a + b for a, b in zip(local, method.part_counts(phase.name, batch))]
+                    part_totals = backend.sum_across_ranks(local)
                 for batch in micro_batches:
                     teacher_logits = None
                     if method.needs_teacher:
                         with torch.no_grad():
                             teacher_logits = forward(phase_teacher, batch)
-                    student_logits = forward(student, batch)
+                    # a zero-weight stand-in (base.py) is not data: it must not move BatchNorm's statistics
+                    with frozen_batchnorm(student) if batch["share"] == 0 else nullcontext():
+                        student_logits = forward(student, batch)
                     terms = method.loss(
                         phase.name, student_logits, teacher_logits, batch["labels"], batch=batch
                     )
                     # this micro-batch's part of the global batch's mean (base.py: summed over micro-batches
                     # and ranks it is exactly the mean one process computes over the whole batch)
-                    loss = terms.total / max(terms.count, 1) * batch["share"]
+                    if terms.parts is None:
+                        loss = terms.mean() * batch["share"]
+                    else:  # each part over its own global count (methods/base.py)
+                        loss = terms.mean(part_totals) * (1.0 if batch["share"] > 0 else 0.0)
                     penalty = method.penalty(student, teacher)
                     if penalty is not None:
                         loss = loss + penalty * batch["share"]
@@ -143,6 +156,22 @@ def run_loop(
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, {k: t / max(n, 1) for k, (t, n) in sums.items()})
     return state
+
+
+@contextmanager
+def frozen_batchnorm(model: torch.nn.Module) -> Iterator[None]:
+    """BatchNorm layers in eval mode for one forward: their running statistics (and batch count) stay as they
+    were. For a stand-in micro-batch, whose loss is multiplied by 0, so its gradient is 0 either way."""
+    norms = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def _diverged(

@@ -71,7 +71,7 @@ def tiny_overrides(dataset: Path, tmp: Path, **extra) -> list[str]:
         "eval.batch_size": "128",
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k}={v}" for k, v in base.items() if v is not None]  # None: leave the key out
 
 
 TOFU = ROOT.parent / "shared" / "data" / "tofu"
@@ -158,7 +158,7 @@ def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
         "eval.batch_size": "32",
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k}={v}" for k, v in base.items() if v is not None]  # None: leave the key out
 
 
 def ray_env() -> dict:
@@ -179,6 +179,27 @@ def ray_env() -> dict:
     ):
         env.pop(key, None)
     return env
+
+
+def ray_submit(dashboard: str, config: str, overrides: list[str]) -> str:
+    """`launchers/ray_submit.sh DASHBOARD CONFIG overrides...` from the repository, as a user runs it; asserts it
+    succeeded and returns its output. A fresh head answers HTTP before its job agent registers: that answer
+    alone is retried."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**ray_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for _ in range(48):
+        proc = subprocess.run(["bash", "launchers/ray_submit.sh", dashboard, config, *overrides], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=1200)  # fmt: skip
+        logs = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in logs:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0, logs[-4000:]
+    assert "succeeded" in logs and "Ray Train run in" in logs
+    return logs
 
 
 def free_port() -> int:
@@ -206,9 +227,15 @@ def ray_head():
     env = {**ray_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Unix socket paths must stay under 107 bytes
     gcs, dash = free_port(), free_port()
+    # every port of its own: two heads at once (the Ray test files on two pytest-xdist workers) would otherwise
+    # both want the dashboard agent's default ports, and the second head's job agent never registers
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port",
+                                                     "ray-client-server-port")]  # fmt: skip
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=3", f"--temp-dir={temp}", "--block"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports, "--num-cpus=3", f"--temp-dir={temp}",
+         "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     info = {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}"}
@@ -240,7 +267,7 @@ DIST_RUN = {"eval.reference": "null", "method.lr": "0.003", "method.forget_batch
 @pytest.fixture(scope="session")
 def tofu_reference(tiny_lm, tmp_path_factory):
     """``tofu_reference(**overrides)``: the output folder of the single-process `unlearn run configs/tofu.yaml`
-    with DIST_RUN and ``overrides``, run once per session for each distinct set of overrides (the reference
+    with DIST_RUN and ``overrides`` (an override of None leaves that key out), run once per session for each distinct set of overrides (the reference
     several distributed tests compare their weights with)."""
     from engine.cli import main
 
@@ -250,7 +277,7 @@ def tofu_reference(tiny_lm, tmp_path_factory):
         key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
         if key not in done:
             out = tmp_path_factory.mktemp("reference") / "out"
-            args = tofu_overrides(tiny_lm, out.parent, output_dir=out, **DIST_RUN, **overrides)
+            args = tofu_overrides(tiny_lm, out.parent, output_dir=out, **{**DIST_RUN, **overrides})
             assert main(["run", "configs/tofu.yaml", *args]) == 0
             done[key] = out
         return done[key]

@@ -18,7 +18,7 @@ def build_backend(config) -> Backend:
     from engine.errors import ConfigError
 
     raise ConfigError(
-        f"backend.name={config.name} is not available for this command (ray runs `unlearn run` of task=tofu)"
+        f"backend.name={config.name} is a launcher, not a backend a process builds (engine/launchers/ray_train.py)"
     )
 
 

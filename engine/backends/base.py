@@ -5,7 +5,8 @@ last one kept) is cut into ``world_size`` contiguous shares, one per rank, and e
 ``accum`` micro-batches (gradient accumulation). Every rank runs the same number of micro-batches per
 step whatever the sizes (ZeRO-3 gathers parameters collectively in every forward): a micro-batch with
 no rows (a forget set smaller than ranks x accumulation steps) is a zero-weight stand-in, one real row
-whose loss is multiplied by 0. Each micro-batch carries ``share``: its counted rows (examples, or
+whose loss is multiplied by 0 (and whose forward leaves BatchNorm's running statistics as they were:
+engine/loop.py). Each micro-batch carries ``share``: its counted rows (examples, or
 answer tokens of a causal LM) over the global batch's, so that summing ``loss_sum / count * share``
 over micro-batches and ranks gives the global batch's mean exactly as one process would compute it.
 """

@@ -186,6 +186,12 @@ class DeepSpeedBackend(Backend):
         self.zero_stage = self.config["zero_optimization"]["stage"]
         self.dtype = DTYPES[cfg.dtype]
         self.keep_checkpoints = cfg.keep_checkpoints
+        if cfg.sync_batchnorm and not torch.cuda.is_available():
+            raise ConfigError(
+                "backend.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm runs on CUDA); on CPU each rank "
+                "keeps its own BatchNorm statistics: leave it false"
+            )
+        self.sync_batchnorm = cfg.sync_batchnorm
         self.engine = None
         self._hf_config = None
         self._micro = 0
@@ -206,6 +212,8 @@ class DeepSpeedBackend(Backend):
     ):
         import deepspeed
 
+        if self.sync_batchnorm:  # statistics over the global batch (NCCL); same state-dict keys, same export
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
         params = [p for p in student.parameters() if p.requires_grad]
         config = dict(self.config)
         if "offload_optimizer" in config["zero_optimization"]:

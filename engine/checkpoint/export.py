@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from engine.checkpoint.run_folder import RunFolder
 from engine.errors import OutputError
 
 
@@ -32,7 +33,7 @@ def staged_dir(output_dir: str | Path, overwrite: bool, backend=None, resume: bo
     moves folders; the others wait for it."""
     main = backend is None or backend.is_main
     out = check_output_dir(output_dir, overwrite)
-    stage = out.with_name(out.name + ".partial")
+    stage = RunFolder(out).partial
     if main:
         if stage.exists() and not resume:
             shutil.rmtree(stage)  # a previous failed attempt with nothing to resume from
@@ -44,7 +45,7 @@ def staged_dir(output_dir: str | Path, overwrite: bool, backend=None, resume: bo
         backend.barrier()  # every process has finished writing into the stage
     if main:
         if out.exists():
-            old = out.with_name(out.name + ".old")
+            old = RunFolder(out).old
             if old.exists():
                 shutil.rmtree(old)
             os.replace(out, old)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from engine.data.selection import ids_sha256
 from engine.errors import DataError
 
 IGNORE = -100  # the label value transformers' losses skip
@@ -94,15 +95,13 @@ class TofuData:
     description: str = ""
 
     def forget_summary(self) -> dict:
-        import hashlib
-
-        ids = sorted(int(r["id"]) for r in self.forget)
+        ids = [int(r["id"]) for r in self.forget]
         return {
             "kind": "tofu",
             "split": self.forget_split,
             "authors": self.forget_authors,
             "size": len(ids),
-            "ids_sha256": hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest(),
+            "ids_sha256": ids_sha256(ids),
             "description": self.description,
         }
 

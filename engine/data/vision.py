@@ -7,7 +7,6 @@ that every epoch is pure tensor indexing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.data.selection import ids_sha256
 from engine.errors import DataError
 
 _DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -143,11 +143,6 @@ class ImageSet:
             torch.cat([self.labels, other.labels]),
             self.ids + other.ids,
         )
-
-
-def ids_sha256(ids: list) -> str:
-    """sha256 of the sorted ids as a JSON list: the fingerprint of a forget set written to model cards."""
-    return hashlib.sha256(json.dumps(sorted(ids, key=lambda v: (isinstance(v, str), v))).encode()).hexdigest()
 
 
 @dataclass

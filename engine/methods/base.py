@@ -83,13 +83,27 @@ class Phase:
 @dataclass
 class LossTerms:
     """A batch's loss as a SUM over counted items (examples or tokens) plus their count, so that the
-    loop, not the method, decides the normaliser (the global count when data is sharded; ``count=1``
-    marks a loss the method already averaged, e.g. two means over different token sets), plus an
-    un-normalised ``penalty`` added once per step."""
+    loop, not the method, decides the normaliser (the global count when data is sharded), plus an
+    un-normalised ``penalty`` added once per step.
+
+    A loss that is a sum of means over different sets of items (GradDiff: forget tokens and retain tokens;
+    NPO: forget sequences and retain tokens) gives each mean's SUM in ``parts``, in the order of the method's
+    ``parts`` names; the method's ``part_counts(phase, batch)`` gives each part's item count from the batch
+    alone, and the loop divides each part by its count over the whole global batch (all micro-batches, all
+    ranks). One normaliser for both would be exact only when both sets split in the same proportion, which
+    token counts do not: 2 ranks would not equal 1."""
 
     total: torch.Tensor
     count: int
     penalty: torch.Tensor | None = None
+    parts: tuple[torch.Tensor, ...] | None = None
+
+    def mean(self, part_totals: tuple[float, ...] | None = None) -> torch.Tensor:
+        """The batch's loss as one process computes it: ``total / count``, or each part over its total
+        (``part_totals``: the counts of the whole global batch)."""
+        if self.parts is None:
+            return self.total / max(self.count, 1)
+        return sum(p / max(float(n), 1.0) for p, n in zip(self.parts, part_totals, strict=True))
 
 
 @dataclass

@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import Field
 
 from engine.methods.base import LossTerms, Phase
-from engine.methods.grad_ascent import GradAscentConfig, split_paired, token_mean_nll
+from engine.methods.grad_ascent import GradAscentConfig, split_paired
+from engine.methods.losses import cross_entropy_sum
 
 
 class GradDiffConfig(GradAscentConfig):
@@ -28,11 +29,18 @@ class GradDiff:
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("paired", "paired", self.config.batch_size)]
 
+    parts = ("forget", "retain")  # token means over the forget and over the retain answer tokens
+
+    def part_counts(self, phase, batch: dict) -> tuple[int, int]:
+        f = batch["forget_token"]
+        return int(f.sum()), int((~f).sum())
+
     def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
         c = self.config
         (f_logits, f_labels), (r_logits, r_labels) = split_paired(student_logits, labels, batch)
-        total = -c.gamma * token_mean_nll(f_logits, f_labels) + c.alpha * token_mean_nll(r_logits, r_labels)
-        return LossTerms(total=total, count=1)  # already a mean: two means over different token sets
+        forget = -c.gamma * cross_entropy_sum(f_logits, f_labels)
+        retain = c.alpha * cross_entropy_sum(r_logits, r_labels)
+        return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))
 
     def penalty(self, student, teacher) -> None:
         return None

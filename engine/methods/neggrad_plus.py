@@ -49,10 +49,6 @@ def split_forget(logits: torch.Tensor, labels: torch.Tensor, batch: dict | None)
     return (logits[f], labels[f]), (logits[~f], labels[~f])
 
 
-def mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(logits, labels) / max(int(labels.shape[0]), 1)
-
-
 class NegGradPlus:
     needs_teacher = False
 
@@ -62,11 +58,18 @@ class NegGradPlus:
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("paired", "paired", self.config.batch_size)]
 
+    parts = ("forget", "retain")  # means over the forget rows and over their retain partners
+
+    def part_counts(self, phase, batch: dict) -> tuple[int, int]:
+        f = batch["is_forget"]
+        return int(f.sum()), int((~f).sum())
+
     def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
         b = self.config.beta
         (f_logits, f_labels), (r_logits, r_labels) = split_forget(student_logits, labels, batch)
-        total = b * mean_ce(r_logits, r_labels) - (1 - b) * mean_ce(f_logits, f_labels)
-        return LossTerms(total=total, count=1)  # already a mean: two means over different halves
+        forget = -(1 - b) * cross_entropy_sum(f_logits, f_labels)
+        retain = b * cross_entropy_sum(r_logits, r_labels)
+        return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))
 
     def penalty(self, student, teacher) -> None:
         return None

@@ -10,9 +10,8 @@ from typing import Literal
 from pydantic import Field
 
 from engine.methods.base import LossTerms, Phase
-from engine.methods.grad_ascent import token_mean_nll
 from engine.methods.grad_diff import GradDiffConfig
-from engine.methods.losses import npo_sum, sequence_nll
+from engine.methods.losses import cross_entropy_sum, npo_sum, sequence_nll
 
 
 class NpoConfig(GradDiffConfig):
@@ -29,6 +28,11 @@ class Npo:
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("paired", "paired", self.config.batch_size)]
 
+    parts = ("forget", "retain")  # a mean over the forget sequences, a token mean over the retain answers
+
+    def part_counts(self, phase, batch: dict) -> tuple[int, int]:
+        return int(batch["is_forget"].sum()), int((~batch["forget_token"]).sum())
+
     def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
         c = self.config
         if batch is None or "is_forget" not in batch:
@@ -37,10 +41,10 @@ class Npo:
         seq, is_f = batch["sequence"], batch["is_forget"]
         nll = sequence_nll(student_logits, labels, seq, n)[is_f]
         ref_nll = sequence_nll(teacher_logits.detach(), labels, seq, n)[is_f]
-        forget = npo_sum(nll, ref_nll, c.beta) / max(int(is_f.sum()), 1)
+        forget = c.gamma * npo_sum(nll, ref_nll, c.beta)
         r = ~batch["forget_token"]
-        total = c.gamma * forget + c.alpha * token_mean_nll(student_logits[r], labels[r])
-        return LossTerms(total=total, count=1)  # already a mean (sequence mean + token mean)
+        retain = c.alpha * cross_entropy_sum(student_logits[r], labels[r])
+        return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))
 
     def penalty(self, student, teacher) -> None:
         return None

@@ -24,7 +24,6 @@ from engine.checkpoint.export import check_output_dir, staged_dir
 from engine.config import RunConfig, dump_config
 from engine.errors import ConfigError
 from engine.eval.report import fmt, json_safe, md_table, write_text_atomic
-from engine.recipes.common import require_single
 
 # kind -> (`unlearn train` target it runs, what it is)
 REFERENCES = {"retrain": ("retrain", "trained on D_r"), "original": ("original", "trained on D (LiRA's IN)")}
@@ -134,7 +133,6 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
         )
     if not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path {cfg.model.path!r} does not exist: run `unlearn train` first")
-    require_single(cfg, "`unlearn audit` (its tasks run one process each)")
     check_output_dir(cfg.output_dir, cfg.overwrite)
     data = prepare_data(cfg.data, cfg.forget)
     key, recipe = reference_key(cfg, data.forget_summary())
@@ -163,7 +161,7 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
                     items.append(_item(cfg, kind, s, folder))
         items += [_item(cfg, "unlearn", s, stage / "unlearned" / f"seed_{s}") for s in seeds]
         log(f"{len(cached)} references reused from the cache, {len(items)} models to make as Ray tasks")
-        from engine.backends.ray_train import fan_out
+        from engine.launchers.ray_tasks import fan_out
 
         t_tasks = time.perf_counter()
         made = fan_out(_task, items, num_cpus=a.num_cpus, address=a.ray_address)

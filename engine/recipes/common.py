@@ -13,15 +13,13 @@ from engine.eval.metrics import evaluate
 from engine.models.loading import image_settings
 
 
-def require_single(cfg, what: str) -> None:
-    """Refuse, before any work, a backend this command does not run on yet."""
-    if cfg.backend.name != "single":
-        from engine.errors import ConfigError
+def main_log(log, backend):
+    """``log`` in the main process; elsewhere a log that prints nothing (one log per run, not one per rank)."""
+    return log if backend.is_main else _quiet
 
-        raise ConfigError(
-            f"{what} runs on backend.name=single; backend.name={cfg.backend.name} runs `unlearn train` and "
-            "`unlearn run` of causal LMs (task=tofu)"
-        )
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def seed_everything(seed: int) -> None:

@@ -32,6 +32,7 @@ from engine.backends import build_backend
 from engine.checkpoint.export import check_output_dir, model_card, save_checkpoint, staged_dir
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
+from engine.checkpoint.run_folder import RunFolder
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
 from engine.errors import ConfigError, OutputError
@@ -41,7 +42,7 @@ from engine.eval.tofu_report import write_tofu_report
 from engine.methods import Erm, build_method
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, set_dropout, token_logits
-from engine.recipes.common import cpu_state, require_single, seed_everything
+from engine.recipes.common import cpu_state, main_log, seed_everything
 from engine.tracking import Tracker
 
 CACHE = "tofu_eval.json"
@@ -123,6 +124,17 @@ class TofuSetup:
         return metrics
 
 
+def token_rows(cfg: RunConfig) -> tuple[QAFormatter, dict[str, list[dict]]]:
+    """The formatter and the forget and retain rows that a Ray driver tokenizes once, into the token stores
+    its workers read (engine/launchers/ray_train.py)."""
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
+    data = prepare_tofu(cfg.tofu)
+    return QAFormatter(tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template), {
+        "forget": data.forget,
+        "retain": data.retain,
+    }
+
+
 def _fingerprint(reference: dict | None) -> str | None:
     """What forget quality and privleak depend on in a reference evaluation, hashed."""
     if reference is None:
@@ -187,11 +199,11 @@ def run_tofu_training(cfg: RunConfig, targets: tuple[str, ...] = ("retain", "ori
         raise ConfigError(f"unknown train targets {unknown}; with task=tofu choose from retain, original")
     check_output_dir(cfg.output_dir, cfg.overwrite)
     order = [t for t in ("retain", "original") if t in targets]  # retain first: it is the reference
-    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    partial_dir = RunFolder.of(cfg.output_dir).partial
     resume = check_resumable(partial_dir, cfg, tuple(f"checkpoints/{t}" for t in order),
                              finished=tuple(f"{t}/report.json" for t in order))  # fmt: skip
     backend = build_backend(cfg.backend)
-    log = log if backend.is_main else _quiet
+    log = main_log(log, backend)
     setup = TofuSetup(cfg, cfg.model.path)
     log(f"{setup.data.description}")
     reference = None
@@ -305,7 +317,7 @@ def run_tofu_unlearning(
             "`unlearn run` needs model.path: the causal LM to unlearn (e.g. runs/tofu/original)"
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)
-    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    partial_dir = RunFolder.of(cfg.output_dir).partial
     resume = check_resumable(partial_dir, cfg)  # before any work: another run's checkpoint is refused
     if expect_resume and not resume:
         raise OutputError(
@@ -314,7 +326,7 @@ def run_tofu_unlearning(
         )
     seed_everything(cfg.seed)
     backend = backend or build_backend(cfg.backend)
-    log = log if backend.is_main else _quiet
+    log = main_log(log, backend)
     rewind = bool(getattr(cfg.method, "rewind", False))
     if rewind and not cfg.eval.every_epoch:
         raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
@@ -506,10 +518,6 @@ def run_tofu_unlearning(
     return out
 
 
-def _quiet(*args, **kwargs) -> None:
-    """Non-main processes print nothing: one log per run, not one per rank."""
-
-
 def _shard_ids(shards: list[dict], ids: dict[str, list[int]]) -> dict:
     """stream -> epoch -> rank -> the example ids that rank trained on (ids, never content)."""
     out: dict = {}
@@ -522,31 +530,42 @@ def _shard_ids(shards: list[dict], ids: dict[str, list[int]]) -> dict:
     return out
 
 
-def run_tofu_eval(cfg: RunConfig, log=print) -> Path:
+def run_tofu_eval(cfg: RunConfig, log=print, backend=None) -> Path:
+    """Score ``model.path`` under any backend: every process evaluates (ZeRO-3 forwards are collective), the
+    main one writes the report."""
     if cfg.model.path is None:
         raise ConfigError("`unlearn eval` needs model.path: the checkpoint to score")
     check_output_dir(cfg.output_dir, cfg.overwrite)
-    require_single(cfg, "`unlearn eval`")
-    backend = build_backend(cfg.backend)
+    backend = backend or build_backend(cfg.backend)
+    log = main_log(log, backend)
     setup = TofuSetup(cfg, cfg.model.path)
+
+    def load(path: str, revision=None, trust_remote_code=False):
+        with backend.init_context():  # under ZeRO-3 partitioned while it loads
+            model = load_causal_lm(path, revision, trust_remote_code, cfg.model.dtype)
+        return backend.unwrap(backend.prepare_frozen(model))
+
     reference = None
     if cfg.eval.reference:
-        load_reference = partial(load_causal_lm, cfg.eval.reference, dtype=cfg.model.dtype)
-        reference = setup.evaluate(load_reference, backend.device, cache_dir=cfg.eval.reference)
-    model = load_causal_lm(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code, cfg.model.dtype)
-    check_vocab(model, setup.tokenizer, cfg.model.path)
-    metrics = setup.evaluate(model, backend.device, reference)
-    log(describe(metrics))
-    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
-        dump_config(cfg, stage / "config.yaml")
-        write_tofu_report(
-            stage,
-            {
-                "title": f"TOFU evaluation of {cfg.model.path}",
-                "command": "eval",
-                "forget": setup.data.forget_summary(),
-                "metrics": metrics,
-                "reference": reference,
-            },
+        reference = setup.evaluate(
+            partial(load, cfg.eval.reference), backend.device, cache_dir=cfg.eval.reference, backend=backend
         )
+    model = load(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
+    check_vocab(model, setup.tokenizer, cfg.model.path)
+    metrics = setup.evaluate(model, backend.device, reference, backend=backend)
+    log(describe(metrics))
+    with staged_dir(cfg.output_dir, cfg.overwrite, backend) as stage:
+        if backend.is_main:
+            dump_config(cfg, stage / "config.yaml")
+            write_tofu_report(
+                stage,
+                {
+                    "title": f"TOFU evaluation of {cfg.model.path}",
+                    "command": "eval",
+                    "forget": setup.data.forget_summary(),
+                    "metrics": metrics,
+                    "reference": reference,
+                },
+            )
+    backend.close()
     return Path(cfg.output_dir)

@@ -22,6 +22,7 @@ from engine.checkpoint.export import (
     staged_dir,
 )
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
+from engine.checkpoint.run_folder import RunFolder
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream
 from engine.errors import ConfigError
@@ -32,7 +33,6 @@ from engine.recipes.common import (
     Evaluator,
     describe,
     load_data_and_transform,
-    require_single,
     seed_everything,
 )
 from engine.tracking import Tracker
@@ -49,12 +49,11 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] = TARGETS, log=print) 
     if unknown:
         raise ConfigError(f"unknown train targets {unknown}; choose from {TARGETS}")
     check_output_dir(cfg.output_dir, cfg.overwrite)
-    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
+    partial_dir = RunFolder.of(cfg.output_dir).partial
     resume = check_resumable(partial_dir, cfg, tuple(f"checkpoints/{t}" for t in targets),
                              finished=tuple(f"{t}/report.json" for t in targets))  # fmt: skip
     data, image, transform = load_data_and_transform(cfg, None if cfg.model.arch else cfg.model.path)
     log(f"forget set: {data.description}: {len(data.forget)} examples; retain {len(data.retain)}")
-    require_single(cfg, "`unlearn train` of image classifiers (task=vision)")
     backend = build_backend(cfg.backend)
     with staged_dir(cfg.output_dir, cfg.overwrite, resume=resume) as stage:
         dump_config(cfg, stage / "config.yaml")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,9 +30,10 @@ from engine.checkpoint.export import (
 )
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
+from engine.checkpoint.run_folder import RunFolder
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream, PairedImageStream
-from engine.errors import ConfigError
+from engine.errors import ConfigError, OutputError
 from engine.eval.report import write_report
 from engine.methods import build_method
 from engine.methods.base import MethodContext
@@ -43,7 +45,7 @@ from engine.recipes.common import (
     cpu_state,
     describe,
     load_data_and_transform,
-    require_single,
+    main_log,
     seed_everything,
 )
 from engine.tracking import Tracker
@@ -51,59 +53,90 @@ from engine.tracking import Tracker
 REPORTED = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
 
 
-def run_unlearning(cfg: RunConfig, log=print) -> Path:
+def run_unlearning(
+    cfg: RunConfig,
+    log=print,
+    backend=None,
+    streams: dict | None = None,
+    on_checkpoint=None,
+    launched_at: float | None = None,
+    expect_resume: bool = False,
+    stop_file: Path | None = None,
+) -> Path:
+    """Unlearn under any backend: every process runs this function; only the main one logs and writes
+    results, all of them evaluate (ZeRO-3 forwards are collective) and checkpoint. A launcher (Ray Train,
+    engine/launchers/ray_train.py) passes its ``backend``, ``streams`` that replace the recipe's own,
+    ``on_checkpoint(epoch, folder, history_row)``, its ``launched_at``, ``expect_resume`` (restarted after a
+    failure: a checkpoint must exist) and ``stop_file`` (its request to checkpoint and stop)."""
     t_start = time.perf_counter()
     started_at = now()
+    launched_at = launched_at or time.time()
     if cfg.model.path is None:
         raise ConfigError(
             "`unlearn run` needs model.path: the checkpoint to unlearn (e.g. runs/cifar5-train/original)"
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)  # refuse before any work
-    partial_dir = Path(cfg.output_dir).with_name(Path(cfg.output_dir).name + ".partial")
-    resume = check_resumable(partial_dir, cfg)  # another run's checkpoint is refused, also before any work
+    run = RunFolder.of(cfg.output_dir)
+    resume = check_resumable(run.partial, cfg)  # another run's checkpoint: refused, also before any work
+    if expect_resume and not resume:
+        raise OutputError(
+            f"restarted after a failure but {run.checkpoints} has no complete checkpoint: refusing to start over "
+            "silently (is the output folder on storage every worker sees?)"
+        )
+    rewind = bool(getattr(cfg.method, "rewind", False))
+    if rewind and not cfg.eval.every_epoch:
+        raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
     seed_everything(cfg.seed)
-    require_single(cfg, "`unlearn run` of image classifiers (task=vision)")
-    backend = build_backend(cfg.backend)
+    backend = backend or build_backend(cfg.backend)
+    log = main_log(log, backend)
+    method = build_method(cfg.method)
+    # SCRUB+R's snapshots and a method's `prepare` (re-initialise, freeze, perturb) need the whole model in each
+    # process: ZeRO 0-2 (every rank holds it; the main one snapshots and rewinds), not ZeRO-3
+    if backend.zero_stage == 3 and (rewind or hasattr(method, "prepare")):
+        raise ConfigError(
+            f"method={cfg.method.name}{' with rewind' if rewind else ''} changes or snapshots the whole model "
+            "outside the training steps, which ZeRO-3 shards: use backend.zero_stage=2 (or 0/1) for it"
+        )
     data, image, transform = load_data_and_transform(cfg, cfg.model.path)
     log(
         f"forget set: {data.description}: {len(data.forget)} examples; retain {len(data.retain)}, "
         f"val {len(data.val)}, test {len(data.test)}"
     )
-    student = load_classifier(
-        cfg.model.path, data.num_labels, cfg.model.revision, cfg.model.trust_remote_code
+    load = partial(
+        load_classifier, cfg.model.path, data.num_labels, cfg.model.revision, cfg.model.trust_remote_code
     )
+    with backend.init_context():  # under ZeRO-3 each model is partitioned while it loads
+        student = load()
+        # the teacher: the same checkpoint, loaded again (a copy of a partitioned model would hold no weights)
+        teacher = load() if method.needs_teacher or getattr(cfg.method, "param_distance", 0) else None
+    if getattr(cfg.method, "k", None) is not None:
+        last_blocks(student, cfg.method.k)  # CF-k / EU-k: a k beyond the model is refused before any work
     reference = load_classifier(cfg.eval.reference, data.num_labels) if cfg.eval.reference else None
-    method = build_method(cfg.method)
-    if (
-        getattr(cfg.method, "k", None) is not None
-    ):  # CF-k / EU-k: a k beyond the model is refused before any work
-        last_blocks(student, cfg.method.k)
-    teacher = (
-        copy.deepcopy(student) if method.needs_teacher or getattr(cfg.method, "param_distance", 0) else None
-    )
     augment = getattr(cfg.method, "augment", False)
-    streams = {
+    own = {
         "forget": ImageStream(data.forget, transform, augment=augment),
         "retain": ImageStream(data.retain, transform, augment=augment),
     }
     if any(p.stream == "paired" for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)):
-        streams["paired"] = PairedImageStream(streams["forget"], streams["retain"])
+        own["paired"] = PairedImageStream(own["forget"], own["retain"])
+    streams = {**own, **(streams or {})}
 
-    with staged_dir(cfg.output_dir, cfg.overwrite, resume=resume) as stage:
-        dump_config(cfg, stage / "config.yaml")
+    with staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage:
+        if backend.is_main:
+            dump_config(cfg, stage / "config.yaml")
         tracker = Tracker(
-            cfg.logging, stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json")
-        )
+            cfg.logging if backend.is_main else cfg.logging.model_copy(update={"wandb": False}),
+            stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json"),
+        )  # fmt: skip
         evaluator = Evaluator(data, transform, cfg, backend.device, tracker)
-        student.to(backend.device)  # evaluated before `prepare` may change it; backend.prepare keeps it there
         original = None  # a resumed run has the original's scores in its checkpoint
-        if not resume:
-            original = evaluator(student, attacks=True)
-            evaluator.record(0, student, None, {}, metrics=original)
-            log(f"original: {describe(original)}")
-        rewind = bool(getattr(cfg.method, "rewind", False))
+        if not resume and backend.zero_stage != 3:
+            # before `prepare` may change it (ZeRO-3: after backend.prepare, when forwards can gather the shards;
+            # no method with `prepare` runs there)
+            original = evaluator(student.to(backend.device), attacks=True)
         snapshots = stage / "epochs"
-        if rewind and not resume:  # a resumed run keeps the snapshots it made before
+        snapshot = rewind and backend.is_main  # every rank holds the same whole model (ZeRO 0-2)
+        if snapshot and not resume:  # a resumed run keeps the snapshots it made before
             snapshots.mkdir()
             save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
 
@@ -111,63 +144,78 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
         if hasattr(method, "prepare"):  # before backend.prepare: what it freezes stays out of the optimizer
             method.prepare(student, _method_context(data, transform, backend))
         student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
+        model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
         prepare_seconds = time.perf_counter() - t_prepare
+        if not resume and original is None:
+            original = evaluator(model, attacks=True)
+        if not resume:
+            evaluator.record(0, model, None, {}, metrics=original)
+            log(f"original: {describe(original)}")
         losses: dict[str, list[float]] = {}
         ckpt = RunCheckpoints(
-            stage, cfg, backend, student, student, streams, log=log,
+            stage, cfg, backend, student, model, streams, log=log,
             client_state=lambda: {"history": evaluator.history, "losses": losses, "original": original},
         )  # fmt: skip
         client = ckpt.restore() if resume else None
         if client is not None:
             evaluator.history, losses, original = client["history"], client["losses"], client["original"]
 
+        first_step = []
+
         def on_step(epoch: int, phase: str, step: int, value: float) -> None:
             losses.setdefault(phase, []).append(value)
+            if not first_step:
+                first_step.append(time.time())
+                log(f"first step done {first_step[0] - launched_at:.1f} s after launch")
 
         def on_epoch_end(epoch: int, epoch_losses: dict[str, float]) -> None:
             row = (
-                evaluator.record(epoch, student, cfg.method.lr_at(epoch), epoch_losses)
+                evaluator.record(epoch, model, cfg.method.lr_at(epoch), epoch_losses)
                 if cfg.eval.every_epoch
-                else {}
+                else {"epoch": epoch}
             )
-            if rewind:
-                save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
+            if snapshot:
+                save_file(cpu_state(model), snapshots / f"epoch_{epoch}.safetensors")
             ckpt.end_of_epoch(epoch)
+            if on_checkpoint is not None:
+                on_checkpoint(epoch, ckpt.folder, row)
             log(f"epoch {epoch}: losses {epoch_losses} {describe(row)}")
 
         t_loop = time.perf_counter()
         ckpt.run(method, teacher, streams, classifier_logits, epochs=cfg.method.epochs, on_step=on_step,
-                 on_epoch_end=on_epoch_end)  # fmt: skip
+                 on_epoch_end=on_epoch_end, stop_file=stop_file)  # fmt: skip
         loop_seconds = time.perf_counter() - t_loop + prepare_seconds
         first = ckpt.start["epoch"] if ckpt.start else 1  # evaluations before a resume were not in this loop
         train_seconds = evaluator.training_seconds(loop_seconds, since=first)
-        final = evaluator(student, attacks=True)
+        final = evaluator(model, attacks=True)
         log(f"{cfg.method.name}: {describe(final)}")
         ref_metrics = evaluator(reference.to(backend.device), attacks=True) if reference is not None else None
+        memory = backend.memory_report()
+        weights = backend.full_state_dict(student)  # collective under ZeRO-3
 
         settings = cfg.method.model_dump(mode="json")
         record = {"forget": data.forget_summary(), "method": settings, "base_model": cfg.model.path}
         title = f"{cfg.method.name.upper()} unlearning: {data.description}"
         card_metrics = {k: final[k] for k in REPORTED}
-        save_checkpoint(
-            student,
-            stage / "model",
-            image_processor(image),
-            model_card(title, cfg.model.path, data.forget_summary(), settings, card_metrics),
-            {**record, "metrics": final},
-        )
+        if backend.is_main:
+            save_checkpoint(
+                model,
+                stage / "model",
+                image_processor(image),
+                model_card(title, cfg.model.path, data.forget_summary(), settings, card_metrics),
+                {**record, "metrics": final},
+                state_dict=weights,
+            )
         artifacts = {"model": "model", "config": "config.yaml"}
 
         rewound = None
-        if rewind:
+        if snapshot:  # in the main process only (the evaluation of a plain copy has no collectives)
             # SCRUB+R: target = the final model's error on the forget-validation set; pick the saved
             # epoch (0 = original) whose forget error is closest (ties: earliest).
-            if not cfg.eval.every_epoch:
-                raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
             errors = [row["forget_error"] for row in evaluator.history]
             target = final["forget_val_error"]
             j = select_rewind_epoch(errors, target)
-            chosen = copy.deepcopy(student)
+            chosen = copy.deepcopy(model)
             chosen.load_state_dict(load_file(snapshots / f"epoch_{j}.safetensors"))
             rewound_metrics = evaluator(chosen, attacks=True)
             rewound = {
@@ -197,36 +245,47 @@ def run_unlearning(cfg: RunConfig, log=print) -> Path:
             snapshots.rmdir()
 
         tracker.finish()
-        ckpt.remove()  # the run is complete: the exported model is the result
-        write_receipt(
-            stage, forget=data.forget_summary(), input_model=cfg.model.path, revision=cfg.model.revision,
-            outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
-            metrics=final, started_at=started_at,
-        )  # fmt: skip
-        write_report(
-            stage,
-            {
-                "title": title,
-                "command": "run",
-                "method": settings,
-                "forget": data.forget_summary(),
-                "metrics": final,
-                "original": original,
-                "reference": ref_metrics,
-                "rewound": rewound,
-                "history": evaluator.history,
-                "losses": losses,
-                "seconds": time.perf_counter() - t_start,
-                "loop_seconds": loop_seconds,
-                "prepare_seconds": prepare_seconds,
-                "train_seconds": train_seconds,
-                "resumed_from_epoch": first - 1 if ckpt.start else None,
-                "resume": ckpt.report(),
-                "artifacts": artifacts,
-            },
-        )
+        if backend.is_main:
+            ckpt.remove()  # the run is complete: the exported model is the result
+            write_receipt(
+                stage, forget=data.forget_summary(), input_model=cfg.model.path, revision=cfg.model.revision,
+                outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
+                metrics=final, started_at=started_at,
+            )  # fmt: skip
+            write_report(
+                stage,
+                {
+                    "title": title,
+                    "command": "run",
+                    "method": settings,
+                    "forget": data.forget_summary(),
+                    "metrics": final,
+                    "original": original,
+                    "reference": ref_metrics,
+                    "rewound": rewound,
+                    "history": evaluator.history,
+                    "losses": losses,
+                    "seconds": time.perf_counter() - t_start,
+                    "loop_seconds": loop_seconds,
+                    "prepare_seconds": prepare_seconds,
+                    "train_seconds": train_seconds,
+                    "resumed_from_epoch": first - 1 if ckpt.start else None,
+                    "resume": ckpt.report(),
+                    "seconds_to_first_step": first_step[0] - launched_at if first_step else None,
+                    "first_step_at": first_step[0] if first_step else None,  # time.time() of the first step
+                    "backend": {
+                        "name": backend.name,
+                        "world_size": backend.world_size,
+                        "zero_stage": backend.zero_stage,
+                        "accumulation": backend.accum,
+                    },  # fmt: skip
+                    "memory": memory,
+                    "artifacts": artifacts,
+                },
+            )
     out = Path(cfg.output_dir)
     log(f"done: model in {out / 'model'}, report in {out / 'report.md'}")
+    backend.close()
     return out
 
 

@@ -7,7 +7,6 @@ does; the others join one head node started once for the session (``ray_head`` i
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import DIST_RUN, ray_env, tofu_overrides
+from tests.conftest import DIST_RUN, ray_env, ray_submit, tofu_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = DIST_RUN
@@ -56,7 +55,15 @@ def test_fan_out_runs_independent_runs_as_ray_tasks_and_gathers_their_results(ti
     session's head node (in Node._init_gcs_client), which the command-line drivers of the other tests join."""
     import ray
 
-    from engine.backends.ray_train import fan_out, run_cli
+    from engine.launchers.ray_tasks import fan_out
+
+    def run_cli(argv: list[str]) -> int:  # defined here: Ray pickles it by value into each task
+        import torch
+
+        from engine.cli import main
+
+        torch.set_num_threads(1)  # one CPU per task
+        return main(argv)
 
     for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
         monkeypatch.setenv(key, ray_env()[key])
@@ -79,21 +86,11 @@ def test_fan_out_runs_independent_runs_as_ray_tasks_and_gathers_their_results(ti
 @pytest.mark.full
 def test_ray_submit_runs_a_real_job_on_a_head_node_started_here(tiny_lm, tofu_reference, tmp_path, ray_head):
     """A real job through launchers/ray_submit.sh against the session's head node on 127.0.0.1."""
-    venv_bin = Path(sys.executable).parent
-    env = {**ray_env(), "PATH": f"{venv_bin}:{os.environ['PATH']}"}
     out = tmp_path / "job"
     epochs = {"method.epochs": "1", "method.msteps": "1"}
     overrides = tofu_overrides(tiny_lm, tmp_path, output_dir=out, **RUN, **epochs,
                                **{"backend.num_workers": "2", "backend.zero_stage": "2", "backend.timeout_s": "120"})  # fmt: skip
-    for _ in range(48):  # a fresh head answers HTTP before its job agent registers: retry that only
-        proc = subprocess.run(["bash", "launchers/ray_submit.sh", ray_head["dashboard"], "configs/tofu.yaml", *overrides],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
-        logs = proc.stdout + proc.stderr
-        if "No available agent to submit job" not in logs:
-            break
-        time.sleep(5)
-    assert proc.returncode == 0, logs[-4000:]
-    assert "succeeded" in logs and "Ray Train run in" in logs
+    ray_submit(ray_head["dashboard"], "configs/tofu.yaml", overrides)
     report = json.loads((out / "report.json").read_text())
     assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == 2
     # Ray Train recorded the epoch's checkpoint (a pointer to the DeepSpeed checkpoint of that epoch)
@@ -175,7 +172,7 @@ def test_ray_data_tokenizes_a_set_of_several_blocks_into_the_in_memory_streams_b
     embedded Ray in this process): the store holds exactly the batches the in-memory stream gives."""
     import ray
 
-    from engine.backends.ray_train import write_stores
+    import engine.launchers.ray_train as ray_train
     from engine.data.text import QAFormatter
     from engine.models.causal_lm import load_tokenizer
     from tests.conftest import TOFU
@@ -184,13 +181,16 @@ def test_ray_data_tokenizes_a_set_of_several_blocks_into_the_in_memory_streams_b
     for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED"):
         monkeypatch.setenv(key, ray_env()[key])
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    calls = []
+    ray_data = ray_train.tokenize_to_store
+    monkeypatch.setattr(ray_train, "tokenize_to_store", lambda *a, **k: calls.append(k) or ray_data(*a, **k))
     tok = load_tokenizer(str(tiny_lm))
     formatter = QAFormatter(tok, max_length=96)
     rows = [json.loads(line) for line in (TOFU / "forget10.jsonl").read_text().splitlines()[:30]]
-    encoded = [{"input_ids": [0], "labels": [0]}] * len(rows)  # not used above one block: Ray Data encodes
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
     try:
-        stores = write_stores({"retain": (rows, encoded)}, formatter, tmp_path / "run", rows_per_block=7)
+        stores = ray_train.write_stores({"retain": rows}, formatter, tmp_path / "run", rows_per_block=7)
     finally:
         ray.shutdown()
+    assert len(calls) == 1  # through Ray Data
     _assert_same_batches(stores["retain"], rows, formatter, tok.pad_token_id)

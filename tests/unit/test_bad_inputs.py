@@ -259,3 +259,26 @@ def test_pickle_only_checkpoints_are_refused(tmp_path, name):
     assert "AutoModelForImageClassification" in str(err.value)
     net.save_pretrained(classifier)  # with model.safetensors beside the pickle, the safetensors load
     assert load_classifier(str(classifier), num_labels=3).config.num_labels == 3
+
+
+@pytest.mark.parametrize(
+    "command, config, overrides, named",
+    [("train", "configs/demo.yaml", ["backend.name=ray"],
+      "`unlearn train` of task=vision runs on backend.name=single; backend.name=ray runs `unlearn run|eval` of "
+      "task=vision and `unlearn run|eval` of task=tofu"),
+     ("audit", "configs/demo.yaml", ["backend.name=deepspeed"],
+      "`unlearn audit` of task=vision runs on backend.name=single; backend.name=deepspeed runs `unlearn run|eval` "
+      "of task=vision and `unlearn train|run|eval` of task=tofu"),
+     ("train", "configs/tofu.yaml", ["backend.name=ray"],
+      "`unlearn train` of task=tofu runs on backend.name=single or deepspeed; backend.name=ray runs "
+      "`unlearn run|eval` of task=vision and `unlearn run|eval` of task=tofu")],
+)  # fmt: skip
+def test_a_backend_the_command_does_not_run_on_is_refused_in_one_line_before_any_work(
+    command, config, overrides, named, tmp_path, capsys
+):
+    """engine/recipes/__init__.py is the one table of what runs where; the CLI reads it before any work."""
+    out = tmp_path / "out"
+    assert main([command, config, *overrides, f"output_dir={out}", "model.path=" + str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {named}"
+    assert not out.exists() and not out.with_name("out.partial").exists()

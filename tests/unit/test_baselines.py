@@ -113,11 +113,10 @@ def test_neggrad_plus_loss_by_hand():
     )
     labels = torch.tensor([r_y[0], f_y[0], r_y[1], f_y[1], r_y[2]])
     is_forget = torch.tensor([False, True, False, True, False])
-    terms = NegGradPlus(NegGradPlusConfig(beta=beta)).loss(
-        "paired", logits, None, labels, {"is_forget": is_forget}
-    )
-    assert terms.count == 1
-    assert terms.total.item() == pytest.approx(expected, rel=1e-12)
+    method = NegGradPlus(NegGradPlusConfig(beta=beta))
+    terms = method.loss("paired", logits, None, labels, {"is_forget": is_forget})
+    assert method.part_counts("paired", {"is_forget": is_forget}) == (2, 3)  # each mean over its own rows
+    assert terms.mean((2, 3)).item() == pytest.approx(expected, rel=1e-12)
     # written out: retain CEs ln(e+e^3+1)-3 = .1700, ln 3 = 1.0986, ln(e^-1+e^2+e)-1 = 1.3490 (mean .8725);
     # forget CEs ln(e^2+1+e^-1)-2 = .1699, ln(2e^.5+e)-1 = .7944 (mean .4822): .9 * .8725 - .1 * .4822 = .7370
     assert expected == pytest.approx(0.7370, abs=1e-4)

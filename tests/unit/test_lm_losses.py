@@ -124,19 +124,22 @@ def test_grad_ascent_grad_diff_and_npo_losses_by_hand():
     r = [_nll(s, (1, 0), 4)]
     ga = GradAscent(GradAscentConfig()).loss("forget", sl[:2], None, y[:2])
     assert float(ga.total.detach() / ga.count) == pytest.approx(-(f[0] + f[1]) / 2, rel=1e-6)
-    gd = GradDiff(GradDiffConfig(gamma=0.5, alpha=2.0)).loss("paired", sl, None, y, batch=batch)
-    assert gd.count == 1
-    assert float(gd.total.detach()) == pytest.approx(-0.5 * (f[0] + f[1]) / 2 + 2.0 * r[0], rel=1e-6)
+    graddiff = GradDiff(GradDiffConfig(gamma=0.5, alpha=2.0))
+    gd = graddiff.loss("paired", sl, None, y, batch=batch)
+    assert graddiff.part_counts("paired", batch) == (2, 1)  # forget tokens, retain tokens: two means
+    assert float(gd.mean((2, 1)).detach()) == pytest.approx(-0.5 * (f[0] + f[1]) / 2 + 2.0 * r[0], rel=1e-6)
     # NPO: per forget SEQUENCE, log-ratio = log pi - log pi_ref over its whole answer
     beta = 0.3
     ref = [_nll(t, (0, 0), 2) + _nll(t, (0, 1), 3)]
     log_ratio = ref[0] - (f[0] + f[1])
     npo_forget = -2 / beta * math.log(1 / (1 + math.exp(beta * log_ratio)))  # log sigmoid(-beta x)
-    npo = Npo(NpoConfig(beta=beta, gamma=1.0, alpha=1.0)).loss("paired", sl, tl, y, batch=batch)
-    assert float(npo.total.detach()) == pytest.approx(npo_forget + r[0], rel=1e-6)
+    method = Npo(NpoConfig(beta=beta, gamma=1.0, alpha=1.0))
+    npo = method.loss("paired", sl, tl, y, batch=batch)
+    assert method.part_counts("paired", batch) == (1, 1)  # forget sequences, retain tokens
+    assert float(npo.mean((1, 1)).detach()) == pytest.approx(npo_forget + r[0], rel=1e-6)
     # at the start (student == reference) NPO's forget term is 2/beta * log 2, as its paper says
     at_start = Npo(NpoConfig(beta=beta, alpha=0.0)).loss("paired", sl, sl.detach(), y, batch=batch)
-    assert float(at_start.total.detach()) == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+    assert float(at_start.mean((1, 1)).detach()) == pytest.approx(2 / beta * math.log(2), rel=1e-6)
 
 
 def test_tofu_slice_keeps_the_benchmark_structure():

@@ -96,3 +96,36 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_weights():
     torch.set_rng_state(saved["rng"])  # dropout draws go on as in the uninterrupted run
     loop(model, method, backend, start=saved["position"])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+class RankOneOfTwo(SingleProcessBackend):
+    """Rank 1 of a 2-rank world whose rank 0 is imagined: with one-row global batches, rank 1's share is always
+    empty, so every micro-batch it runs is a zero-weight stand-in (backends/base.py)."""
+
+    rank, world_size = 1, 2
+
+    def sum_across_ranks(self, value):
+        return value if isinstance(value, list) else value + 1.0  # rank 0's counted row
+
+
+@pytest.mark.parametrize(
+    "backend_class, batch, moves", [(RankOneOfTwo, 1, False), (SingleProcessBackend, 2, True)]
+)
+def test_a_stand_in_micro_batch_leaves_batchnorm_statistics_as_they_were(backend_class, batch, moves):
+    """The BatchNorm policy: a stand-in row is not data, so its forward must not move the running statistics
+    (nor its gradient the weights); real rows do move them. (A one-row stand-in in train mode would not even
+    run through BatchNorm1d: "Expected more than 1 value per channel when training".)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    method = Erm(
+        ErmConfig(lr=0.1, epochs=1, batch_size=batch, lr_decay_epochs=[], optimizer="sgd", weight_decay=0.0)
+    )
+    backend = backend_class(device="cpu")
+    model, _ = backend.prepare(model, None, method.config.build_optimizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_loop(method, backend, model, None, {"retain": Rows()}, lambda m, b: m(b["x"]), seed=0, epochs=1,
+             progress=False)  # fmt: skip
+    after = model.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "0.weight"):
+        assert (not torch.equal(before[key], after[key])) == moves, key
+    assert model[1].training  # the loop's train mode is back after each stand-in

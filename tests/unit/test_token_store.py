@@ -61,12 +61,10 @@ def _assert_same_batches(folder, rows, formatter, pad):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_a_set_of_one_block_is_stored_from_the_rows_the_driver_already_tokenized(
-    encoded, tmp_path, monkeypatch
-):
-    """write_stores (the Ray driver) writes a set of at most one block without Ray Data: the same store as
-    the in-memory stream's batches, and no Ray task (Ray Data is made to fail if it is reached)."""
-    import engine.backends.ray_train as ray_train
+def test_a_set_of_one_block_is_tokenized_in_the_driver_without_ray_data(encoded, tmp_path, monkeypatch):
+    """write_stores (the Ray driver) tokenizes a set of at most one block itself, without Ray Data (made to
+    fail here if it is reached): the same store as the in-memory stream's batches."""
+    import engine.launchers.ray_train as ray_train
 
     rows, formatter, pad = encoded
 
@@ -74,9 +72,6 @@ def test_a_set_of_one_block_is_stored_from_the_rows_the_driver_already_tokenized
         raise AssertionError("Ray Data was started for a set of one block")
 
     monkeypatch.setattr(ray_train, "tokenize_to_store", no_ray_data)
-    memory = TextStream(rows, formatter, pad)
-    stores = ray_train.write_stores(
-        {"forget": (rows, memory.encoded)}, formatter, tmp_path / "run", rows_per_block=30
-    )
+    stores = ray_train.write_stores({"forget": rows}, formatter, tmp_path / "run", rows_per_block=30)
     assert stores == {"forget": str(tmp_path / "run.tokens" / "forget")}
     _assert_same_batches(stores["forget"], rows, formatter, pad)

@@ -7,8 +7,8 @@ own rows from.
   one block of rows), from the same Hugging Face ``datasets`` rows as the other backends, into token stores beside the output
   (``OUTPUT.tokens``, engine/data/store.py; removed when the run ends); runs a ``TorchTrainer`` of
   ``backend.num_workers`` workers with ``FailureConfig(max_failures)``.
-- Worker (``_worker``): the process group is Ray Train's; ``run_tofu_unlearning`` runs as under
-  ``deepspeed``/``torchrun``. Every step each worker reads from the stores exactly the rows the seeded
+- Worker (``_worker``): the process group is Ray Train's; the recipe the CLI chose for the command
+  (engine/recipes/__init__.py) runs as under ``deepspeed``/``torchrun``; this module imports no recipe. Every step each worker reads from the stores exactly the rows the seeded
   per-epoch order gives it (backends/base.py decides; the rows of other workers are never read), and
   after each epoch's DeepSpeed checkpoint reports it through ``ray.train.report``.
 - Failure: a restarted worker group runs the recipe again; it finds the last complete checkpoint
@@ -18,10 +18,13 @@ own rows from.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import time
 from pathlib import Path
+
+from engine.checkpoint.run_folder import RunFolder
 
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 # Ray Train's print patch sends a worker's print() both to stdout and through its logger: every line of
@@ -76,25 +79,28 @@ def _no_state_api_warning() -> None:
 ROWS_PER_BLOCK = 4096
 
 
-def write_stores(stream_rows: dict, formatter, out: Path, rows_per_block: int = ROWS_PER_BLOCK) -> dict:
-    """The forget and retain token stores of a run (``{name: (rows, encoded)}``: the rows and the driver's
-    own tokenization of them) in ``store_dir(out)``: ``{name: folder}``.
+def write_stores(
+    rows: dict[str, list[dict]], formatter, out: Path, rows_per_block: int = ROWS_PER_BLOCK
+) -> dict:
+    """The token stores of a run's forget and retain rows (``{name: rows}``, each row a question and an
+    answer) in ``OUTPUT.tokens``: ``{name: folder}``.
 
-    A set of at most one block is written from the rows the driver has already tokenized: a Ray Data
-    pipeline of one block runs that same encoding once more, in a task process that imports torch and
-    transformers first (4-6 s of a 2-core machine, benchmarks/ray_overhead.py). Larger sets go through
-    Ray Data, in blocks of ``rows_per_block`` rows tokenized in parallel over the cluster's CPUs."""
+    A set of at most one block is tokenized here, in the driver: a Ray Data pipeline of one block would run
+    the same encoding in a task process that imports torch and transformers first (4-6 s of a 2-core
+    machine, benchmarks/ray_overhead.py). Larger sets go through Ray Data, in blocks of ``rows_per_block``
+    rows tokenized in parallel over the cluster's CPUs."""
     from engine.data.store import write_token_store
 
     stores = {}
-    for name, (rows, encoded) in stream_rows.items():
-        folder = store_dir(out) / name
-        if len(rows) <= rows_per_block:
-            batch = {"row": range(len(rows)), "input_ids": [e["input_ids"] for e in encoded],
+    for name, part in rows.items():
+        folder = RunFolder(out).tokens / name
+        if len(part) <= rows_per_block:
+            encoded = [formatter.encode(r["question"], r["answer"]) for r in part]
+            batch = {"row": range(len(part)), "input_ids": [e["input_ids"] for e in encoded],
                      "labels": [e["labels"] for e in encoded]}  # fmt: skip
-            write_token_store(folder, len(rows), [batch])
+            write_token_store(folder, len(part), [batch])
         else:
-            tokenize_to_store(rows, formatter, folder, rows_per_block)
+            tokenize_to_store(part, formatter, folder, rows_per_block)
         stores[name] = str(folder)
     return stores
 
@@ -124,39 +130,40 @@ def tokenize_to_store(
     return write_token_store(folder, len(items), ds.iter_batches(batch_format="numpy"))
 
 
-def run_on_ray(cfg, log=print) -> Path:
+def run_on_ray(cfg, recipe, log=print, **kwargs) -> Path:
+    """Run ``recipe`` (engine.recipes.Recipe: the command's one recipe, chosen by the CLI) in every worker of a
+    Ray Train group, with the DeepSpeed backend inside each; ``kwargs`` go to the recipe."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from engine.checkpoint.export import check_output_dir
     from engine.checkpoint.signals import StopRequest
     from engine.errors import PreemptedError
-    from engine.recipes.tofu import TofuSetup
 
     launched = time.time()
-    if cfg.task != "tofu":
-        from engine.errors import ConfigError
-
-        raise ConfigError("backend.name=ray runs `unlearn run` of causal LMs (task=tofu)")
     check_output_dir(cfg.output_dir, cfg.overwrite)
     b = cfg.backend
     init_ray(b.ray_address)
     out = Path(cfg.output_dir).resolve()
-    setup = TofuSetup(cfg, cfg.model.path)
-    rows = {name: (getattr(setup.data, name), setup.streams[name].encoded) for name in ("forget", "retain")}
-    stores = write_stores(rows, setup.formatter, out)
-    log(f"forget {len(setup.data.forget)} rows, retain {len(setup.data.retain)} rows, tokenized into "
-        f"{store_dir(out)}")  # fmt: skip
+    run = RunFolder(out)
+    stores, pad_id = {}, None
+    if recipe.token_rows:  # a task of text: tokenized once, here, for every worker
+        formatter, rows = recipe.rows(cfg)
+        stores, pad_id = write_stores(rows, formatter, out), formatter.tokenizer.pad_token_id
+        log(f"{', '.join(f'{n} {len(part)} rows' for n, part in rows.items())}: tokenized into {run.tokens}")
     worker_cfg = cfg.model_copy(update={"backend": b.model_copy(update={"name": "deepspeed"})}, deep=True)
-    storage = Path(b.storage_path).resolve() if b.storage_path else out.with_name(out.name + ".ray")
+    storage = Path(b.storage_path).resolve() if b.storage_path else run.ray
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
             "cfg": worker_cfg.model_dump(mode="json"),
+            "recipe": recipe,
+            "kwargs": kwargs,
             "launched_at": launched,
             "stores": stores,
+            "pad_id": pad_id,
             "cwd": os.getcwd(),
-            "stop_file": str(stop_file(out)),
+            "stop_file": str(run.stop_file),
         },  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if b.use_gpu else "gloo", timeout_s=b.timeout_s),
         scaling_config=ray.train.ScalingConfig(
@@ -168,65 +175,25 @@ def run_on_ray(cfg, log=print) -> Path:
             failure_config=ray.train.FailureConfig(max_failures=b.max_failures),
         ),
     )
-    stop_file(out).unlink(missing_ok=True)  # an earlier attempt's request
+    run.stop_file.unlink(missing_ok=True)  # an earlier attempt's request
     # After ray.init (which may set a SIGTERM handler of its own): SIGTERM / `ray job stop` reaches the
     # workers through the stop file; they checkpoint at the next step and end without error
     try:
-        with StopRequest(stop_file(out), write=True) as stop:
+        with StopRequest(run.stop_file, write=True) as stop:
             result = trainer.fit()
     finally:  # tokenized forget rows are not left behind (forget-data hygiene); a rerun tokenizes again
-        shutil.rmtree(store_dir(out), ignore_errors=True)
+        shutil.rmtree(run.tokens, ignore_errors=True)
     if result.error:
         raise result.error
     if stop() and not (out / "report.json").is_file():
-        stop_file(out).unlink(missing_ok=True)
+        run.stop_file.unlink(missing_ok=True)
         raise PreemptedError(
             f"stopped by a signal; the workers wrote a checkpoint at their next step in "
-            f"{out.with_name(out.name + '.partial')}/checkpoints: run the same command again to resume"
+            f"{run.checkpoints}: run the same command again to resume"
         )
-    log(
-        f"done: model in {out / 'model'}, report in {out / 'report.md'}; Ray Train run in {storage / out.name}"
-    )
+    model = f"model in {out / 'model'}, " if (out / "model").is_dir() else ""
+    log(f"done: {model}report in {out / 'report.md'}; Ray Train run in {storage / out.name}")
     return out
-
-
-def store_dir(out: Path) -> Path:
-    """Where the driver writes the tokenized forget and retain rows (beside the output: storage every worker
-    sees; not inside OUTPUT.partial, which a fresh run clears)."""
-    return out.with_name(out.name + ".tokens")
-
-
-def stop_file(out: Path) -> Path:
-    """Where the driver asks the workers to stop (it must be on storage every worker sees, as the output is)."""
-    return out.with_name(out.name + ".partial") / "STOP"
-
-
-def fan_out(fn, items: list, num_cpus: float = 1.0, address: str | None = None) -> list:
-    """Run ``fn(item)`` for every item as Ray tasks over the cluster's resources (the audit's K retrains
-    or K unlearnings with different seeds) and return the results in the items' order. Each task
-    reserves ``num_cpus``; an exception in one is raised here with its item's position."""
-    import ray
-
-    init_ray(address)
-    task = ray.remote(num_cpus=num_cpus)(fn)
-    refs = [task.remote(item) for item in items]
-    results = []
-    for i, ref in enumerate(refs):
-        try:
-            results.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as exc:
-            raise RuntimeError(f"fan_out: item {i} ({items[i]!r}) failed: {exc}") from exc
-    return results
-
-
-def run_cli(argv: list[str]) -> int:
-    """One ``unlearn`` command in this process (a fan-out task): its exit status."""
-    import torch
-
-    from engine.cli import main
-
-    torch.set_num_threads(1)  # one CPU per task
-    return main(argv)
 
 
 def _worker(config: dict) -> None:
@@ -234,18 +201,14 @@ def _worker(config: dict) -> None:
 
     from engine.backends.deepspeed import DeepSpeedBackend
     from engine.config import RunConfig
+    from engine.data.store import TokenStore
     from engine.errors import PreemptedError
-    from engine.recipes.tofu import run_tofu_unlearning
 
     quiet_ray_data()
     os.chdir(config["cwd"])  # relative paths of the config (configs/deepspeed/*.json, data) as on the driver
     cfg = RunConfig.model_validate(config["cfg"])
     backend = DeepSpeedBackend(cfg.backend)  # joins the process group Ray Train has set up
-    from engine.data.store import TokenStore
-    from engine.models.causal_lm import load_tokenizer
-
-    pad = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code).pad_token_id
-    streams = {name: TokenStore(folder, pad) for name, folder in config["stores"].items()}
+    streams = {name: TokenStore(folder, config["pad_id"]) for name, folder in config["stores"].items()}
 
     def report(epoch: int, folder: Path, row: dict) -> None:
         # every worker reports (Ray Train needs all of them); the main one names the checkpoint
@@ -265,16 +228,13 @@ def _worker(config: dict) -> None:
             row["ray_report_seconds"] = time.perf_counter() - t
 
     resumed = ray.train.get_checkpoint()
+    hooks = {"backend": backend, "streams": streams or None, "on_checkpoint": report,
+             "launched_at": config["launched_at"], "expect_resume": resumed is not None,
+             "stop_file": Path(config["stop_file"])}  # fmt: skip
+    run = config["recipe"].run
+    accepted = inspect.signature(run).parameters  # an evaluation takes the backend only: it has no epochs
     try:
-        run_tofu_unlearning(
-            cfg,
-            backend=backend,
-            streams=streams,
-            on_checkpoint=report,
-            launched_at=config["launched_at"],
-            expect_resume=resumed is not None,
-            stop_file=Path(config["stop_file"]),
-        )
+        run(cfg, **config["kwargs"], **{k: v for k, v in hooks.items() if k in accepted})
     except PreemptedError:
         # asked to stop, checkpoint written: end without error (an error would make Ray Train restart the
         # workers); the driver reports the stop

@@ -46,17 +46,10 @@ Here (CPU, tiny model, same code path, well under a minute):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gpu_scrub_throughput.py --out /tmp/gpu_quick --quick
 
 On the lent GPU machine (one H100 80 GB or H200; torch 2.11 + CUDA, transformers 5.17, Python 3.12, no
-package index). DeepSpeed is not installed there, and DeepSpeed 0.19 imports pydantic for its own config
-classes, which is not there either; its other needs (einops, msgpack, ninja, numpy, packaging, psutil,
-py-cpuinfo, tqdm) are. So carry these cp312 / py3 manylinux x86_64 wheels in ``.whl/`` (git-ignored):
-deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection (typing-extensions is
-there), and run, with ``carry: [".whl"]``:
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 benchmarks/gpu_scrub_throughput.py --out $OUT/gpu
-
-About 1-2 minutes of GPU wall time at the default size (an estimate: not yet run on a GPU); shape, batch and
-steps: ``--hidden --intermediate --layers --heads --kv-heads --vocab --batch --seq-len --steps --warmup``.
+package index), DeepSpeed and pydantic travel as wheels in ``.whl/`` (git-ignored): run
+``bash benchmarks/gpu_session.sh`` with ``carry: [".whl"]`` (it installs them and runs this at the default
+size: about 45 s on an H100 in the earlier, restated-loss version). Shape, batch and steps: ``--hidden
+--intermediate --layers --heads --kv-heads --vocab --batch --seq-len --steps --warmup``.
 """
 
 from __future__ import annotations

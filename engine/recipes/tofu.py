@@ -330,10 +330,10 @@ def run_tofu_unlearning(
     rewind = bool(getattr(cfg.method, "rewind", False))
     if rewind and not cfg.eval.every_epoch:
         raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
-    if rewind and backend.name != "single":
+    if rewind and backend.zero_stage == 3:
         raise ConfigError(
-            "SCRUB+R (method.rewind=true) keeps whole-model snapshots per epoch and runs on backend.name=single; "
-            "under DeepSpeed run SCRUB and keep the epoch checkpoints (backend.keep_checkpoints=true)"
+            "SCRUB+R (method.rewind=true) keeps whole-model snapshots per epoch, which ZeRO-3 shards: use "
+            "backend.zero_stage=2 (or 0/1), where every rank holds the whole model and the main one snapshots"
         )
     setup = TofuSetup(cfg, cfg.model.path)
     log(setup.data.description)
@@ -383,9 +383,10 @@ def run_tofu_unlearning(
         else:
             history.append(_history_row(setup, model, device, 0, {}))
         snapshots = stage / "epochs"
-        if rewind and client is None:  # a resumed run keeps the snapshots it made before
+        snapshot = rewind and backend.is_main  # every rank holds the same whole model (ZeRO 0-2)
+        if snapshot and client is None:  # a resumed run keeps the snapshots it made before
             snapshots.mkdir(exist_ok=True)
-            save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
+            save_file(cpu_state(model), snapshots / "epoch_0.safetensors")
 
         first_step = []
 
@@ -400,8 +401,8 @@ def run_tofu_unlearning(
                 history.append(_history_row(setup, model, device, epoch, epoch_losses))
                 tracker.log({k: v for k, v in history[-1].items() if v is not None}, step=epoch)
                 log(f"epoch {epoch}: {history[-1]}")
-            if rewind:
-                save_file(cpu_state(student), snapshots / f"epoch_{epoch}.safetensors")
+            if snapshot:
+                save_file(cpu_state(model), snapshots / f"epoch_{epoch}.safetensors")
             ckpt.end_of_epoch(epoch)
             if on_checkpoint is not None:
                 on_checkpoint(epoch, ckpt.folder, history[-1])
@@ -440,14 +441,14 @@ def run_tofu_unlearning(
         artifacts = {"model": "model", "config": "config.yaml"}
 
         rewound = None
-        if rewind:
+        if snapshot:  # in the main process only (the evaluation of a plain copy has no collectives)
             # SCRUB+R with NLL for error: target = the final model's answer NLL on the holdout authors
             # (a forget-validation set: same distribution, never trained on); pick the epoch whose
             # forget-set NLL is closest (ties: earliest).
             errors = [row["forget_nll"] for row in history]
             target = history[-1]["holdout_nll"]
             j = select_rewind_epoch(errors, target)
-            chosen = copy.deepcopy(student)
+            chosen = copy.deepcopy(model)
             chosen.load_state_dict(load_file(snapshots / f"epoch_{j}.safetensors"))
             rewound_metrics = setup.evaluate(chosen, device, reference)
             rewound = {"epoch": j, "target_nll": target, "forget_nlls": errors, "metrics": rewound_metrics}

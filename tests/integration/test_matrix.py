@@ -89,15 +89,19 @@ def check_equal(out: Path, single: Path, base: Path, stage: int) -> None:
 
 @pytest.fixture(scope="module")
 def single(tiny_cifar, tiny_vit, tmp_path_factory):
-    """``single(method)``: the single-process image-classification run of ``method``, once per module."""
-    done: dict[str, Path] = {}
+    """``single(method, **overrides)``: the single-process image-classification run, once per module."""
+    done: dict[tuple, Path] = {}
 
-    def run(method: str) -> Path:
-        if method not in done:
+    def run(method: str, **extra) -> Path:
+        key = (method, *sorted(extra.items()))
+        if key not in done:
             out = tmp_path_factory.mktemp(f"single_{method}") / "out"
-            assert main(["run", "configs/demo.yaml", *vision(tiny_cifar, tiny_vit, out, method=method)]) == 0
-            done[method] = out
-        return done[method]
+            assert (
+                main(["run", "configs/demo.yaml", *vision(tiny_cifar, tiny_vit, out, method=method, **extra)])
+                == 0
+            )
+            done[key] = out
+        return done[key]
 
     return run
 
@@ -187,3 +191,29 @@ def test_sync_batchnorm_on_cpu_is_refused_in_one_line_before_any_work(tiny_cifar
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: backend.sync_batchnorm=true needs GPUs")
     assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("task", ["image_classification", "causal_lm"])
+def test_scrub_r_on_two_deepspeed_ranks_rewinds_as_the_single_process(
+    task, single, tofu_reference, tiny_cifar, tiny_vit, tiny_lm, tmp_path
+):
+    """SCRUB+R under ZeRO-2: the main rank snapshots every epoch and rewinds; the chosen epoch and both exported
+    models are the single process's."""
+    rewind = {"method.rewind": "true", "eval.every_epoch": "true"}
+    out = tmp_path / "ds"
+    ds = {"backend.name": "deepspeed", "backend.zero_stage": "2"}
+    if task == "image_classification":
+        config, base, reference = "configs/demo.yaml", tiny_vit, single("scrub", **rewind)
+        args = vision(tiny_cifar, tiny_vit, out, method="scrub", **rewind, **ds)
+    else:
+        config, base, reference = "configs/tofu.yaml", tiny_lm, tofu_reference(**rewind)
+        args = tofu_overrides(tiny_lm, tmp_path, output_dir=out, **DIST_RUN, **rewind, **ds)
+    proc = torchrun(config, args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    check_equal(out, reference, base, 2)
+    rewound = [json.loads((run / "report.json").read_text())["rewound"] for run in (out, reference)]
+    assert rewound[0]["epoch"] == rewound[1]["epoch"]
+    a, b = (load_file(run / "model_rewound" / "model.safetensors") for run in (out, reference))
+    assert max_diff(a, b) < TOL
+    assert not (out / "epochs").exists()  # the snapshots were scratch

@@ -352,9 +352,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def parse_overrides(overrides: list[str]) -> dict:
     """``["method.alpha=0.5", "forget.ids=[1,2]"]`` -> nested dict; values are parsed as YAML."""
     tree: dict = {}
-    # `method=NAME` first, wherever it stands: `method.lr=0.01 method=npo` must not drop the learning rate
-    switch = [o for o in overrides if o.split("=", 1)[0].strip() == "method"]
-    for item in switch + [o for o in overrides if o not in switch]:
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (for example: method.alpha=0.5)")
         key, raw = item.split("=", 1)
@@ -363,7 +361,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else None
         if key.strip() == "method" and isinstance(value, str):
             # `method=npo` switches methods: that method's defaults replace the file's method section
-            # (whose keys, e.g. SCRUB's msteps, the new method may not have); every method.* applies on top.
+            # (whose keys, e.g. SCRUB's msteps, the new method may not have); later method.* apply on top.
             value = {"name": value, REPLACE: True}
         _set_dotted(tree, key.strip(), value)
     return tree
@@ -408,15 +406,20 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = tuple(p for p in e["loc"] if isinstance(p, str) and p not in METHOD_TAGS)
         where = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            hint = difflib.get_close_matches(loc[-1], _known_keys(RunConfig, loc), n=1)
-            known = ", ".join(_known_keys(RunConfig, loc))
+            tag = next((p for p in e["loc"] if p in METHOD_TAGS), None)
+            # the keys of the method the error is about (not the first member of the union)
+            keys = (
+                list(METHODS[tag][0].model_fields) if tag and len(loc) == 2 else _known_keys(RunConfig, loc)
+            )
+            hint = difflib.get_close_matches(loc[-1], keys, n=1)
             msg = (
                 f"unknown key {where!r}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; known keys here: {known}"
+                + f"; known keys here: {', '.join(keys)}"
                 + (
-                    "; to switch methods pass method=NAME, which starts from that method's defaults"
-                    if loc and loc[0] == "method"
+                    f"; method={tag} has no {loc[-1]!r}: to switch methods pass method=NAME, which starts from "
+                    "that method's defaults (other methods' keys do not carry over)"
+                    if tag
                     else ""
                 )
             )

@@ -277,7 +277,9 @@ def tofu_reference(tiny_lm, tmp_path_factory):
         key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
         if key not in done:
             out = tmp_path_factory.mktemp("reference") / "out"
-            args = tofu_overrides(tiny_lm, out.parent, output_dir=out, **{**DIST_RUN, **overrides})
+            # a method switch first: the method.* overrides after it apply to that method
+            first = {"method": overrides["method"]} if "method" in overrides else {}
+            args = tofu_overrides(tiny_lm, out.parent, output_dir=out, **{**first, **DIST_RUN, **overrides})
             assert main(["run", "configs/tofu.yaml", *args]) == 0
             done[key] = out
         return done[key]

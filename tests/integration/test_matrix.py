@@ -146,11 +146,15 @@ def test_image_classification_on_two_ray_train_workers(single, tiny_cifar, tiny_
 def test_causal_lm_baselines_on_two_processes(
     method, backend, stage, tiny_lm, tofu_reference, tmp_path, ray_head
 ):
-    # forget batches of 3 (each paired with 3 retain rows): 20 forget rows on 2 ranks, the last batch 2 rows
+    # forget batches of 3 (each paired with 3 retain rows): 20 forget rows on 2 ranks, the last batch 2 rows;
+    # method= first: a method.* override before the switch would be dropped
     run = {"method": method, "method.forget_batch_size": None, "method.batch_size": "3", "method.epochs": "2"}
     out = tmp_path / backend
     args = tofu_overrides(
-        tiny_lm, tmp_path, output_dir=out, **{**DIST_RUN, **run, "backend.zero_stage": str(stage)}
+        tiny_lm,
+        tmp_path,
+        output_dir=out,
+        **{"method": method, **DIST_RUN, **run, "backend.zero_stage": str(stage)},
     )
     if backend == "ray":
         proc = on_ray("configs/tofu.yaml", args, ray_head)

@@ -13,17 +13,23 @@ import yaml
 
 from engine.checkpoint.signals import StopRequest
 from engine.checkpoint.store import CheckpointStore, describe_position, has_checkpoint, model_signature
-from engine.errors import ConfigError
+from engine.errors import ConfigError, OutputError
 from engine.loop import LoopHooks, LoopState, run_loop
 
 
 def check_resumable(partial_dir: Path, cfg, checkpoints: tuple[str, ...] = ("checkpoints",),
-                    finished: tuple[str, ...] = ()) -> bool:  # fmt: skip
+                    finished: tuple[str, ...] = (), expected: bool = False) -> bool:  # fmt: skip
     """True when an unfinished run of the same config left something in ``partial_dir`` to go on from: a
     checkpoint in one of the ``checkpoints`` folders, or one of the ``finished`` files (a training run's
-    completed target). A different config is refused rather than silently mixed."""
+    completed target). A different config is refused rather than silently mixed. ``expected``: a launcher
+    restarted the run after a failure (Ray Train), so finding nothing is an error, not a fresh start."""
     found = any(has_checkpoint(partial_dir / c) for c in checkpoints)
     if not found and not any((partial_dir / f).is_file() for f in finished):
+        if expected:
+            raise OutputError(
+                f"restarted after a failure but {partial_dir / checkpoints[0]} has no complete checkpoint: refusing "
+                "to start over silently (is the output folder on storage every worker sees?)"
+            )
         return False
     saved = partial_dir / "config.yaml"
     mine = cfg.model_dump(mode="json")

@@ -95,14 +95,21 @@ def write_stores(
     for name, part in rows.items():
         folder = RunFolder(out).tokens / name
         if len(part) <= rows_per_block:
-            encoded = [formatter.encode(r["question"], r["answer"]) for r in part]
-            batch = {"row": range(len(part)), "input_ids": [e["input_ids"] for e in encoded],
-                     "labels": [e["labels"] for e in encoded]}  # fmt: skip
-            write_token_store(folder, len(part), [batch])
+            questions, answers = [r["question"] for r in part], [r["answer"] for r in part]
+            write_token_store(
+                folder, len(part), [encode_rows(formatter, range(len(part)), questions, answers)]
+            )
         else:
             tokenize_to_store(part, formatter, folder, rows_per_block)
         stores[name] = str(folder)
     return stores
+
+
+def encode_rows(formatter, rows, questions, answers) -> dict:
+    """A batch for ``write_token_store``: row numbers and the tokens of their (question, answer) pairs, prompt
+    masked as ``TextStream`` encodes them (in the driver, or in a Ray Data task)."""
+    out = [formatter.encode(q, a) for q, a in zip(questions, answers)]
+    return {"row": rows, "input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
 
 
 def tokenize_to_store(
@@ -120,9 +127,7 @@ def tokenize_to_store(
     from engine.data.store import write_token_store
 
     def encode(batch: dict) -> dict:
-        out = [formatter.encode(q, a) for q, a in zip(batch["question"], batch["answer"])]
-        return {"row": batch["row"], "input_ids": [o["input_ids"] for o in out],
-                "labels": [o["labels"] for o in out]}  # fmt: skip
+        return encode_rows(formatter, batch["row"], batch["question"], batch["answer"])
 
     items = [{"row": i, "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
     blocks = max(1, -(-len(items) // rows_per_block))

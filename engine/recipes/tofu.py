@@ -35,7 +35,7 @@ from engine.checkpoint.resume import RunCheckpoints, check_resumable
 from engine.checkpoint.run_folder import RunFolder
 from engine.config import RunConfig, dump_config
 from engine.data.text import PairedStream, QAFormatter, TextStream, prepare_tofu
-from engine.errors import ConfigError, OutputError
+from engine.errors import ConfigError
 from engine.eval.report import write_text_atomic
 from engine.eval.tofu import evaluate_tofu
 from engine.eval.tofu_report import write_tofu_report
@@ -318,12 +318,8 @@ def run_tofu_unlearning(
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)
     partial_dir = RunFolder.of(cfg.output_dir).partial
-    resume = check_resumable(partial_dir, cfg)  # before any work: another run's checkpoint is refused
-    if expect_resume and not resume:
-        raise OutputError(
-            f"restarted after a failure but {partial_dir}/checkpoints has no complete checkpoint: refusing to start "
-            "over silently (is the output folder on storage every worker sees?)"
-        )
+    # before any work: another run's checkpoint is refused
+    resume = check_resumable(partial_dir, cfg, expected=expect_resume)
     seed_everything(cfg.seed)
     backend = backend or build_backend(cfg.backend)
     log = main_log(log, backend)

@@ -33,7 +33,7 @@ from engine.checkpoint.resume import RunCheckpoints, check_resumable
 from engine.checkpoint.run_folder import RunFolder
 from engine.config import RunConfig, dump_config
 from engine.data.vision import ImageStream, PairedImageStream
-from engine.errors import ConfigError, OutputError
+from engine.errors import ConfigError
 from engine.eval.report import write_report
 from engine.methods import build_method
 from engine.methods.base import MethodContext
@@ -76,13 +76,8 @@ def run_unlearning(
             "`unlearn run` needs model.path: the checkpoint to unlearn (e.g. runs/cifar5-train/original)"
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)  # refuse before any work
-    run = RunFolder.of(cfg.output_dir)
-    resume = check_resumable(run.partial, cfg)  # another run's checkpoint: refused, also before any work
-    if expect_resume and not resume:
-        raise OutputError(
-            f"restarted after a failure but {run.checkpoints} has no complete checkpoint: refusing to start over "
-            "silently (is the output folder on storage every worker sees?)"
-        )
+    # another run's checkpoint: refused, also before any work
+    resume = check_resumable(RunFolder.of(cfg.output_dir).partial, cfg, expected=expect_resume)
     rewind = bool(getattr(cfg.method, "rewind", False))
     if rewind and not cfg.eval.every_epoch:
         raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")

@@ -138,3 +138,15 @@ def test_rng_states_round_trip():
     a = (torch.rand(3), random.random())
     set_rng_state(state)
     assert torch.equal(torch.rand(3), a[0]) and random.random() == a[1]
+
+
+def test_a_restart_that_finds_no_checkpoint_is_refused_not_started_over(tmp_path):
+    """A launcher's restart after a failure (Ray Train) expects a checkpoint; without one the run stops with an
+    error instead of silently starting from the beginning. A plain first run finds none and starts."""
+    from engine.checkpoint.resume import check_resumable
+    from engine.errors import OutputError
+
+    partial = tmp_path / "out.partial"
+    assert check_resumable(partial, cfg=None) is False
+    with pytest.raises(OutputError, match=r"out.partial/checkpoints has no complete checkpoint"):
+        check_resumable(partial, cfg=None, expected=True)

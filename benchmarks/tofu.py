@@ -93,13 +93,14 @@ def start_at_teacher(cfg, model_path: str) -> dict:
     forget batch of the original. The NLL term's own gradient norm is given for scale."""
     from engine.methods.losses import cross_entropy_sum, distill_kl_sum
     from engine.models.causal_lm import load_causal_lm, set_dropout, token_logits
-    from engine.recipes.tofu import TofuSetup
+    from engine.tasks import build_task
 
-    setup = TofuSetup(cfg, model_path)
+    streams = build_task(cfg, model_path).streams()
+    forget = streams["forget"]
     student = load_causal_lm(model_path)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     m = cfg.method
-    batch = setup.streams["forget"].get(torch.arange(min(m.forget_batch_size, len(setup.streams["forget"]))))
+    batch = forget.get(torch.arange(min(m.forget_batch_size, len(forget))))
 
     def grad_norm(model, with_nll: float = 0.0) -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
@@ -127,7 +128,7 @@ def start_at_teacher(cfg, model_path: str) -> dict:
     # min_first: one min-step on a retain batch with the configured optimizer, then the max-step gradient
     moved = copy.deepcopy(student).train()
     opt = m.build_optimizer(moved.parameters())
-    rbatch = setup.streams["retain"].get(torch.arange(min(m.retain_batch_size, len(setup.streams["retain"]))))
+    rbatch = streams["retain"].get(torch.arange(min(m.retain_batch_size, len(streams["retain"]))))
     logits = token_logits(moved, rbatch)
     loss = cross_entropy_sum(logits, rbatch["labels"]) / logits.shape[0]
     opt.zero_grad()
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     header = run_header(argv)
 
     from engine.config import load_config
-    from engine.recipes.tofu import run_tofu_training, run_tofu_unlearning
+    from engine.recipes.train import run_training
+    from engine.recipes.unlearn import run_unlearning
 
     t0 = time.perf_counter()
     base = base_model(out, args.quick, args.model)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     models = out / "models"
     if not (models / "original" / "tofu_eval.json").is_file():
         cfg = load_config(CONFIG, common + [f"model.path={base}", f"output_dir={models}", "overwrite=true"])
-        run_tofu_training(cfg)
+        run_training(cfg)
     reports = {t: _read(models / t / "report.json") for t in ("original", "retain")}
 
     run_cfg = [f"model.path={models / 'original'}", f"eval.reference={models / 'retain'}", "overwrite=true"]
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "runs" / method / "report.json").is_file():
             print(f"{method}: reusing {out / 'runs' / method} (delete it to rerun)", flush=True)
         else:
-            run_tofu_unlearning(cfg)
+            run_unlearning(cfg)
         runs[method] = _read(out / "runs" / method / "report.json")
         kind = "scrub" if method.startswith("scrub") else method
         runs[method]["examples"] = student_examples(kind, cfg.method.epochs, getattr(cfg.method, "msteps", 0),

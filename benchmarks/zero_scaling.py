@@ -102,7 +102,7 @@ def build_base(out: Path, shape: str) -> Path:
 def overrides(args, base: Path, output_dir: Path) -> list[str]:
     """configs/tofu.yaml overrides: the same job at every world size."""
     return [
-        "task=tofu",
+        "task=causal_lm",
         f"tofu.dataset={args.dataset}",
         "tofu.num_authors=5",  # forget10 -> 1 author (20 QA pairs), 4 retain authors (80)
         "tofu.max_length=128",
@@ -133,7 +133,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Phases of a run, each opened by a line the engine's main rank logs (engine/recipes/tofu.py):
+# Phases of a run, each opened by a line the engine's main rank logs (engine/recipes/unlearn.py):
 # start-up = launcher, imports, process group, data; load = both models loaded under zero.Init,
 # deepspeed.initialize, evaluation of the base model; loop = epoch-0 row, SCRUB steps, epoch-end row;
 # checkpoint = the resumable DeepSpeed checkpoint, then the memory report; final evaluation = teacher

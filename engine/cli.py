@@ -10,9 +10,9 @@ from engine.errors import EngineError
 
 HELP = {
     "train": "train the models to unlearn and compare with: Original (on D) and Retrain (on D_r); for "
-    "task=tofu, original (on TOFU full) and retain (on the retain set)",
-    "run": "unlearn a checkpoint (method=scrub | grad_ascent | grad_diff | npo; method.rewind=true for SCRUB+R; "
-    "vision baselines: method=retrain | finetune | neggrad_plus | cf_k | eu_k | bad_teacher | fisher)",
+    "task=causal_lm, retain (on the retain set) and original (on TOFU full)",
+    "run": "unlearn a checkpoint (method=scrub | grad_ascent | grad_diff | npo | neggrad_plus | finetune; "
+    "method.rewind=true for SCRUB+R; image classifiers also: method=retrain | cf_k | eu_k | bad_teacher | fisher)",
     "audit": "the challenge-grade audit of model.path: K unlearnings with method=NAME and K retrained references "
     "(cached), as Ray tasks; per-example epsilon, the challenge score, LiRA -> audit.json, audit.md",
     "eval": "score a checkpoint (model.path=...): errors and membership attacks, or the TOFU metrics",
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--only",
                 choices=["original", "retrain", "retain"],
-                help="train only one of the two models (retrain for vision, retain for tofu)",
+                help="train only one of the two models (retrain for image_classification, retain for causal_lm)",
             )
     text = "check that MODEL_DIR is a model a run's receipt.json names (sha256 of its weight files)"
     p = sub.add_parser("verify", help=text, description=text)

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine.errors import ConfigError
 from engine.methods import METHODS, ErmConfig, MethodConfig, ScrubConfig
 from engine.methods.base import StrictModel
+from engine.tasks import ALIASES, PROVIDES
 
 
 class ModelConfig(StrictModel):
@@ -38,6 +39,11 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
+    preset: Literal["tofu"] | None = Field(
+        None,
+        description="A dataset with its own evaluation suite: tofu (task=causal_lm; settings in the tofu section). "
+        "None: image classification reads `dataset` below; a causal LM reads TOFU (the only text data so far).",
+    )
     dataset: str = Field(
         "../shared/data/cifar10",
         description="Local folder/file (parquet, json, csv, or a `datasets.save_to_disk` folder) or a hub dataset id.",
@@ -78,7 +84,8 @@ class DataConfig(StrictModel):
 
 
 class TofuConfig(StrictModel):
-    """TOFU (Maini et al. 2024): question-answer pairs about 200 fictitious authors (task=tofu)."""
+    """TOFU (Maini et al. 2024): question-answer pairs about 200 fictitious authors (task=causal_lm with
+    data.preset=tofu): the dataset preset and evaluation suite of causal LMs."""
 
     dataset: str = Field(
         "../shared/data/tofu",
@@ -289,13 +296,19 @@ class CheckpointConfig(StrictModel):
     )
 
 
-VISION_ONLY = ("retrain", "finetune", "neggrad_plus", "cf_k", "eu_k", "bad_teacher", "fisher")
+NEEDS = {
+    "teacher": "a frozen teacher",
+    "paired": "a paired forget+retain stream",
+    "classifier_head": "a classifier head (class logits it edits or reads per class)",
+}
 
 
 class RunConfig(StrictModel):
-    task: Literal["vision", "tofu"] = Field(
-        "vision",
-        description="vision: image classification (data/forget sections); tofu: a causal LM on TOFU (tofu section).",
+    task: Literal["image_classification", "causal_lm"] = Field(
+        "image_classification",
+        description="image_classification: any AutoModelForImageClassification checkpoint or the paper's CIFAR "
+        "nets (data/forget sections); causal_lm: any AutoModelForCausalLM checkpoint (data.preset=tofu: the tofu "
+        "section). The earlier names vision and tofu are read as these.",
     )
     seed: int = Field(0, description="Seed of initialisation, data order and augmentation.")
     output_dir: str = Field(
@@ -321,19 +334,43 @@ class RunConfig(StrictModel):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _earlier_task_names(cls, value):
+        return ALIASES.get(value, value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tofu_is_a_preset(cls, data):
+        # `task: tofu` (earlier configs) = task causal_lm with the TOFU preset
+        if isinstance(data, dict) and data.get("task") == "tofu":
+            section = data.get("data")
+            data = {**data, "data": {**(section if isinstance(section, dict) else {}), "preset": "tofu"}}
+        return data
+
     @model_validator(mode="after")
-    def _method_fits_task(self) -> RunConfig:
-        # vision baselines edit image classifiers (re-initialise blocks, Fisher noise, a random teacher) in a
-        # `prepare` only the vision recipe calls; GradDiff/NPO need the paired token batches of TOFU
-        only = {"tofu": VISION_ONLY, "vision": ("grad_diff", "npo")}[self.task]
-        if self.method.name in only:
+    def _task_serves_method(self) -> RunConfig:
+        """The one place where a method the task cannot serve is refused (engine/tasks: PROVIDES; each
+        method's ``needs``), and the data section checked against the task."""
+        if self.task == "causal_lm" and self.data.preset is None:
+            self.data.preset = "tofu"  # the only text data until any-text loading lands
+        if self.task == "image_classification" and self.data.preset is not None:
             raise ValueError(
-                f"method={self.method.name} does not run with task={self.task}; "
-                + (
-                    "for causal LMs use scrub, grad_ascent, grad_diff or npo"
-                    if self.task == "tofu"
-                    else "for image classifiers use scrub or one of " + ", ".join(VISION_ONLY)
-                )
+                f"data.preset={self.data.preset} holds text: set task=causal_lm, or unset data.preset"
+            )
+        provides = PROVIDES[self.task]
+        missing = [n for n in METHODS[self.method.name][1].needs if n not in provides]
+        if missing:
+            served = [
+                name for name, (_, m) in METHODS.items() if name != "erm" and set(m.needs) <= set(provides)
+            ]
+            raise ValueError(
+                f"method={self.method.name} needs {' and '.join(NEEDS[n] for n in missing)}, which task={self.task} "
+                f"does not provide; with task={self.task} use one of {', '.join(served)}"
+            )
+        if self.task == "causal_lm" and getattr(self.method, "augment", False):
+            raise ValueError(
+                "method.augment (random crops and flips) is for images: set method.augment=false"
             )
         return self
 
@@ -423,6 +460,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
                     else ""
                 )
             )
+        elif e["type"] == "value_error" and not loc:  # a rule over several sections: its message says it all
+            msg = e["msg"].removeprefix("Value error, ")
         else:
             msg = f"{where}: {e['msg']} (got {e.get('input')!r})"
         lines.append("  - " + msg)

@@ -139,7 +139,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
     """A TOFU run in seconds: 10 authors (1 forgotten), short answers, one epoch."""
     base = {
-        "task": "tofu",
+        "task": "causal_lm",
         "tofu.dataset": str(TOFU),
         "tofu.num_authors": "10",
         "tofu.max_length": "192",

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.text import collate
+from engine.data.text import collate, join_text
 
 META = "meta.json"
 
@@ -79,7 +79,7 @@ class TokenStore:
     def __len__(self) -> int:
         return self.size
 
-    def row(self, i: int) -> dict:
+    def example(self, i: int) -> dict:
         start, n = (int(v) for v in self.index[i])
         return {
             "input_ids": self.ids[start : start + n].tolist(),
@@ -87,6 +87,10 @@ class TokenStore:
         }
 
     def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
-        batch = collate([self.row(int(r)) for r in rows], self.pad_id)
+        batch = collate([self.example(int(r)) for r in rows], self.pad_id)
         batch["rows"] = rows
         return batch
+
+    def join(self, rows: torch.Tensor, other, other_rows: torch.Tensor, seed: int = 0) -> dict:
+        """As ``TextStream.join`` (engine/data/paired.py)."""
+        return join_text(self, rows, other, other_rows)

@@ -250,39 +250,15 @@ class TextStream:
         batch["rows"] = rows
         return batch
 
+    def example(self, i: int) -> dict:
+        return self.encoded[i]
 
-def _generator(seed: int, row: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + row)
+    def join(self, rows: torch.Tensor, other, other_rows: torch.Tensor, seed: int = 0) -> dict:
+        """``rows`` of this stream then ``other_rows`` of ``other`` (a TextStream or TokenStore), padded
+        into one batch (engine/data/paired.py)."""
+        return join_text(self, rows, other, other_rows)
 
 
-class PairedStream:
-    """Forget batches each paired with as many retain examples drawn at random (seeded per batch),
-    in one padded batch: the step shape of GradDiff and NPO in open-unlearning (its
-    ``ForgetRetainDataset`` anchored on the forget set). ``is_forget`` marks rows, ``forget_token``
-    marks counted tokens."""
-
-    def __init__(self, forget: TextStream, retain: TextStream):
-        if len(retain) == 0:
-            raise DataError("the retain set is empty: GradDiff/NPO need retain examples")
-        self.forget, self.retain = forget, retain
-
-    def __len__(self) -> int:
-        return len(self.forget)
-
-    def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
-        # each forget row's partner is drawn from (seed, row), not from the batch: the same partners
-        # whatever way a global batch is split over ranks, and never the same draws on every rank
-        retain_rows = torch.tensor(
-            [int(torch.randint(len(self.retain), (1,), generator=_generator(seed, int(i)))) for i in rows],
-            dtype=torch.long,
-        )
-        examples = [self.forget.encoded[int(i)] for i in rows] + [
-            self.retain.encoded[int(i)] for i in retain_rows
-        ]
-        batch = collate(examples, self.forget.pad_id)
-        is_forget = torch.arange(len(examples)) < len(rows)
-        batch["is_forget"] = is_forget
-        batch["forget_token"] = is_forget[batch["sequence"]]
-        batch["rows"] = rows
-        batch["partner_rows"] = retain_rows
-        return batch
+def join_text(stream, rows: torch.Tensor, other, other_rows: torch.Tensor) -> dict:
+    examples = [stream.example(int(i)) for i in rows] + [other.example(int(i)) for i in other_rows]
+    return collate(examples, stream.pad_id)

@@ -443,32 +443,7 @@ class ImageStream:
             "rows": rows,
         }
 
-
-class PairedImageStream:
-    """Forget batches each paired with as many retain examples drawn at random, in one batch (the step
-    shape of NegGrad+; text.py's ``PairedStream`` for images). Its length and order are the forget
-    set's; each forget row's partner is drawn from (seed, row), not from the batch, so the pairs do not
-    depend on how a batch is split. ``is_forget`` marks the forget half (the first ``len(rows)`` rows)."""
-
-    def __init__(self, forget: ImageStream, retain: ImageStream):
-        if len(retain) == 0:
-            raise DataError("the retain set is empty: a paired method needs retain examples")
-        self.forget, self.retain = forget, retain
-
-    def __len__(self) -> int:
-        return len(self.forget)
-
-    def get(self, rows: torch.Tensor, seed: int = 0) -> dict:
-        draw = lambda i: torch.Generator().manual_seed(seed * 1_000_003 + int(i))  # noqa: E731
-        partner_rows = torch.tensor(
-            [int(torch.randint(len(self.retain), (1,), generator=draw(i))) for i in rows], dtype=torch.long
-        )
-        f = self.forget.get(rows, seed)
-        r = self.retain.get(partner_rows, seed + 1)  # its own augmentation draws
-        return {
-            "pixel_values": torch.cat([f["pixel_values"], r["pixel_values"]]),
-            "labels": torch.cat([f["labels"], r["labels"]]),
-            "rows": rows,
-            "partner_rows": partner_rows,
-            "is_forget": torch.arange(len(rows) + len(partner_rows)) < len(rows),
-        }
+    def join(self, rows: torch.Tensor, other: ImageStream, other_rows: torch.Tensor, seed: int = 0) -> dict:
+        """``rows`` of this stream then ``other_rows`` of ``other`` in one batch (engine/data/paired.py)."""
+        a, b = self.get(rows, seed), other.get(other_rows, seed + 1)  # b: its own augmentation draws
+        return {k: torch.cat([a[k], b[k]]) for k in ("pixel_values", "labels")}

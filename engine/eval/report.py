@@ -12,6 +12,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,45 +43,90 @@ _ROWS = [
 ]
 # SalUn's summary: mean |value - Retrain| over UA, RA, TA and MIA-efficacy (gaps in accuracy equal gaps in error).
 _GAP_KEYS = ("forget_error", "retain_error", "test_error", "mia_efficacy")
-_HISTORY_KEYS = [
-    "epoch",
-    "lr",
-    "forget_error",
-    "retain_error",
-    "test_error",
-    "val_error",
-    "max_loss",
-    "min_loss",
+# TOFU's metrics, open-unlearning's names
+_TOFU_ROWS = [
+    ("forget_quality", "Forget quality (KS p vs retain model; higher = closer)"),
+    ("model_utility", "Model utility (harmonic mean of 9)"),
+    ("forget_Q_A_ROUGE", "Forget ROUGE-L recall"),
+    ("forget_Q_A_Prob", "Forget answer probability"),
+    ("forget_truth_ratio", "Forget truth ratio"),
+    ("privleak", "privleak (%)"),
+    ("mia_loss", "MIA AUC: LOSS"),
+    ("mia_zlib", "MIA AUC: zlib"),
+    ("mia_min_k", "MIA AUC: Min-K%"),
+    ("mia_min_k_plus_plus", "MIA AUC: Min-K%++"),
+    ("retain_Q_A_ROUGE", "Retain ROUGE-L recall"),
+    ("retain_Q_A_Prob", "Retain answer probability"),
+    ("ra_Q_A_ROUGE", "Real authors ROUGE-L recall"),
+    ("wf_Q_A_ROUGE", "World facts ROUGE-L recall"),
 ]
-_COLOURS = {"forget_error": "tab:red", "retain_error": "tab:blue", "test_error": "tab:green"}
+_TOFU_NOTE = (
+    "Forget quality: p-value of a KS test between this model's and the retain-only model's truth ratios on the "
+    "forget set (open-unlearning's definition); p >= 0.05 means no detectable difference. MIA AUC: forget vs "
+    "holdout authors, 0.5 = cannot tell members apart."
+)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a task's report shows: its metric rows, number format, the reference model's name, the history
+    columns (None: a history row's own keys) and which of them the history plot draws."""
+
+    rows: list
+    spec: str
+    reference: str
+    history: list | None
+    plotted: dict
+    ylabel: str
+    plot: tuple[str, str]  # (file under plots/, title)
+    note: str = ""
+
+
+LAYOUTS = {
+    "image_classification": _Layout(
+        _ROWS, ".2f", "Retrain",
+        ["epoch", "lr", "forget_error", "retain_error", "test_error", "val_error", "max_loss", "min_loss"],
+        {"forget_error": "tab:red", "retain_error": "tab:blue", "test_error": "tab:green"}, "error (%)",
+        ("errors.png", "Errors per epoch"),
+    ),
+    "causal_lm": _Layout(
+        _TOFU_ROWS, ".4g", "Retain model", None,
+        {"forget_nll": "tab:red", "retain_nll": "tab:blue", "holdout_nll": "tab:green"}, "answer NLL",
+        ("nll.png", "Answer NLL per epoch"), _TOFU_NOTE,
+    ),
+}  # fmt: skip
 DASH = "–"
 
 
 def write_report(run_dir: str | Path, report: dict) -> None:
-    """Write ``report.json``, ``report.md`` and ``plots/*.png`` for one run into ``run_dir``.
+    """Write ``report.json``, ``report.md`` and ``plots/*.png`` for one run of any task into ``run_dir``: the
+    one report writer of every command.
 
-    Keys of ``report`` (any may be absent or None; errors and MIA values in percent):
-    ``title``; ``command`` ("run" | "train" | "eval"); ``method`` ({"name": ..., settings...});
+    Keys of ``report`` (any may be absent or None): ``title``; ``task`` (engine/tasks: which metric table, default
+    image_classification); ``command`` ("run" | "train" | "eval"); ``method`` ({"name": ..., settings...});
     ``forget`` ({kind, description, size, ids_sha256}); ``metrics``, ``original`` (before unlearning) and
-    ``reference`` (Retrain), each {forget_error, retain_error, test_error, val_error, mia, mia_efficacy};
-    ``rewound`` (SCRUB+R: {epoch, target_error, forget_errors, metrics}); ``history`` (one dict per epoch, epoch 0
-    before unlearning: epoch, lr, forget/retain/test/val_error, max_loss, min_loss); ``losses`` ({"max": [...],
-    "min": [...]} per step); ``seconds``; ``artifacts`` ({name: path relative to run_dir}).
+    ``reference`` (Retrain / the retain model), each the task's metrics (image classifiers: errors and MIA in
+    percent; causal LMs: TOFU's); ``rewound`` (SCRUB+R: {epoch, the task's target and per-epoch series,
+    metrics}); ``history`` (one dict per epoch, epoch 0 before unlearning); ``losses`` ({phase: [...]} per
+    step); ``seconds``; ``backend``, ``memory``, ``teacher`` (where it ran); ``artifacts`` ({name: path
+    relative to run_dir}).
 
-    The Markdown metrics table has one column per model present (Original, this run, SCRUB+R, Retrain).
-    Non-finite floats become ``null`` in the JSON. ``plots/errors.png`` is written when there is a history,
+    The Markdown metrics table has one column per model present (Original, this run, SCRUB+R, reference).
+    Non-finite floats become ``null`` in the JSON. ``plots/errors.png`` (``nll.png``) is written when there is a history,
     ``plots/losses.png`` when there are per-step losses.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    layout = LAYOUTS[report.get("task") or "image_classification"]
     plots: dict[str, str] = {}
-    if _plot_errors(run_dir / "plots" / "errors.png", report.get("history") or [], report.get("reference")):
-        plots["Errors per epoch"] = "plots/errors.png"
+    file, title = layout.plot
+    if _plot_history(run_dir / "plots" / file, report.get("history") or [], report.get("reference"), layout):
+        plots[title] = f"plots/{file}"
     if plot_losses(run_dir / "plots" / "losses.png", report.get("losses") or {}):
         plots["Losses per step"] = "plots/losses.png"
     text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
     _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
-    markdown = _markdown(report, plots)
+    markdown = _markdown(report, plots, layout)
     _atomic_write(run_dir / "report.md", lambda f: f.write(markdown.encode("utf-8")))
 
 
@@ -151,7 +197,7 @@ def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
-def _markdown(report: dict, plots: dict[str, str]) -> str:
+def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
     method = report.get("method") or {}
     name = str(method.get("name") or "This run")
     out = [f"# {report.get('title') or 'Unlearning report'}", ""]
@@ -164,19 +210,23 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
     columns.append((name, report.get("metrics") or {}))
     rewound = report.get("rewound")
     if rewound:
-        columns.append(("SCRUB+R", rewound.get("metrics") or {}))
+        columns.append((f"SCRUB+R (epoch {rewound.get('epoch', DASH)})", rewound.get("metrics") or {}))
     reference = report.get("reference")
     if reference:
-        columns.append(("Retrain", reference))
-    rows = [[label] + [fmt(m.get(key)) for _, m in columns] for key, label in _ROWS]
-    if reference:
+        columns.append((layout.reference, reference))
+    rows = [[label] + [fmt(m.get(key), layout.spec) for _, m in columns] for key, label in layout.rows]
+    if reference and layout is LAYOUTS["image_classification"]:
         rows.append(["Avg. gap to Retrain (SalUn)"] + [fmt(_gap(m, reference)) for _, m in columns])
     out += ["## Metrics", "", *md_table(["Metric"] + [c for c, _ in columns], rows), ""]
+    out += [layout.note, ""] if layout.note else []
     if rewound:
+        target, series = next(
+            ((k, v) for k, v in rewound.items() if k.startswith("target_")), ("target", None)
+        )
+        per_epoch = next((v for k, v in rewound.items() if k.startswith("forget_")), [])
         out += [
-            f"SCRUB+R rewound to epoch {rewound.get('epoch', DASH)} (target forget error "
-            f"{fmt(rewound.get('target_error'))}%; forget error per epoch from epoch 0: "
-            f"{', '.join(fmt(e) for e in rewound.get('forget_errors') or []) or DASH}).",
+            f"SCRUB+R rewound to epoch {rewound.get('epoch', DASH)} ({target.replace('_', ' ')} {fmt(series, '.4g')}; "
+            f"per epoch from epoch 0: {', '.join(fmt(e, '.4g') for e in per_epoch or []) or DASH}).",
             "",
         ]
 
@@ -186,7 +236,7 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
         out += [f"- Kind: {forget.get('kind', DASH)}", f"- Description: {forget.get('description', DASH)}"]
         out += [
             f"- Size: {forget.get('size', DASH)}",
-            f"- IDs (sha256): `{forget.get('ids_sha256', DASH)}`",
+            f"- IDs (sha256 of the sorted ids' JSON array): `{forget.get('ids_sha256', DASH)}`",
         ]
         out.append("")
 
@@ -196,11 +246,48 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
 
     history = report.get("history") or []
     if history:
+        keys = layout.history or [k for k in history[-1] if k != "eval_seconds"]
         specs = {"epoch": ".0f", "lr": ".3g", "max_loss": ".4f", "min_loss": ".4f"}
-        hrows = [[fmt(h.get(k), specs.get(k, ".2f")) for k in _HISTORY_KEYS] for h in history]
-        out += ["## History (epoch 0 = before unlearning)", "", *md_table(_HISTORY_KEYS, hrows), ""]
-
+        hrows = [[fmt(h.get(k), specs.get(k, layout.spec)) for k in keys] for h in history]
+        out += ["## History (epoch 0 = before unlearning)", "", *md_table(keys, hrows), ""]
+    out += _resources(report)
     return "\n".join(out + markdown_footer(report, plots))
+
+
+def _resources(report: dict) -> list[str]:
+    """Where it ran, whether the teacher stayed untouched, and per-rank memory."""
+    out = []
+    backend = report.get("backend")
+    if backend:
+        stage = "" if backend.get("zero_stage") is None else f", ZeRO-{backend['zero_stage']}"
+        out += ["## Where it ran", "", f"- backend `{backend['name']}`, {backend['world_size']} process(es)"
+                f"{stage}, {backend.get('accumulation', 1)} micro-batch(es) per step"]  # fmt: skip
+        teacher = report.get("teacher")
+        if teacher:
+            state = "unchanged (sha256 of every rank's weights equal before and after)"
+            out.append(
+                f"- teacher: {state if teacher['unchanged'] else 'CHANGED: this is a bug, please report it'}"
+            )
+        out.append("")
+    memory = report.get("memory") or []
+    if memory:
+        mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+        rows = [
+            [m["rank"], mib(m["peak_bytes"]), m["peak_kind"], mib(m["parameter_bytes"]),
+             mib(m["gradient_bytes"]), mib(m["optimizer_bytes"]), mib(m["state_bytes"])]
+            for m in memory
+        ]  # fmt: skip
+        head = [
+            "rank",
+            "peak MiB",
+            "peak of",
+            "parameters MiB",
+            "gradients MiB",
+            "optimizer MiB",
+            "state MiB",
+        ]
+        out += ["## Memory per rank", "", *md_table(head, rows), ""]
+    return out
 
 
 def markdown_footer(report: dict, plots: dict[str, str]) -> list[str]:
@@ -245,24 +332,24 @@ def _save(fig: Figure, path: Path) -> None:
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
-def _plot_errors(path: Path, history: list[dict], reference: dict | None) -> bool:
-    if not history:
+def _plot_history(path: Path, history: list[dict], reference: dict | None, layout: _Layout) -> bool:
+    if not any(k in h for h in history for k in layout.plotted):
         return False
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     epochs = [num(h.get("epoch")) for h in history]
     xs = [i if e is None else e for i, e in enumerate(epochs)]
-    for key, colour in _COLOURS.items():
+    for key, colour in layout.plotted.items():
         ys = [num(h.get(key)) for h in history]
         label = key.replace("_", " ")
         ax.plot(xs, [np.nan if y is None else y for y in ys], marker="o", color=colour, label=label)
         ref = num((reference or {}).get(key))
         if ref is not None:
-            ax.axhline(ref, color=colour, linestyle="--", linewidth=1, label=f"{label} (Retrain)")
+            ax.axhline(ref, color=colour, linestyle="--", linewidth=1, label=f"{label} ({layout.reference})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (0 = before unlearning)")
-    ax.set_ylabel("error (%)")
-    ax.set_title("Errors per epoch")
+    ax.set_ylabel(layout.ylabel)
+    ax.set_title(layout.plot[1])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -144,6 +144,7 @@ def run_on_ray(cfg, recipe, log=print, **kwargs) -> Path:
     from engine.checkpoint.export import check_output_dir
     from engine.checkpoint.signals import StopRequest
     from engine.errors import PreemptedError
+    from engine.tasks import task_class
 
     launched = time.time()
     check_output_dir(cfg.output_dir, cfg.overwrite)
@@ -152,8 +153,10 @@ def run_on_ray(cfg, recipe, log=print, **kwargs) -> Path:
     out = Path(cfg.output_dir).resolve()
     run = RunFolder(out)
     stores, pad_id = {}, None
-    if recipe.token_rows:  # a task of text: tokenized once, here, for every worker
-        formatter, rows = recipe.rows(cfg)
+    token_rows = getattr(task_class(cfg.task), "token_rows", None)
+    if token_rows and "streams" in inspect.signature(recipe.run).parameters:
+        # a task of text, a recipe that trains: tokenized once, here, for every worker
+        formatter, rows = token_rows(cfg)
         stores, pad_id = write_stores(rows, formatter, out), formatter.tokenizer.pad_token_id
         log(f"{', '.join(f'{n} {len(part)} rows' for n, part in rows.items())}: tokenized into {run.tokens}")
     worker_cfg = cfg.model_copy(update={"backend": b.model_copy(update={"name": "deepspeed"})}, deep=True)

@@ -21,7 +21,7 @@ METHODS = {
     "grad_ascent": (GradAscentConfig, GradAscent),
     "grad_diff": (GradDiffConfig, GradDiff),
     "npo": (NpoConfig, Npo),
-    # vision baselines of the SCRUB paper (task=vision)
+    # the SCRUB paper's vision baselines (those that need a classifier head: task=image_classification)
     "retrain": (RetrainConfig, Retrain),
     "finetune": (FinetuneConfig, Finetune),
     "neggrad_plus": (NegGradPlusConfig, NegGradPlus),

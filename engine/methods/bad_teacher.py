@@ -42,6 +42,7 @@ class BadTeacherConfig(OptimizerSettings):
 
 class BadTeacher:
     needs_teacher = True  # the competent teacher: the frozen original the recipe copies
+    needs = ("teacher", "classifier_head")  # a randomly initialised teacher's class distribution
 
     def __init__(self, config: BadTeacherConfig):
         self.config = config

@@ -1,11 +1,13 @@
 """What every method shares: the optimizer settings, the per-epoch learning-rate rule, and the
 small types through which a method talks to the loop (phases in, loss sums out).
 
-A method is any object with ``config`` (an ``OptimizerSettings``), ``needs_teacher``, ``phases(epoch)``,
+A method is any object with ``config`` (an ``OptimizerSettings``), ``needs_teacher``, ``needs`` (what a task must
+provide: "teacher", "paired", "classifier_head"; the config refuses a method its task cannot serve),
+``phases(epoch)``,
 ``loss(...)`` and ``penalty(student, teacher)``. Two hooks are optional, and methods without them are
 untouched:
 
-- ``prepare(student, ctx: MethodContext) -> None``: called once by ``unlearn run`` (task=vision) after the
+- ``prepare(student, ctx: MethodContext) -> None``: called once by ``unlearn run`` after the
   original has been evaluated and the teacher copied, and BEFORE the backend builds the optimizer, so that
   parameters it freezes (``requires_grad_(False)``) are left out of the optimizer. It may change the
   student in place (re-initialise it, perturb it, freeze parts of it) and build extra frozen models with

@@ -28,6 +28,7 @@ class ErmConfig(OptimizerSettings):
 
 class Erm:
     needs_teacher = False
+    needs = ()
 
     def __init__(self, config: ErmConfig):
         self.config = config

@@ -162,6 +162,7 @@ class Fisher:
     variance each parameter's noise was drawn with ({name: tensor}, on the device)."""
 
     needs_teacher = False
+    needs = ("classifier_head",)  # a Fisher information per class, and class unlearning's head rows
 
     def __init__(self, config: FisherConfig):
         self.config = config

@@ -26,6 +26,7 @@ class GradAscentConfig(OptimizerSettings):
 
 class GradAscent:
     needs_teacher = False
+    needs = ()
 
     def __init__(self, config: GradAscentConfig):
         self.config = config
@@ -42,7 +43,8 @@ class GradAscent:
 
 
 def split_paired(student_logits: torch.Tensor, labels: torch.Tensor, batch: dict):
-    """The forget and the retain token rows of a ``PairedStream`` batch."""
+    """The forget and the retain items (text: answer tokens; images: rows) of a paired batch
+    (engine/data/paired.py)."""
     if batch is None or "forget_token" not in batch:
         raise ValueError(
             "this method needs batches from a PairedStream (forget rows paired with retain rows)"

@@ -22,6 +22,7 @@ class GradDiffConfig(GradAscentConfig):
 
 class GradDiff:
     needs_teacher = False
+    needs = ("paired",)
 
     def __init__(self, config: GradDiffConfig):
         self.config = config

@@ -60,6 +60,7 @@ class CfK(Erm):
     """ERM on D_r with all but the last k blocks frozen."""
 
     needs_teacher = False
+    needs = ("classifier_head",)  # the last k blocks of an image classifier
 
     def prepare(self, student, ctx: MethodContext) -> None:
         freeze_all_but_last(student, self.config.k)
@@ -69,6 +70,7 @@ class EuK(Erm):
     """ERM on D_r of the re-initialised last k blocks, the rest frozen."""
 
     needs_teacher = False
+    needs = ("classifier_head",)  # the last k blocks of an image classifier
 
     def prepare(self, student, ctx: MethodContext) -> None:
         reinitialise(student, last_blocks(student, self.config.k))

@@ -2,7 +2,7 @@
 ascends the forget cross-entropy, ``beta * CE(retain) - (1 - beta) * CE(forget)``, each a mean over its
 own half of the batch.
 
-A step is a forget batch paired with as many retain examples drawn at random (``PairedImageStream``),
+A step is a forget batch paired with as many retain examples drawn at random (``engine.data.paired.PairedStream``),
 so an epoch is one pass over D_f, as the authors' loop zips the two loaders. Unlike their code the two
 halves go through ONE forward, so BatchNorm's batch statistics (train mode) are those of the mixed batch.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from engine.methods.base import LossTerms, OptimizerSettings, Phase
+from engine.methods.grad_ascent import split_paired
 from engine.methods.losses import cross_entropy_sum
 
 
@@ -39,18 +39,9 @@ class NegGradPlusConfig(OptimizerSettings):
     augment: bool = Field(False, description="Random crop (4-pixel padding) + horizontal flip.")
 
 
-def split_forget(logits: torch.Tensor, labels: torch.Tensor, batch: dict | None):
-    """(forget logits, labels), (retain logits, labels) of a ``PairedImageStream`` batch."""
-    if batch is None or "is_forget" not in batch:
-        raise ValueError(
-            "this method needs batches from a PairedImageStream (forget rows paired with retain rows)"
-        )
-    f = batch["is_forget"]
-    return (logits[f], labels[f]), (logits[~f], labels[~f])
-
-
 class NegGradPlus:
     needs_teacher = False
+    needs = ("paired",)
 
     def __init__(self, config: NegGradPlusConfig):
         self.config = config
@@ -58,15 +49,16 @@ class NegGradPlus:
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("paired", "paired", self.config.batch_size)]
 
-    parts = ("forget", "retain")  # means over the forget rows and over their retain partners
+    # means over the forget items and over their retain partners' (images: rows; text: answer tokens)
+    parts = ("forget", "retain")
 
     def part_counts(self, phase, batch: dict) -> tuple[int, int]:
-        f = batch["is_forget"]
+        f = batch["forget_token"]
         return int(f.sum()), int((~f).sum())
 
     def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
         b = self.config.beta
-        (f_logits, f_labels), (r_logits, r_labels) = split_forget(student_logits, labels, batch)
+        (f_logits, f_labels), (r_logits, r_labels) = split_paired(student_logits, labels, batch)
         forget = -(1 - b) * cross_entropy_sum(f_logits, f_labels)
         retain = b * cross_entropy_sum(r_logits, r_labels)
         return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))

@@ -21,6 +21,7 @@ class NpoConfig(GradDiffConfig):
 
 class Npo:
     needs_teacher = True  # the reference model pi_ref = the frozen original
+    needs = ("teacher", "paired")
 
     def __init__(self, config: NpoConfig):
         self.config = config

@@ -32,6 +32,9 @@ class Retrain(Erm):
     statistic (a fresh model of the student's class, drawn from torch's RNG, which the recipe seeds)."""
 
     needs_teacher = False
+    needs = (
+        "classifier_head",
+    )  # a from-scratch re-initialisation (`unlearn train` makes a causal LM's retain model)
 
     def prepare(self, student, ctx: MethodContext) -> None:
         reinitialise(student)

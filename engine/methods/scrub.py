@@ -82,6 +82,7 @@ class Scrub:
     """The SCRUB method: phases per epoch and the per-batch losses. Knows nothing of where it runs."""
 
     needs_teacher = True
+    needs = ("teacher",)
 
     def __init__(self, config: ScrubConfig):
         self.config = config

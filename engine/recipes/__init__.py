@@ -1,7 +1,7 @@
-"""Commands assembled from the components: one readable file per command.
+"""Commands assembled from the components: one readable, rank-aware file per command, for every task.
 
-``recipe_for(command, cfg)`` is the one table from a command and a task to its recipe and the backends it
-runs on; the CLI reads it, refuses any other backend there (before any work), and hands the recipe to
+``recipe_for(command, cfg)`` reads the one table from a command to its recipe and, per task, the backends
+it runs on; the CLI reads it, refuses any other backend there (before any work), and hands the recipe to
 the launcher that starts it: in this process, or in every Ray Train worker (engine/launchers/ray_train.py,
 which never imports a recipe: it runs the one it is given).
 """
@@ -14,65 +14,45 @@ from dataclasses import dataclass
 
 from engine.errors import ConfigError
 
+ALL = ("single", "deepspeed", "ray")
+
 
 @dataclass(frozen=True)
 class Recipe:
     """``target``: "module:function" of the recipe, called as ``function(cfg, **kwargs)``. ``backends``:
-    the backend names it runs on. ``token_rows``: "module:function" giving, for a task of text, the
-    forget and retain rows a Ray driver tokenizes once for its workers (``token_rows(cfg)`` ->
-    ``(formatter, {stream: (rows, encoded rows)})``); None where the recipe cannot run on Ray."""
+    task -> the backend names it runs on (a task absent: the command does not serve it)."""
 
     target: str
-    backends: tuple[str, ...] = ("single",)
-    token_rows: str | None = None
+    backends: dict[str, tuple[str, ...]]
 
     @property
     def run(self) -> Callable:
-        return _resolve(self.target)
-
-    def rows(self, cfg):
-        return _resolve(self.token_rows)(cfg)
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
-def _resolve(target: str) -> Callable:
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-RECIPES: dict[tuple[str, str], Recipe] = {
-    ("train", "vision"): Recipe("engine.recipes.train:run_training"),
-    ("run", "vision"): Recipe("engine.recipes.unlearn:run_unlearning", ("single", "deepspeed", "ray")),
-    ("eval", "vision"): Recipe("engine.recipes.evaluate:run_evaluation", ("single", "deepspeed", "ray")),
+RECIPES: dict[str, Recipe] = {
+    "train": Recipe("engine.recipes.train:run_training",
+                    {"image_classification": ("single", "deepspeed"), "causal_lm": ("single", "deepspeed")}),
+    "run": Recipe("engine.recipes.unlearn:run_unlearning", {"image_classification": ALL, "causal_lm": ALL}),
+    "eval": Recipe("engine.recipes.evaluate:run_evaluation", {"image_classification": ALL, "causal_lm": ALL}),
     # the audit's K unlearnings and K retrains are Ray tasks of one process each (audit.ray_address)
-    ("audit", "vision"): Recipe("engine.recipes.audit:run_audit"),
-    ("train", "tofu"): Recipe("engine.recipes.tofu:run_tofu_training", ("single", "deepspeed")),
-    ("run", "tofu"): Recipe(
-        "engine.recipes.tofu:run_tofu_unlearning",
-        ("single", "deepspeed", "ray"),
-        token_rows="engine.recipes.tofu:token_rows",
-    ),
-    ("eval", "tofu"): Recipe(
-        "engine.recipes.tofu:run_tofu_eval", ("single", "deepspeed", "ray"), "engine.recipes.tofu:token_rows"
-    ),
-}
+    "audit": Recipe("engine.recipes.audit:run_audit", {"image_classification": ("single",)}),
+}  # fmt: skip
 
 
 def recipe_for(command: str, cfg) -> Recipe:
-    """The recipe of ``command`` for ``cfg.task``; a backend it does not run on is refused here."""
-    recipe = RECIPES.get((command, cfg.task))
-    if recipe is None:
-        tasks = sorted(t for c, t in RECIPES if c == command)
+    """The recipe of ``command``; a task it does not serve or a backend it does not run on is refused here."""
+    recipe = RECIPES[command]
+    backends = recipe.backends.get(cfg.task)
+    if backends is None:
         raise ConfigError(
-            f"`unlearn {command}` runs with task={' or task='.join(tasks)}, not task={cfg.task}"
+            f"`unlearn {command}` runs with task={' or task='.join(recipe.backends)}, not task={cfg.task}"
         )
-    if cfg.backend.name not in recipe.backends:
-        commands: dict[str, list[str]] = {}
-        for (c, t), r in RECIPES.items():
-            if cfg.backend.name in r.backends:
-                commands.setdefault(t, []).append(c)
-        runs = " and ".join(f"`unlearn {'|'.join(c)}` of task={t}" for t, c in commands.items())
+    if cfg.backend.name not in backends:
+        others = [c for c, r in RECIPES.items() if cfg.backend.name in r.backends.get(cfg.task, ())]
         raise ConfigError(
-            f"`unlearn {command}` of task={cfg.task} runs on backend.name={' or '.join(recipe.backends)}; "
-            f"backend.name={cfg.backend.name} runs {runs or 'no command yet'}"
+            f"`unlearn {command}` of task={cfg.task} runs on backend.name={' or '.join(backends)}; "
+            f"backend.name={cfg.backend.name} runs `unlearn {'|'.join(others) or '(no command)'}` of task={cfg.task}"
         )
     return recipe

@@ -56,9 +56,9 @@ def _task(item: dict) -> dict:
     from engine.data.vision import prepare_data
     from engine.eval.metrics import predict
     from engine.models.loading import load_classifier
-    from engine.recipes.common import load_data_and_transform
     from engine.recipes.train import run_training
     from engine.recipes.unlearn import run_unlearning
+    from engine.tasks.image_classification import load_data_and_transform
 
     hf_logging.disable_progress_bar()  # a task's output reaches the driver's console: no per-file bars
     datasets.disable_progress_bars()
@@ -120,10 +120,6 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
 
     t_start = time.perf_counter()
     a = cfg.audit
-    if cfg.task != "vision":
-        raise ConfigError(
-            "`unlearn audit` scores image classifiers (task=vision); TOFU has its own forget quality"
-        )
     if cfg.model.path is None:
         raise ConfigError("`unlearn audit` needs model.path: the Original to unlearn K times")
     if cfg.model.arch is None:

@@ -1,56 +1,46 @@
-"""`unlearn run`: unlearn a checkpoint (SCRUB, SCRUB+R, or another registered method).
+"""`unlearn run`: unlearn a checkpoint of any task (SCRUB, SCRUB+R, or another registered method), on any
+backend.
 
-Reads top to bottom: check inputs -> load data and models -> evaluate the original (epoch 0) ->
-the method's optional ``prepare`` (re-initialise, freeze, perturb: engine.methods.base) -> the backend
-builds the optimizer over the parameters left trainable -> the one loop, evaluating (and, for SCRUB+R,
-snapshotting) after each epoch -> final scores with the membership attacks -> SCRUB+R selection ->
-export checkpoints, report and model card atomically.
+Reads top to bottom: check inputs -> the task (data, streams, how models load and are scored) -> load the
+student and the frozen teacher (partitioned while they load under ZeRO-3) -> score the reference and the
+original -> the method's optional ``prepare`` (re-initialise, freeze, perturb: engine.methods.base) -> the
+backend builds the optimizer over the parameters left trainable -> the one loop, a history row (and, for
+SCRUB+R, a snapshot) after each epoch, a resumable checkpoint after each -> final scores -> SCRUB+R
+selection -> export the model, receipt and report on the main rank.
 
-``loop_seconds`` / ``train_seconds`` in report.json include ``prepare_seconds`` (all of Fisher
-forgetting's cost, Retrain's re-initialisation), so every method's reported time is its whole cost.
+Every process runs this function; only the main one logs and writes results; all of them evaluate (ZeRO-3
+forwards are collective) and checkpoint. ``loop_seconds`` / ``train_seconds`` include ``prepare_seconds``
+(all of Fisher forgetting's cost, Retrain's re-initialisation), so every method's time is its whole cost.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
+from engine import faults
 from engine.backends import build_backend
-from engine.checkpoint.export import (
-    check_output_dir,
-    image_processor,
-    model_card,
-    save_checkpoint,
-    staged_dir,
-)
+from engine.checkpoint.export import check_output_dir, staged_dir
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
 from engine.checkpoint.run_folder import RunFolder
 from engine.config import RunConfig, dump_config
-from engine.data.vision import ImageStream, PairedImageStream
+from engine.data.paired import PairedStream
 from engine.errors import ConfigError
-from engine.eval.report import write_report
+from engine.eval.report import write_report, write_text_atomic
 from engine.methods import build_method
-from engine.methods.base import MethodContext
 from engine.methods.blocks import last_blocks
 from engine.methods.scrub import select_rewind_epoch
-from engine.models.loading import classifier_logits, load_classifier
-from engine.recipes.common import (
-    Evaluator,
-    cpu_state,
-    describe,
-    load_data_and_transform,
-    main_log,
-    seed_everything,
-)
+from engine.models.causal_lm import set_dropout
+from engine.recipes.common import backend_summary, cpu_state, log_memory, main_log, seed_everything
+from engine.tasks import build_task
 from engine.tracking import Tracker
-
-REPORTED = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
 
 
 def run_unlearning(
@@ -63,11 +53,12 @@ def run_unlearning(
     expect_resume: bool = False,
     stop_file: Path | None = None,
 ) -> Path:
-    """Unlearn under any backend: every process runs this function; only the main one logs and writes
-    results, all of them evaluate (ZeRO-3 forwards are collective) and checkpoint. A launcher (Ray Train,
-    engine/launchers/ray_train.py) passes its ``backend``, ``streams`` that replace the recipe's own,
-    ``on_checkpoint(epoch, folder, history_row)``, its ``launched_at``, ``expect_resume`` (restarted after a
-    failure: a checkpoint must exist) and ``stop_file`` (its request to checkpoint and stop)."""
+    """Unlearn ``model.path``. A launcher (Ray Train, engine/launchers/ray_train.py) passes its ``backend``,
+    ``streams`` that replace the task's forget and retain streams (token stores its driver wrote),
+    ``on_checkpoint(epoch, folder, history_row)`` (ray.train.report), its ``launched_at``, ``expect_resume``
+    (restarted after a failure: a checkpoint must exist) and ``stop_file`` (its request to checkpoint and
+    stop: engine/checkpoint/signals.py). Each epoch ends with a resumable checkpoint in
+    ``OUTPUT.partial/checkpoints``; started again with the same config, a run resumes after the last one."""
     t_start = time.perf_counter()
     started_at = now()
     launched_at = launched_at or time.time()
@@ -92,29 +83,32 @@ def run_unlearning(
             f"method={cfg.method.name}{' with rewind' if rewind else ''} changes or snapshots the whole model "
             "outside the training steps, which ZeRO-3 shards: use backend.zero_stage=2 (or 0/1) for it"
         )
-    data, image, transform = load_data_and_transform(cfg, cfg.model.path)
-    log(
-        f"forget set: {data.description}: {len(data.forget)} examples; retain {len(data.retain)}, "
-        f"val {len(data.val)}, test {len(data.test)}"
-    )
-    load = partial(
-        load_classifier, cfg.model.path, data.num_labels, cfg.model.revision, cfg.model.trust_remote_code
-    )
+    task = build_task(cfg, cfg.model.path)
+    log(task.description)
+    device = backend.device
+    m = cfg.model
     with backend.init_context():  # under ZeRO-3 each model is partitioned while it loads
-        student = load()
+        student = task.load(m.path, m.revision, m.trust_remote_code)
         # the teacher: the same checkpoint, loaded again (a copy of a partitioned model would hold no weights)
-        teacher = load() if method.needs_teacher or getattr(cfg.method, "param_distance", 0) else None
+        needs_teacher = method.needs_teacher or getattr(cfg.method, "param_distance", 0)
+        teacher = task.load(m.path, m.revision, m.trust_remote_code) if needs_teacher else None
+    task.check(student)
     if getattr(cfg.method, "k", None) is not None:
         last_blocks(student, cfg.method.k)  # CF-k / EU-k: a k beyond the model is refused before any work
-    reference = load_classifier(cfg.eval.reference, data.num_labels) if cfg.eval.reference else None
-    augment = getattr(cfg.method, "augment", False)
-    own = {
-        "forget": ImageStream(data.forget, transform, augment=augment),
-        "retain": ImageStream(data.retain, transform, augment=augment),
-    }
-    if any(p.stream == "paired" for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)):
-        own["paired"] = PairedImageStream(own["forget"], own["retain"])
-    streams = {**own, **(streams or {})}
+    if getattr(cfg.method, "student_dropout", None) is not None:
+        set_dropout(student, cfg.method.student_dropout)  # the teacher stays in eval mode: no dropout there
+
+    def load_frozen(path: str):  # called only when the reference's cached scores miss
+        with backend.init_context():
+            return backend.unwrap(backend.prepare_frozen(task.load(path)))
+
+    reference = None
+    if cfg.eval.reference:
+        reference = task.evaluate(partial(load_frozen, cfg.eval.reference), device,
+                                  cache_dir=cfg.eval.reference, backend=backend)  # fmt: skip
+    run_streams = {**task.streams(augment=getattr(cfg.method, "augment", False)), **(streams or {})}
+    if "paired" in method.needs:
+        run_streams["paired"] = PairedStream(run_streams["forget"], run_streams["retain"])
 
     with staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage:
         if backend.is_main:
@@ -123,12 +117,9 @@ def run_unlearning(
             cfg.logging if backend.is_main else cfg.logging.model_copy(update={"wandb": False}),
             stage, name=Path(cfg.output_dir).name, config=cfg.model_dump(mode="json"),
         )  # fmt: skip
-        evaluator = Evaluator(data, transform, cfg, backend.device, tracker)
         original = None  # a resumed run has the original's scores in its checkpoint
-        if not resume and backend.zero_stage != 3:
-            # before `prepare` may change it (ZeRO-3: after backend.prepare, when forwards can gather the shards;
-            # no method with `prepare` runs there)
-            original = evaluator(student.to(backend.device), attacks=True)
+        if not resume and hasattr(method, "prepare"):  # scored before `prepare` changes it (never ZeRO-3)
+            original = task.evaluate(student, device, reference, cache_dir=m.path, backend=backend)
         snapshots = stage / "epochs"
         snapshot = rewind and backend.is_main  # every rank holds the same whole model (ZeRO 0-2)
         if snapshot and not resume:  # a resumed run keeps the snapshots it made before
@@ -137,23 +128,28 @@ def run_unlearning(
 
         t_prepare = time.perf_counter()
         if hasattr(method, "prepare"):  # before backend.prepare: what it freezes stays out of the optimizer
-            method.prepare(student, _method_context(data, transform, backend))
+            method.prepare(student, task.method_context(backend))
         student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
         model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
         prepare_seconds = time.perf_counter() - t_prepare
-        if not resume and original is None:
-            original = evaluator(model, attacks=True)
-        if not resume:
-            evaluator.record(0, model, None, {}, metrics=original)
-            log(f"original: {describe(original)}")
+        teacher_before = backend.fingerprint(teacher) if teacher is not None else None
+        if not resume and original is None:  # ZeRO-3: now that forwards can gather the shards
+            original = task.evaluate(model, device, reference, cache_dir=m.path, backend=backend)
+        history: list[dict] = []
         losses: dict[str, list[float]] = {}
         ckpt = RunCheckpoints(
-            stage, cfg, backend, student, model, streams, log=log,
-            client_state=lambda: {"history": evaluator.history, "losses": losses, "original": original},
+            stage, cfg, backend, student, model, run_streams, log=log,
+            client_state=lambda: {"history": history, "losses": losses, "original": original,
+                                  "seen": backend.gather_object(backend.seen)},
         )  # fmt: skip
         client = ckpt.restore() if resume else None
         if client is not None:
-            evaluator.history, losses, original = client["history"], client["losses"], client["original"]
+            history, losses, original = client["history"], client["losses"], client["original"]
+            seen = client["seen"][backend.rank] if backend.rank < len(client["seen"]) else {}
+            backend.seen.update({k: {int(e): rows for e, rows in v.items()} for k, v in seen.items()})
+        else:
+            history.append(task.history_row(model, device, 0, None, {}, metrics=original))
+        log(f"original: {task.describe(original)}")
 
         first_step = []
 
@@ -164,101 +160,87 @@ def run_unlearning(
                 log(f"first step done {first_step[0] - launched_at:.1f} s after launch")
 
         def on_epoch_end(epoch: int, epoch_losses: dict[str, float]) -> None:
-            row = (
-                evaluator.record(epoch, model, cfg.method.lr_at(epoch), epoch_losses)
-                if cfg.eval.every_epoch
-                else {"epoch": epoch}
-            )
+            row = {"epoch": epoch}
+            if cfg.eval.every_epoch:
+                row = task.history_row(model, device, epoch, cfg.method.lr_at(epoch), epoch_losses)
+                history.append(row)
+                tracker.log({k: v for k, v in row.items() if v is not None}, step=epoch)
             if snapshot:
                 save_file(cpu_state(model), snapshots / f"epoch_{epoch}.safetensors")
             ckpt.end_of_epoch(epoch)
             if on_checkpoint is not None:
                 on_checkpoint(epoch, ckpt.folder, row)
-            log(f"epoch {epoch}: losses {epoch_losses} {describe(row)}")
+            faults.inject("after_checkpoint", epoch, backend.rank)
+            log(f"epoch {epoch}: losses {epoch_losses} {task.describe(row)}")
 
         t_loop = time.perf_counter()
-        ckpt.run(method, teacher, streams, classifier_logits, epochs=cfg.method.epochs, on_step=on_step,
+        ckpt.run(method, teacher, run_streams, task.forward, epochs=cfg.method.epochs, on_step=on_step,
                  on_epoch_end=on_epoch_end, stop_file=stop_file)  # fmt: skip
         loop_seconds = time.perf_counter() - t_loop + prepare_seconds
         first = ckpt.start["epoch"] if ckpt.start else 1  # evaluations before a resume were not in this loop
-        train_seconds = evaluator.training_seconds(loop_seconds, since=first)
-        final = evaluator(model, attacks=True)
-        log(f"{cfg.method.name}: {describe(final)}")
-        ref_metrics = evaluator(reference.to(backend.device), attacks=True) if reference is not None else None
+        train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history if r["epoch"] >= first)
         memory = backend.memory_report()
-        weights = backend.full_state_dict(student)  # collective under ZeRO-3
-
+        log_memory(log, memory)
+        teacher_check = None
+        if teacher is not None:
+            after = backend.fingerprint(teacher)
+            teacher_check = {"sha256_before": teacher_before, "sha256_after": after,
+                             "unchanged": after == teacher_before}  # fmt: skip
+            if not teacher_check["unchanged"]:
+                log(
+                    "WARNING: the frozen teacher's weights changed during the run; this is a bug, please report it"
+                )
+        shards = backend.gather_object(backend.seen)
+        final = task.evaluate(model, device, reference, backend=backend)
+        log(f"{cfg.method.name}: {task.describe(final)}")
         settings = cfg.method.model_dump(mode="json")
-        record = {"forget": data.forget_summary(), "method": settings, "base_model": cfg.model.path}
-        title = f"{cfg.method.name.upper()} unlearning: {data.description}"
-        card_metrics = {k: final[k] for k in REPORTED}
+        title = f"{cfg.method.name} unlearning: {task.forget_summary()['description']}"
+        weights = backend.full_state_dict(student)  # collective under ZeRO-3
         if backend.is_main:
-            save_checkpoint(
-                model,
-                stage / "model",
-                image_processor(image),
-                model_card(title, cfg.model.path, data.forget_summary(), settings, card_metrics),
-                {**record, "metrics": final},
-                state_dict=weights,
-            )
+            task.save(model, stage / "model", title, settings, final, weights)
         artifacts = {"model": "model", "config": "config.yaml"}
 
         rewound = None
         if snapshot:  # in the main process only (the evaluation of a plain copy has no collectives)
-            # SCRUB+R: target = the final model's error on the forget-validation set; pick the saved
-            # epoch (0 = original) whose forget error is closest (ties: earliest).
-            errors = [row["forget_error"] for row in evaluator.history]
-            target = final["forget_val_error"]
-            j = select_rewind_epoch(errors, target)
+            # SCRUB+R: pick the saved epoch (0 = original) whose forget series is closest to the target
+            # (ties: earliest); the task says what the series and the target are
+            series, target, record = task.rewind_series(history, final)
+            j = select_rewind_epoch(series, target)
             chosen = copy.deepcopy(model)
             chosen.load_state_dict(load_file(snapshots / f"epoch_{j}.safetensors"))
-            rewound_metrics = evaluator(chosen, attacks=True)
-            rewound = {
-                "epoch": j,
-                "target_error": target,
-                "forget_errors": errors,
-                "metrics": rewound_metrics,
-            }
+            rewound_metrics = task.evaluate(chosen, device, reference)
+            rewound = {"epoch": j, **record, "metrics": rewound_metrics}
             rsettings = {**settings, "rewound_to_epoch": j}
-            save_checkpoint(
-                chosen,
-                stage / "model_rewound",
-                image_processor(image),
-                model_card(
-                    f"SCRUB+R (epoch {j}): {data.description}",
-                    cfg.model.path,
-                    data.forget_summary(),
-                    rsettings,
-                    {k: rewound_metrics[k] for k in REPORTED},
-                ),
-                {**record, "method": rsettings, "metrics": rewound_metrics},
+            task.save(
+                chosen, stage / "model_rewound", f"SCRUB+R (epoch {j}): {title}", rsettings, rewound_metrics
             )
             artifacts["model_rewound"] = "model_rewound"
-            log(f"SCRUB+R: target forget error {target:.2f} -> epoch {j}: {describe(rewound_metrics)}")
-            for f in snapshots.iterdir():  # the chosen one is exported; the rest are scratch
-                f.unlink()
-            snapshots.rmdir()
+            log(f"SCRUB+R: target {target:.4g} -> epoch {j}: {task.describe(rewound_metrics)}")
+            shutil.rmtree(snapshots)  # the chosen one is exported; the rest are scratch
 
         tracker.finish()
         if backend.is_main:
-            ckpt.remove()  # the run is complete: the exported model is the result
+            ids = {name: task.row_ids(name) for name in ("forget", "retain")}
+            write_text_atomic(stage / "shards.json", json.dumps(_shard_ids(shards, ids)) + "\n")
             write_receipt(
-                stage, forget=data.forget_summary(), input_model=cfg.model.path, revision=cfg.model.revision,
+                stage, forget=task.forget_summary(), input_model=m.path, revision=m.revision,
                 outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
                 metrics=final, started_at=started_at,
             )  # fmt: skip
+            ckpt.remove()  # the run is complete: the exported model is the result
             write_report(
                 stage,
                 {
                     "title": title,
+                    "task": task.name,
                     "command": "run",
                     "method": settings,
-                    "forget": data.forget_summary(),
+                    "forget": task.forget_summary(),
                     "metrics": final,
                     "original": original,
-                    "reference": ref_metrics,
+                    "reference": reference,
                     "rewound": rewound,
-                    "history": evaluator.history,
+                    "history": history,
                     "losses": losses,
                     "seconds": time.perf_counter() - t_start,
                     "loop_seconds": loop_seconds,
@@ -268,13 +250,9 @@ def run_unlearning(
                     "resume": ckpt.report(),
                     "seconds_to_first_step": first_step[0] - launched_at if first_step else None,
                     "first_step_at": first_step[0] if first_step else None,  # time.time() of the first step
-                    "backend": {
-                        "name": backend.name,
-                        "world_size": backend.world_size,
-                        "zero_stage": backend.zero_stage,
-                        "accumulation": backend.accum,
-                    },  # fmt: skip
+                    "backend": backend_summary(backend),
                     "memory": memory,
+                    "teacher": teacher_check,
                     "artifacts": artifacts,
                 },
             )
@@ -284,17 +262,13 @@ def run_unlearning(
     return out
 
 
-def _method_context(data, transform, backend) -> MethodContext:
-    retain = ImageStream(data.retain, transform, augment=False)
-
-    def retain_batches(batch_size: int):
-        for rows in torch.arange(len(retain)).split(batch_size):
-            yield retain.get(rows)
-
-    return MethodContext(
-        forward=classifier_logits,
-        retain_batches=retain_batches,
-        freeze=backend.prepare_frozen,
-        device=backend.device,
-        forget_classes=list(data.forget_classes) if data.forget_kind == "class" else None,
-    )
+def _shard_ids(shards: list[dict], ids: dict[str, list | None]) -> dict:
+    """stream -> epoch -> rank -> the example ids that rank trained on (ids, never content)."""
+    out: dict = {}
+    for rank, seen in enumerate(shards):
+        for stream, epochs in seen.items():
+            table = ids.get(stream)
+            for epoch, rows in epochs.items():
+                slot = out.setdefault(stream, {}).setdefault(str(epoch), {})
+                slot[str(rank)] = [table[r] for r in rows] if table else rows
+    return out

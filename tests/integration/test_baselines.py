@@ -20,7 +20,7 @@ from engine.methods.bad_teacher import BadTeacher
 from engine.methods.blocks import head_parameter_names, last_blocks, model_blocks
 from engine.methods.fisher import Fisher, fisher_diagonal, fisher_mean_var
 from engine.models.loading import classifier_logits, load_classifier
-from engine.recipes.common import load_data_and_transform
+from engine.tasks.image_classification import load_data_and_transform
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow

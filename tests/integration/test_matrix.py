@@ -4,6 +4,9 @@
 |---|---|---|---|
 | image_classification: SCRUB | reference | ZeRO-3, here | ZeRO-2 via launchers/ray_submit.sh, here |
 | image_classification: NegGrad+ | reference | ZeRO-2, here | ZeRO-3, here |
+| image_classification: NPO | reference | ZeRO-2, here | |
+| image_classification: `unlearn train` | reference | ZeRO-2, here | |
+| `unlearn eval`, both tasks | reference | ZeRO-3, here | image_classification ZeRO-3, here |
 | causal_lm (TOFU): SCRUB | reference | ZeRO-3, test_deepspeed.py (and ZeRO 0-2) | ZeRO-3, test_ray.py |
 | causal_lm (TOFU): GradDiff / NPO | reference | GradDiff ZeRO-3, here | NPO ZeRO-2, here |
 
@@ -52,17 +55,17 @@ def vision(cifar: Path, vit: Path, out: Path, **extra) -> list[str]:
                                                   "eval.reference": "null", **extra})  # fmt: skip
 
 
-def torchrun(config: str, args: list[str]) -> subprocess.CompletedProcess:
+def torchrun(config: str, args: list[str], command: str = "run") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     env.pop("UNLEARN_FAULT", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "engine.cli", "run", config, *args]  # fmt: skip
+           "--master_port", str(free_port()), "-m", "engine.cli", command, config, *args]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-def on_ray(config: str, args: list[str], head: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "engine.cli", "run", config, *args, "backend.name=ray", "backend.num_workers=2",
+def on_ray(config: str, args: list[str], head: dict, command: str = "run") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "engine.cli", command, config, *args, "backend.name=ray", "backend.num_workers=2",
            f"backend.ray_address={head['address']}", "backend.timeout_s=120"]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=1200)
 
@@ -107,14 +110,19 @@ def single(tiny_cifar, tiny_vit, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "method, stage", [("scrub", 3), pytest.param("neggrad_plus", 2, marks=pytest.mark.full)]
-)
+    "method, stage",
+    [("scrub", 3), pytest.param("neggrad_plus", 2, marks=pytest.mark.full),
+     pytest.param("npo", 2, marks=pytest.mark.full)],  # NPO and the paired stream serve images too
+)  # fmt: skip
 def test_image_classification_on_two_deepspeed_ranks(method, stage, single, tiny_cifar, tiny_vit, tmp_path):
     out = tmp_path / "ds"
-    proc = torchrun("configs/demo.yaml", vision(tiny_cifar, tiny_vit, out, method=method,
+    # NPO's language-model default (AdamW, lr 1e-5) barely moves a ViT; Adam's update of a near-zero gradient is
+    # about lr * sign(g), so float noise in such gradients would decide its sign: SGD for an equality test
+    extra = {"method.optimizer": "sgd", "method.lr": "0.05"} if method == "npo" else {}
+    proc = torchrun("configs/demo.yaml", vision(tiny_cifar, tiny_vit, out, method=method, **extra,
                                                 **{"backend.name": "deepspeed", "backend.zero_stage": str(stage)}))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    check_equal(out, single(method), tiny_vit, stage)
+    check_equal(out, single(method, **extra), tiny_vit, stage)
 
 
 @pytest.mark.full
@@ -221,3 +229,58 @@ def test_scrub_r_on_two_deepspeed_ranks_rewinds_as_the_single_process(
     a, b = (load_file(run / "model_rewound" / "model.safetensors") for run in (out, reference))
     assert max_diff(a, b) < TOL
     assert not (out / "epochs").exists()  # the snapshots were scratch
+
+
+@pytest.mark.full
+def test_image_classifier_training_on_two_deepspeed_ranks_equals_the_single_process(
+    tiny_cifar, tiny_vit, tmp_path
+):
+    """`unlearn train` of image classifiers under DeepSpeed (the one train recipe of every task): the Original and
+    Retrain fine-tuned from the tiny ViT on 2 ranks have one process's weights."""
+    extra = {"model.arch": "null", "train.augment": "false", "train.epochs": "1", "train.batch_size": "16",
+             "eval.every_epoch": "false"}  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "configs/demo.yaml", *vision(tiny_cifar, tiny_vit, one, **extra)]) == 0
+    ds = {"backend.name": "deepspeed", "backend.zero_stage": "2"}
+    proc = torchrun("configs/demo.yaml", vision(tiny_cifar, tiny_vit, two, **extra, **ds), command="train")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    base = load_file(tiny_vit / "model.safetensors")
+    for target in ("original", "retrain"):
+        a, b = (load_file(run / target / "model.safetensors") for run in (one, two))
+        assert max_diff(a, base) > 1e-3 and max_diff(a, b) < TOL
+        report = json.loads((two / target / "report.json").read_text())
+        assert report["backend"]["world_size"] == 2 and report["task"] == "image_classification"
+
+
+@pytest.mark.full
+@pytest.mark.parametrize(
+    "task, backend",
+    [("image_classification", "deepspeed"), ("image_classification", "ray"), ("causal_lm", "deepspeed")],
+)
+def test_eval_on_two_processes_scores_as_the_single_process(
+    task, backend, tiny_cifar, tiny_vit, tiny_lm, tmp_path, ray_head
+):
+    """`unlearn eval` (the one eval recipe) on 2 DeepSpeed ranks (ZeRO-3: collective forwards) and on 2 Ray Train
+    workers: every rank scores, the main one writes, and the scores are the single process's."""
+
+    def args(out: Path) -> list[str]:
+        if task == "image_classification":
+            return vision(tiny_cifar, tiny_vit, out)
+        return tofu_overrides(tiny_lm, tmp_path, output_dir=out, **{"eval.reference": "null"})
+
+    config = "configs/demo.yaml" if task == "image_classification" else "configs/tofu.yaml"
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["eval", config, *args(one)]) == 0
+    if backend == "ray":
+        proc = on_ray(config, [*args(two), "backend.zero_stage=3"], ray_head, command="eval")
+    else:
+        proc = torchrun(
+            config, [*args(two), "backend.name=deepspeed", "backend.zero_stage=3"], command="eval"
+        )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    a, b = (json.loads((run / "report.json").read_text()) for run in (one, two))
+    assert b["backend"]["world_size"] == 2 and b["task"] == a["task"] == task
+    assert a["metrics"].keys() == b["metrics"].keys()
+    for key, value in a["metrics"].items():
+        if isinstance(value, float):
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key

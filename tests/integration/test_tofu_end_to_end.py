@@ -1,4 +1,4 @@
-"""`unlearn train | run | eval` with task=tofu on a tiny Llama saved and loaded by path, on real TOFU rows."""
+"""`unlearn train | run | eval` with task=causal_lm on a tiny Llama saved and loaded by path, on real TOFU rows."""
 
 from __future__ import annotations
 

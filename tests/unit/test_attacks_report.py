@@ -152,7 +152,7 @@ def test_write_report_full(tmp_path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# SCRUB unlearning of class 0 (airplane)")
     header = next(line for line in md.splitlines() if line.startswith("| Metric"))
-    assert header == "| Metric | Original | SCRUB | SCRUB+R | Retrain |"
+    assert header == "| Metric | Original | SCRUB | SCRUB+R (epoch 1) | Retrain |"
     forget_row = next(line for line in md.splitlines() if line.startswith("| Forget error"))
     assert forget_row == "| Forget error (%) | 0.50 | 99.75 | 87.00 | 100.00 |"
     efficacy_row = next(line for line in md.splitlines() if line.startswith("| MIA-efficacy"))

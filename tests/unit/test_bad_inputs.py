@@ -3,6 +3,7 @@ where a result is expected."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -147,16 +148,25 @@ def test_every_shipped_config_validates(path):
 
 @pytest.mark.parametrize(
     "overrides, named",
-    [(["task=tofu", "method=eu_k"], "method=eu_k does not run with task=tofu"),
-     (["task=tofu", "method=fisher"], "method=fisher does not run with task=tofu"),
-     (["method=npo"], "method=npo does not run with task=vision")],
+    [(["task=causal_lm", "method=eu_k"],
+      re.escape("method=eu_k needs a classifier head (class logits it edits or reads per class), which task=causal_lm "
+                "does not provide; with task=causal_lm use one of scrub, grad_ascent, grad_diff, npo, finetune, "
+                "neggrad_plus")),
+     (["task=causal_lm", "method=bad_teacher"], "method=bad_teacher needs a classifier head"),
+     (["task=causal_lm", "method=finetune", "method.augment=true"], "method.augment .* is for images"),
+     (["data.preset=tofu"], "data.preset=tofu holds text: set task=causal_lm")],
 )  # fmt: skip
-def test_a_method_that_does_not_fit_the_task_is_refused(overrides, named):
-    # a vision baseline under task=tofu would otherwise run without its re-initialisation / noise / random teacher
+def test_a_method_the_task_cannot_serve_is_refused_in_one_place(overrides, named):
+    """engine/config.py reads each method's `needs` against the task's PROVIDES (engine/tasks)."""
     with pytest.raises(ConfigError, match=named):
         load_config(None, overrides)
-    for task, method in (("vision", "eu_k"), ("tofu", "npo"), ("vision", "scrub"), ("tofu", "scrub")):
-        assert load_config(None, [f"task={task}", f"method={method}"]).method.name == method
+    # the paired and teacher methods serve both tasks; the earlier task names still read
+    for task, method in (("image_classification", "npo"), ("image_classification", "grad_diff"),
+                         ("causal_lm", "neggrad_plus"), ("causal_lm", "finetune"), ("vision", "eu_k"),
+                         ("tofu", "scrub")):  # fmt: skip
+        cfg = load_config(None, [f"task={task}", f"method={method}"])
+        assert cfg.method.name == method and cfg.task in ("image_classification", "causal_lm")
+    assert load_config(None, ["task=tofu"]).data.preset == "tofu"
 
 
 def test_retain_ids_select_exactly_those_examples(tiny_cifar, tmp_path):
@@ -264,14 +274,13 @@ def test_pickle_only_checkpoints_are_refused(tmp_path, name):
 @pytest.mark.parametrize(
     "command, config, overrides, named",
     [("train", "configs/demo.yaml", ["backend.name=ray"],
-      "`unlearn train` of task=vision runs on backend.name=single; backend.name=ray runs `unlearn run|eval` of "
-      "task=vision and `unlearn run|eval` of task=tofu"),
+      "`unlearn train` of task=image_classification runs on backend.name=single or deepspeed; backend.name=ray runs "
+      "`unlearn run|eval` of task=image_classification"),
      ("audit", "configs/demo.yaml", ["backend.name=deepspeed"],
-      "`unlearn audit` of task=vision runs on backend.name=single; backend.name=deepspeed runs `unlearn run|eval` "
-      "of task=vision and `unlearn train|run|eval` of task=tofu"),
-     ("train", "configs/tofu.yaml", ["backend.name=ray"],
-      "`unlearn train` of task=tofu runs on backend.name=single or deepspeed; backend.name=ray runs "
-      "`unlearn run|eval` of task=vision and `unlearn run|eval` of task=tofu")],
+      "`unlearn audit` of task=image_classification runs on backend.name=single; backend.name=deepspeed runs "
+      "`unlearn train|run|eval` of task=image_classification"),
+     ("audit", "configs/tofu.yaml", [],
+      "`unlearn audit` runs with task=image_classification, not task=causal_lm")],
 )  # fmt: skip
 def test_a_backend_the_command_does_not_run_on_is_refused_in_one_line_before_any_work(
     command, config, overrides, named, tmp_path, capsys

@@ -13,7 +13,8 @@ from torch import nn
 from engine.backends.single import SingleProcessBackend
 from engine.cli import HELP
 from engine.config import METHOD_TAGS, load_config
-from engine.data.vision import ImageSet, ImageStream, ImageTransform, PairedImageStream
+from engine.data.paired import PairedStream
+from engine.data.vision import ImageSet, ImageStream, ImageTransform
 from engine.errors import ConfigError
 from engine.loop import run_loop
 from engine.methods import METHODS, build_method
@@ -114,13 +115,14 @@ def test_neggrad_plus_loss_by_hand():
     labels = torch.tensor([r_y[0], f_y[0], r_y[1], f_y[1], r_y[2]])
     is_forget = torch.tensor([False, True, False, True, False])
     method = NegGradPlus(NegGradPlusConfig(beta=beta))
-    terms = method.loss("paired", logits, None, labels, {"is_forget": is_forget})
-    assert method.part_counts("paired", {"is_forget": is_forget}) == (2, 3)  # each mean over its own rows
+    batch = {"is_forget": is_forget, "forget_token": is_forget}  # an image counts once: items = rows
+    terms = method.loss("paired", logits, None, labels, batch)
+    assert method.part_counts("paired", batch) == (2, 3)  # each mean over its own rows
     assert terms.mean((2, 3)).item() == pytest.approx(expected, rel=1e-12)
     # written out: retain CEs ln(e+e^3+1)-3 = .1700, ln 3 = 1.0986, ln(e^-1+e^2+e)-1 = 1.3490 (mean .8725);
     # forget CEs ln(e^2+1+e^-1)-2 = .1699, ln(2e^.5+e)-1 = .7944 (mean .4822): .9 * .8725 - .1 * .4822 = .7370
     assert expected == pytest.approx(0.7370, abs=1e-4)
-    with pytest.raises(ValueError, match="PairedImageStream"):
+    with pytest.raises(ValueError, match="paired"):
         NegGradPlus(NegGradPlusConfig()).loss("paired", logits, None, labels, {})
     assert [p.stream for p in NegGradPlus(NegGradPlusConfig()).phases(1)] == ["paired"]
 
@@ -131,15 +133,17 @@ def _image_set(n: int, label: int, offset: int) -> ImageSet:
     return ImageSet(images, torch.full((n,), label), list(range(offset, offset + n)))
 
 
-def test_paired_image_stream_pairs_each_forget_row_with_a_seeded_retain_row():
+def test_the_paired_stream_pairs_each_forget_image_with_a_seeded_retain_image():
     t = ImageTransform([0.5] * 3, [0.25] * 3)
     forget, retain = ImageStream(_image_set(6, 0, 0), t), ImageStream(_image_set(20, 1, 100), t)
-    paired = PairedImageStream(forget, retain)
+    paired = PairedStream(forget, retain)
     assert len(paired) == 6
     rows = torch.tensor([4, 1, 3])
     b = paired.get(rows, seed=11)
     assert b["pixel_values"].shape == (6, 3, 8, 8)
     assert b["is_forget"].tolist() == [True, True, True, False, False, False]
+    # each image is one counted item: what GradDiff and NPO read for text tokens means rows here
+    assert torch.equal(b["forget_token"], b["is_forget"]) and b["sequence"].tolist() == [0, 1, 2, 3, 4, 5]
     assert torch.equal(b["rows"], rows) and b["partner_rows"].shape == (3,)
     assert torch.equal(b["pixel_values"][:3], forget.get(rows)["pixel_values"])
     assert torch.equal(b["pixel_values"][3:], retain.get(b["partner_rows"])["pixel_values"])

@@ -35,9 +35,6 @@ def offenders(folders: tuple[str, ...], banned: tuple[str, ...]) -> list[str]:
 
 def test_the_reader_sees_what_it_checks():
     """The checker itself: it finds a function-local import (as the Ray worker's used to be)."""
-    assert (
-        "engine.recipes.tofu" in imported(Path(ast.__file__)) or True
-    )  # ast has none: the next line is the check
     source = ENGINE / "launchers" / "ray_train.py"
     assert {"ray.train", "engine.data.store"} <= imported(source)
     assert offenders(("launchers",), ("engine.data",)) == [
@@ -47,7 +44,7 @@ def test_the_reader_sees_what_it_checks():
     ]
 
 
-@pytest.mark.parametrize("folder", ["backends", "methods", "data", "models", "launchers"])
+@pytest.mark.parametrize("folder", ["backends", "methods", "data", "models", "tasks", "launchers"])
 def test_lower_layers_import_no_recipe_and_no_cli(folder):
     assert offenders((folder,), ("engine.recipes", "engine.cli")) == []
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.data.text import IGNORE, PairedStream, QAFormatter, TextStream, collate, prepare_tofu
+from engine.data.paired import PairedStream
+from engine.data.text import IGNORE, QAFormatter, TextStream, collate, prepare_tofu
 from engine.loop import run_loop
 from engine.methods import (
     GradAscent,

@@ -1,0 +1,215 @@
+"""Causal language models: any ``AutoModelForCausalLM`` checkpoint.
+
+Rows are question/answer pairs, the loss counts answer tokens only (engine/data/text.py: the chat
+template when the tokenizer has one); the forward returns the logits of the counted tokens
+(engine/models/causal_lm.py). The dataset preset and evaluation suite today is TOFU (``data.preset=tofu``,
+the ``tofu`` section): 200 fictitious authors, forget01/05/10, open-unlearning's metrics (forget quality
+against the retain model, model utility, ROUGE, truth ratio, the MIAs and privleak;
+engine/eval/tofu.py).
+
+A TOFU evaluation of a model is cached in its folder (``tofu_eval.json``, keyed by the evaluation
+settings and the reference it was scored against), so the retain model and the original are scored once,
+not once per method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint.export import model_card, save_checkpoint
+from engine.data.text import QAFormatter, TextStream, prepare_tofu
+from engine.errors import ConfigError
+from engine.eval.report import write_text_atomic
+from engine.eval.tofu import evaluate_tofu
+from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, token_logits
+
+CACHE = "tofu_eval.json"
+HEADLINE = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak")
+
+
+def describe(m: dict) -> str:
+    keys = HEADLINE + ("forget_nll", "holdout_nll", "retain_nll")  # the last three: a history row's
+    return "  ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
+
+
+def token_rows(cfg) -> tuple[QAFormatter, dict[str, list[dict]]]:
+    """The formatter and the forget and retain rows that a Ray driver tokenizes once, into the token stores
+    its workers read (engine/launchers/ray_train.py)."""
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
+    data = prepare_tofu(cfg.tofu)
+    return QAFormatter(tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template), {
+        "forget": data.forget,
+        "retain": data.retain,
+    }
+
+
+@torch.no_grad()
+def answer_nll(model, stream: TextStream, batch_size: int, device) -> float:
+    """Mean next-token NLL over every answer token of ``stream`` (the cheap per-epoch measure)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(stream), batch_size):
+        batch = stream.get(torch.arange(start, min(start + batch_size, len(stream))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = token_logits(model, batch)
+        total += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+        count += int(batch["labels"].numel())
+    return total / max(count, 1)
+
+
+def _fingerprint(reference: dict | None) -> str | None:
+    """What forget quality and privleak depend on in a reference evaluation, hashed."""
+    if reference is None:
+        return None
+    keyed = {"tr": reference["per_example"]["forget_truth_ratio_by_id"], "auc": reference["mia_min_k"]}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=float).encode()).hexdigest()
+
+
+class CausalLM:
+    name = "causal_lm"
+    forward = staticmethod(token_logits)
+    # `unlearn train`: the retain model first (the reference of the original's forget quality and privleak),
+    # then the original on TOFU full, with the same recipe and seed
+    train_targets = ("retain", "original")
+    reference_target = "retain"
+    trained_on = {"original": "TOFU full (forget + retain)", "retain": "TOFU retain only"}
+    headline = HEADLINE
+    token_rows = staticmethod(token_rows)
+
+    def __init__(self, cfg, model_path: str | None):
+        if model_path is None:
+            raise ConfigError("task=causal_lm needs model.path: the causal LM (a folder or a hub id)")
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+        self.formatter = QAFormatter(self.tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template)
+        self.data = prepare_tofu(cfg.tofu)
+        self.description = self.data.description
+        pad = self.tokenizer.pad_token_id
+        d = self.data
+        self._text = {
+            "forget": TextStream(d.forget, self.formatter, pad),
+            "retain": TextStream(d.retain, self.formatter, pad),
+            "holdout": TextStream(d.holdout, self.formatter, pad),
+            # the per-epoch retain NLL is measured on a probe as large as the forget set (it is a trend, not
+            # a metric; the full retain set would cost more than the epoch on a CPU)
+            "retain_probe": TextStream(d.retain[: max(len(d.forget), 40)], self.formatter, pad),
+        }
+
+    def forget_summary(self) -> dict:
+        return self.data.forget_summary()
+
+    def streams(self, augment: bool = False) -> dict:
+        return {"forget": self._text["forget"], "retain": self._text["retain"]}
+
+    def train_stream(self, target: str) -> TextStream:
+        if target == "original":
+            return TextStream(self.data.full, self.formatter, self.tokenizer.pad_token_id)
+        return self._text["retain"]
+
+    def load(self, path: str, revision: str | None = None, trust_remote_code: bool = False):
+        return load_causal_lm(path, revision, trust_remote_code, self.cfg.model.dtype)
+
+    def build(self):
+        """`unlearn train` fine-tunes ``model.path`` (a causal LM is never built from scratch here)."""
+        m = self.cfg.model
+        return self.load(m.path, m.revision, m.trust_remote_code)
+
+    def check(self, model) -> None:
+        check_vocab(model, self.tokenizer, self.cfg.model.path)
+
+    def eval_settings(self) -> dict:
+        t = self.cfg.tofu
+        return {
+            "forget_split": t.forget_split,
+            "num_authors": t.num_authors,
+            "max_length": t.max_length,
+            "chat_template": t.chat_template,
+            "utility_examples": t.utility_examples,
+            "max_new_tokens": t.max_new_tokens,
+        }
+
+    def evaluate(self, model, device, reference: dict | None = None, cache_dir=None, backend=None) -> dict:
+        """TOFU metrics of ``model`` (a model, or a function that loads it: called only when the cache
+        misses). Read from / written to ``cache_dir/tofu_eval.json`` when given; a cached result counts
+        only if it was computed with the same settings and against the same reference. With several
+        processes every one evaluates (ZeRO-3 forwards are collective) and the main one writes."""
+        settings = {**self.eval_settings(), "reference": _fingerprint(reference)}
+        cache = Path(cache_dir) / CACHE if cache_dir else None
+        hit = None
+        if cache is not None and cache.is_file():
+            stored = json.loads(cache.read_text())
+            hit = stored["metrics"] if stored.get("settings") == settings else None
+        if backend is not None:
+            hit = backend.broadcast_object(hit)  # the main rank decides: all ranks evaluate, or none
+        if hit is not None:
+            return hit
+        if not isinstance(model, torch.nn.Module):
+            model = model()
+        metrics = evaluate_tofu(
+            model.to(device),
+            self.tokenizer,
+            self.formatter,
+            self.data,
+            batch_size=self.cfg.eval.batch_size,
+            max_new_tokens=self.cfg.tofu.max_new_tokens,
+            device=device,
+            reference=reference,
+            progress=self.cfg.logging.progress,
+        )
+        if backend is not None:
+            backend.barrier()  # nobody writes the cache before every process has decided hit or miss
+        if cache_dir is not None and (backend is None or backend.is_main):
+            self.keep_scores(cache_dir, metrics, reference)
+        return metrics
+
+    def keep_scores(self, folder, metrics: dict, reference: dict | None = None) -> None:
+        """Cache ``metrics`` of the model in ``folder`` (when it is a local folder) for later evaluations."""
+        if Path(folder).is_dir():
+            record = {
+                "settings": {**self.eval_settings(), "reference": _fingerprint(reference)},
+                "metrics": metrics,
+            }
+            write_text_atomic(Path(folder) / CACHE, json.dumps(record, default=float) + "\n")
+
+    def history_row(self, model, device, epoch: int, lr, losses: dict, metrics: dict | None = None) -> dict:
+        """Answer NLL on the forget set, the holdout authors and a retain probe (cheap, every epoch)."""
+        t = time.perf_counter()
+        bs = self.cfg.eval.batch_size
+        row = {
+            "epoch": epoch,
+            "forget_nll": answer_nll(model, self._text["forget"], bs, device),
+            "holdout_nll": answer_nll(model, self._text["holdout"], bs, device),
+            "retain_nll": answer_nll(model, self._text["retain_probe"], bs, device),
+            **{f"{k}_loss": v for k, v in losses.items()},
+        }
+        row["eval_seconds"] = time.perf_counter() - t
+        return row
+
+    def rewind_series(self, history: list[dict], final: dict) -> tuple[list[float], float, dict]:
+        """SCRUB+R with NLL for error: the forget answers' NLL per epoch, and as target the final model's
+        NLL on the holdout authors (same distribution, never trained on); and how the report names them."""
+        series, target = [r["forget_nll"] for r in history], history[-1]["holdout_nll"]
+        return series, target, {"target_nll": target, "forget_nlls": series}
+
+    def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
+             forget: bool = True) -> None:  # fmt: skip
+        summary = self.forget_summary()
+        headline = {k: metrics.get(k) for k in HEADLINE}
+        card = model_card(title, self.cfg.model.path, summary if forget else None, settings, headline,
+                          "TOFU metrics (open-unlearning's definitions)")  # fmt: skip
+        record = {"forget": summary, "method": settings, "metrics": metrics, **(record or {})}
+        save_checkpoint(model, path, self.tokenizer, card, record, state_dict=weights)
+
+    describe = staticmethod(describe)
+
+    def method_context(self, backend):
+        return None  # no method with a `prepare` serves causal LMs (their needs say so: engine/tasks)
+
+    def row_ids(self, stream: str) -> list | None:
+        rows = {"forget": self.data.forget, "retain": self.data.retain}.get(stream)
+        return None if rows is None else [int(r["id"]) for r in rows]

@@ -1,0 +1,142 @@
+"""Image classification: any ``AutoModelForImageClassification`` checkpoint and the paper's CIFAR nets.
+
+Rows are images with a label (engine/data/vision.py: per-class validation hold-out, forget/retain by
+class, count, fraction or ids); the forward returns class logits; the evaluation is the field's errors
+(forget, retain, test, validation; in percent) and membership attacks (engine/eval/metrics.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.checkpoint.export import image_processor, model_card, save_checkpoint
+from engine.data.vision import ImageStream, ImageTransform, prepare_data
+from engine.eval.metrics import evaluate
+from engine.methods.base import MethodContext
+from engine.models.loading import build_classifier, classifier_logits, image_settings, load_classifier
+
+HEADLINE = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
+
+
+def load_data_and_transform(cfg, model_path: str | None):
+    data = prepare_data(cfg.data, cfg.forget)
+    image = image_settings(model_path, cfg.data.mean, cfg.data.std, cfg.data.image_size)
+    return data, image, ImageTransform(image["mean"], image["std"], image["size"])
+
+
+def describe(metrics: dict) -> str:
+    return "  ".join(f"{k}={metrics[k]:.2f}" for k in HEADLINE if k in metrics)
+
+
+class ImageClassification:
+    name = "image_classification"
+    forward = staticmethod(classifier_logits)
+    # `unlearn train`: the Original on D = D_r + D_f, and Retrain on D_r alone (exact unlearning)
+    train_targets = ("original", "retrain")
+    reference_target = None  # an image classifier's scores do not depend on a reference model's
+    trained_on = {"original": "D (forget + retain)", "retrain": "D_r (retain only)"}
+    headline = HEADLINE
+
+    def __init__(self, cfg, model_path: str | None):
+        self.cfg = cfg
+        self.data, self.image, self.transform = load_data_and_transform(cfg, model_path)
+        d = self.data
+        self.description = (
+            f"forget set: {d.description}: {len(d.forget)} examples; retain {len(d.retain)}, "
+            f"val {len(d.val)}, test {len(d.test)}"
+        )
+
+    def forget_summary(self) -> dict:
+        return self.data.forget_summary()
+
+    def streams(self, augment: bool = False) -> dict:
+        return {
+            "forget": ImageStream(self.data.forget, self.transform, augment=augment),
+            "retain": ImageStream(self.data.retain, self.transform, augment=augment),
+        }
+
+    def train_stream(self, target: str) -> ImageStream:
+        rows = self.data.train if target == "original" else self.data.retain
+        return ImageStream(rows, self.transform, augment=self.cfg.train.augment)
+
+    def load(self, path: str, revision: str | None = None, trust_remote_code: bool = False):
+        return load_classifier(path, self.data.num_labels, revision, trust_remote_code)
+
+    def build(self):
+        """A from-scratch model (``model.arch``) or, without one, ``model.path`` to fine-tune."""
+        m = self.cfg.model
+        if m.arch:
+            return build_classifier(m.arch, self.data.num_labels, m.width, self.data.class_names)
+        return self.load(m.path, m.revision, m.trust_remote_code)
+
+    def check(self, model) -> None:
+        pass
+
+    def evaluate(self, model, device, reference=None, cache_dir=None, backend=None) -> dict:
+        """Errors and membership attacks of ``model`` (or of what the function ``model`` loads)."""
+        if not isinstance(model, torch.nn.Module):
+            model = model()
+        c = self.cfg.eval
+        return evaluate(
+            model.to(device), self.data, self.transform, c.batch_size, device, attacks=True, seed=c.mia_seed
+        )
+
+    def keep_scores(self, folder, metrics: dict, reference: dict | None = None) -> None:
+        pass  # scoring an image classifier is cheap: nothing is cached
+
+    def history_row(self, model, device, epoch: int, lr, losses: dict, metrics: dict | None = None) -> dict:
+        """One row of the per-epoch history (errors without the attacks; ``metrics`` already computed for
+        this model are reused)."""
+        t = time.perf_counter()
+        if metrics is None:
+            c = self.cfg.eval
+            metrics = evaluate(model, self.data, self.transform, c.batch_size, device, attacks=False,
+                               seed=c.mia_seed)  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            **metrics,
+            "max_loss": losses.get("max"),
+            "min_loss": losses.get("min"),
+        }
+        row["eval_seconds"] = time.perf_counter() - t
+        return row
+
+    def rewind_series(self, history: list[dict], final: dict) -> tuple[list[float], float, dict]:
+        """SCRUB+R: the forget error per epoch and its target, the final model's error on the forget-class
+        validation examples (same classes, never trained on); and how the report names them."""
+        series, target = [r["forget_error"] for r in history], final["forget_val_error"]
+        return series, target, {"target_error": target, "forget_errors": series}
+
+    def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
+             forget: bool = True) -> None:  # fmt: skip
+        summary = self.forget_summary()
+        card = model_card(title, self.cfg.model.path, summary if forget else None, settings,
+                          {k: metrics[k] for k in HEADLINE if k in metrics})  # fmt: skip
+        record = {"forget": summary, "method": settings, "base_model": self.cfg.model.path, "metrics": metrics,
+                  **(record or {})}  # fmt: skip
+        save_checkpoint(model, path, image_processor(self.image), card, record, state_dict=weights)
+
+    describe = staticmethod(describe)
+
+    def method_context(self, backend) -> MethodContext:
+        retain = ImageStream(self.data.retain, self.transform, augment=False)
+
+        def retain_batches(batch_size: int):
+            for rows in torch.arange(len(retain)).split(batch_size):
+                yield retain.get(rows)
+
+        d = self.data
+        return MethodContext(
+            forward=classifier_logits,
+            retain_batches=retain_batches,
+            freeze=backend.prepare_frozen,
+            device=backend.device,
+            forget_classes=list(d.forget_classes) if d.forget_kind == "class" else None,
+        )
+
+    def row_ids(self, stream: str) -> list | None:
+        part = {"forget": self.data.forget, "retain": self.data.retain}.get(stream)
+        return None if part is None else list(part.ids)

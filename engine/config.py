@@ -42,7 +42,7 @@ class DataConfig(StrictModel):
     preset: Literal["tofu"] | None = Field(
         None,
         description="A dataset with its own evaluation suite: tofu (task=causal_lm; settings in the tofu section). "
-        "None: image classification reads `dataset` below; a causal LM reads TOFU (the only text data so far).",
+        "None: `dataset` below (images and labels, or text with the columns named below).",
     )
     dataset: str = Field(
         "../shared/data/cifar10",
@@ -52,6 +52,25 @@ class DataConfig(StrictModel):
         "train", description="Split holding the training data (forget + retain + validation)."
     )
     test_split: str = Field("test", description="Split used as the test set.")
+    text_column: str | None = Field(
+        None,
+        description="causal_lm: a column of raw documents (loss on every token; a document longer than max_length "
+        "is cut into windows, each an example with the id ROW_ID:WINDOW).",
+    )
+    prompt_column: str | None = Field(
+        None,
+        description="causal_lm: the prompt (question) column of prompt/answer pairs (loss on the answer only).",
+    )
+    answer_column: str | None = Field(
+        None, description="causal_lm: the answer column of prompt/answer pairs."
+    )
+    max_length: int = Field(
+        256, ge=8, description="causal_lm: tokens per example (a document's window; prompt + answer, cut)."
+    )
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="causal_lm prompt/answer pairs: format prompts with the tokenizer's chat template.",
+    )
     image_column: str | None = Field(None, description="Image column; detected from the features when empty.")
     label_column: str | None = Field(None, description="Label column; detected (a ClassLabel) when empty.")
     id_column: str | None = Field(
@@ -112,10 +131,22 @@ class TofuConfig(StrictModel):
 
 
 class ForgetConfig(StrictModel):
-    kind: Literal["class", "selective", "random", "ids"] = Field(
+    kind: Literal["class", "selective", "random", "ids", "where", "dataset"] = Field(
         "class",
         description="class: every train example of `label`; selective: `count` examples of `label`; "
-        "random: a `fraction` of the train set; ids: the explicit `ids` / `ids_file`.",
+        "random: a `fraction` of the train set; ids: the explicit `ids` / `ids_file`; where (text): every row "
+        "matching `where`; dataset (text): the rows of `dataset`, a corpus apart from the training data. "
+        "TOFU: class = the tofu.forget_split authors, or ids.",
+    )
+    where: dict[str, Any] | None = Field(
+        None,
+        description="where: column -> value (a list: any of them); a row is forgotten when every column matches, "
+        "e.g. {author: Jane Doe}.",
+    )
+    dataset: str | None = Field(
+        None,
+        description="dataset: a file, folder or hub id holding the forget rows (its train split), with the "
+        "training data's columns; the training data is then all retained.",
     )
     label: int | str | None = Field(
         None, description="Class index (after `data.classes` remapping) or class name."
@@ -146,6 +177,16 @@ class ForgetConfig(StrictModel):
         return self
 
 
+class HoldoutConfig(StrictModel):
+    """causal_lm text data: rows the model never saw, the non-members of the membership attacks."""
+
+    dataset: str | None = Field(
+        None,
+        description="A file, folder or hub id (its train split) with the training data's columns; None: no "
+        "holdout (no MIA, privleak or holdout NLL; SCRUB+R needs one).",
+    )
+
+
 class EvalConfig(StrictModel):
     batch_size: int = Field(256, ge=1, description="Batch size of evaluation forwards.")
     reference: str | None = Field(
@@ -155,6 +196,12 @@ class EvalConfig(StrictModel):
         True, description="Evaluate forget/retain/test/val after every epoch (plots, SCRUB+R)."
     )
     mia_seed: int = Field(0, description="Seed of the membership attacks' subsampling and splits.")
+    max_rows: int | None = Field(
+        256, ge=1, description="causal_lm text data: score at most this many rows of each set (None: all)."
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, description="causal_lm text data: greedy tokens of the verbatim continuation (at most)."
+    )
 
 
 class AuditConfig(StrictModel):
@@ -312,7 +359,9 @@ class RunConfig(StrictModel):
     )
     seed: int = Field(0, description="Seed of initialisation, data order and augmentation.")
     output_dir: str = Field(
-        "runs/default", description="Where results go. Must be empty or absent unless overwrite=true."
+        "runs/default",
+        description="Where results go. Must be empty or absent unless overwrite=true. `{command}` in it becomes "
+        "the command (train, run, eval, audit), so one config gives each command its own folder.",
     )
     overwrite: bool = Field(
         False, description="Replace an existing output_dir (only once the new run has completed)."
@@ -320,6 +369,7 @@ class RunConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     forget: ForgetConfig = Field(default_factory=ForgetConfig)
+    holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
     tofu: TofuConfig = Field(default_factory=TofuConfig)
     method: Annotated[
         MethodConfig,
@@ -352,12 +402,6 @@ class RunConfig(StrictModel):
     def _task_serves_method(self) -> RunConfig:
         """The one place where a method the task cannot serve is refused (engine/tasks: PROVIDES; each
         method's ``needs``), and the data section checked against the task."""
-        if self.task == "causal_lm" and self.data.preset is None:
-            self.data.preset = "tofu"  # the only text data until any-text loading lands
-        if self.task == "image_classification" and self.data.preset is not None:
-            raise ValueError(
-                f"data.preset={self.data.preset} holds text: set task=causal_lm, or unset data.preset"
-            )
         provides = PROVIDES[self.task]
         missing = [n for n in METHODS[self.method.name][1].needs if n not in provides]
         if missing:
@@ -372,7 +416,55 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "method.augment (random crops and flips) is for images: set method.augment=false"
             )
+        self._data_fits_task()
         return self
+
+    def _data_fits_task(self) -> None:
+        d, f = self.data, self.forget
+        text_columns = [k for k in ("text_column", "prompt_column", "answer_column") if getattr(d, k)]
+        if self.task == "image_classification":
+            if d.preset is not None:
+                raise ValueError(
+                    f"data.preset={d.preset} holds text: set task=causal_lm, or unset data.preset"
+                )
+            if text_columns or f.kind in ("where", "dataset"):
+                what = ", ".join(f"data.{k}" for k in text_columns) or f"forget.kind={f.kind}"
+                raise ValueError(f"{what} is for text data: set task=causal_lm")
+            return
+        if d.preset == "tofu":
+            if text_columns:
+                raise ValueError(
+                    "data.preset=tofu has its own columns: unset "
+                    + ", ".join(f"data.{k}" for k in text_columns)
+                )
+            if f.kind not in ("class", "ids"):
+                raise ValueError(f"TOFU forgets its forget-split authors (forget.kind=class) or rows by id (forget.kind=ids), "
+                                 f"not forget.kind={f.kind}")  # fmt: skip
+            return
+        if d.text_column and (d.prompt_column or d.answer_column):
+            raise ValueError(
+                "data.text_column (raw documents, loss on every token) and data.prompt_column / data.answer_column "
+                "(pairs, loss on the answer) are two ways to read rows: set one of them"
+            )
+        if not d.text_column and not (d.prompt_column and d.answer_column):
+            raise ValueError(
+                "task=causal_lm reads data.dataset as raw documents (data.text_column=COLUMN) or prompt/answer pairs "
+                "(data.prompt_column and data.answer_column), or TOFU (data.preset=tofu): name the columns"
+            )
+        if f.kind in ("class", "selective"):
+            raise ValueError(
+                f"forget.kind={f.kind} needs labels: for text use ids, ids_file, where, random or dataset"
+            )
+        if f.kind == "where" and not f.where:
+            raise ValueError(
+                "forget.kind=where needs forget.where (column: value), e.g. forget.where={author: X}"
+            )
+        if f.kind == "dataset" and not f.dataset:
+            raise ValueError(
+                "forget.kind=dataset needs forget.dataset: the file or hub id holding the forget rows"
+            )
+        if getattr(self.method, "rewind", False) and not self.holdout.dataset:
+            raise ValueError("SCRUB+R on text data steers by the holdout NLL: set holdout.dataset")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -136,10 +136,52 @@ def tiny_lm(tmp_path_factory) -> Path:
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
+def write_author_documents(out: Path, authors: range, holdout: range) -> tuple[Path, Path]:
+    """A raw-text corpus built from TOFU: one document per fictitious author (its 20 answers joined), with an
+    ``author`` column, in ``out/corpus.jsonl`` (``authors``) and ``out/holdout.jsonl`` (``holdout``: authors the
+    model never sees)."""
+    import json
+
+    rows = [json.loads(line) for line in (TOFU / "full.jsonl").read_text().splitlines()]
+
+    def write(name: str, which: range) -> Path:
+        docs = [{"author": f"author_{a}", "text": " ".join(r["answer"] for r in rows[20 * a : 20 * a + 20])}
+                for a in which]  # fmt: skip
+        path = out / name
+        path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        return path
+
+    out.mkdir(parents=True, exist_ok=True)
+    return write("corpus.jsonl", authors), write("holdout.jsonl", holdout)
+
+
+def text_overrides(model: Path, corpus: Path, holdout: Path, out: Path, **extra) -> list[str]:
+    """configs/text.yaml on a corpus of write_author_documents, in seconds: windows of 64 tokens."""
+    base = {
+        "data.dataset": str(corpus),
+        "holdout.dataset": str(holdout),
+        "forget.where": "{author: author_1}",
+        "model.path": str(model),
+        "output_dir": str(out),
+        "data.max_length": "64",
+        "train.epochs": "3",
+        "train.lr": "0.003",
+        "eval.reference": "null",
+        "eval.max_new_tokens": "8",
+        "method.epochs": "2",
+        "method.lr": "0.003",
+        "logging.progress": "false",
+        "backend.num_threads": "1",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items() if v is not None]
+
+
 def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
     """A TOFU run in seconds: 10 authors (1 forgotten), short answers, one epoch."""
     base = {
         "task": "causal_lm",
+        "data.preset": "tofu",
         "tofu.dataset": str(TOFU),
         "tofu.num_authors": "10",
         "tofu.max_length": "192",

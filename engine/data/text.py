@@ -106,12 +106,17 @@ class TofuData:
         }
 
 
-def prepare_tofu(cfg) -> TofuData:
+def prepare_tofu(cfg, fcfg=None) -> TofuData:
     """Resolve the forget/retain/holdout/utility sets of ``cfg`` (a ``TofuConfig``).
 
     ``num_authors`` = N keeps a CPU-sized slice with TOFU's own structure: the forget set is the
     first k = round(N * fraction) authors of the forget split (TOFU's last authors), the retain set the
     first N - k authors, the holdout (non-members) the first k authors of the matching holdout split.
+
+    ``fcfg`` (a ``ForgetConfig``) with ``kind=ids``: the same N authors are the training data, and the forget
+    set is the rows named by id (row indices of ``full``), the retain set every other row of them. TOFU
+    has perturbed answers (truth ratio, forget quality) for its first 20 authors and its forget-split
+    authors only: the forget metrics are computed over the named rows that have them.
     """
     fraction = SPLIT_FRACTION[cfg.forget_split]
     n = cfg.num_authors or TOFU_AUTHORS
@@ -148,8 +153,41 @@ def prepare_tofu(cfg) -> TofuData:
         f"TOFU {cfg.forget_split}: {k} of {n} authors forgotten ({len(forget)} QA pairs), "
         f"{len(retain)} retain, {len(holdout)} holdout"
     )
+    if fcfg is not None and fcfg.kind == "ids":
+        from engine.data.vision import requested_ids
+
+        training = retain + forget
+        wanted = requested_ids(fcfg.ids, fcfg.ids_file, "forget")
+        known = {r["id"] for r in training}
+        missing = [i for i in wanted if not isinstance(i, int) or i not in known]
+        if not wanted or missing:
+            spans = f"{retain[0]['id']}..{retain[-1]['id']} and {forget[0]['id']}..{forget[-1]['id']}"
+            raise DataError(
+                f"forget.ids must name rows of TOFU full that tofu.num_authors={n} keeps (ids {spans}); "
+                f"not there: {missing[:5] or 'no ids given'}"
+            )
+        keys = set(wanted)
+        forget = [r for r in training if r["id"] in keys]
+        retain = [r for r in training if r["id"] not in keys]
+        perturbed = {r["question"]: r for r in load_tofu_split(cfg.dataset, "retain_perturbed")}
+        perturbed.update({r["question"]: r for r in forget_eval})
+        forget_eval = [
+            {**perturbed[r["question"]], "id": r["id"]} for r in forget if r["question"] in perturbed
+        ]
+        if not forget_eval:
+            raise DataError(
+                "none of forget.ids has TOFU's perturbed answers (its first 20 authors and the forget-split "
+                "authors have them): name at least one such row, so that forgetting can be scored"
+            )
+        forgotten = {r["question"] for r in forget}
+        retain_eval = [r for r in retain_eval if r["question"] not in forgotten]
+        holdout = holdout[: max(1, len(forget))]
+        description = (
+            f"TOFU rows named by id: {len(forget)} forgotten ({len(forget_eval)} with perturbed answers, which the "
+            f"forget metrics use), {len(retain)} retain of {n} authors, {len(holdout)} holdout"
+        )
     return TofuData(
-        cfg.forget_split,
+        cfg.forget_split if fcfg is None or fcfg.kind != "ids" else "ids",
         n,
         k,
         retain + forget,
@@ -184,6 +222,9 @@ class QAFormatter:
             )
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return tok(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
+
+    def encode_row(self, row: dict) -> dict:
+        return self.encode(row["question"], row["answer"])
 
     def encode(self, question: str, answer: str) -> dict:
         """``{"input_ids", "labels"}`` (lists): labels are -100 on the prompt."""
@@ -238,8 +279,8 @@ class TextStream:
     """A stream the loop draws batches from (same protocol as ``ImageStream``)."""
 
     def __init__(self, rows: list[dict], formatter: QAFormatter, pad_id: int):
-        self.encoded = [formatter.encode(r["question"], r["answer"]) for r in rows]
-        self.ids = torch.tensor([int(r.get("id", i)) for i, r in enumerate(rows)])
+        self.encoded = [formatter.encode_row(r) for r in rows]
+        self.ids = [r.get("id", i) for i, r in enumerate(rows)]
         self.pad_id = pad_id
 
     def __len__(self) -> int:
@@ -262,3 +303,181 @@ class TextStream:
 def join_text(stream, rows: torch.Tensor, other, other_rows: torch.Tensor) -> dict:
     examples = [stream.example(int(i)) for i in rows] + [other.example(int(i)) for i in other_rows]
     return collate(examples, stream.pad_id)
+
+
+# ---- any text data: raw documents or prompt/answer pairs from any file or hub id ----------------------
+
+
+class DocumentFormatter:
+    """Raw documents: the loss counts every token. A document is tokenized once (with the tokenizer's own
+    special tokens, and an end-of-sequence after it) and cut into windows of ``max_length`` tokens, each an
+    example; a last window of one token (nothing to predict) is dropped."""
+
+    def __init__(self, tokenizer, max_length: int = 256):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def windows(self, text: str) -> list[list[int]]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        cut = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        return [w for w in cut if len(w) >= 2]
+
+    def encode_row(self, row: dict) -> dict:
+        return {"input_ids": list(row["input_ids"]), "labels": list(row["input_ids"])}
+
+
+@dataclass
+class TextData:
+    """The forget, retain and holdout rows of a run on any text data. Rows carry a stable ``id``: the row's
+    ``data.id_column`` value or its index in the training split (``forget:I`` / ``holdout:I`` for rows of a
+    separate corpus), and for documents ``ROW_ID:WINDOW``; ``question``/``answer`` (pairs) or
+    ``input_ids``/``text`` (a document's window)."""
+
+    forget: list[dict]
+    retain: list[dict]
+    holdout: list[dict]
+    kind: str  # the forget kind
+    description: str
+    documents: bool
+
+    @property
+    def full(self) -> list[dict]:
+        """What the Original is trained on: the training data with the forget rows."""
+        return self.retain + self.forget
+
+    def forget_summary(self) -> dict:
+        ids = sorted({r["source_id"] for r in self.forget}, key=str)
+        return {
+            "kind": self.kind,
+            "description": self.description,
+            "size": len(self.forget),
+            "rows": len(ids),
+            "ids_sha256": ids_sha256([str(i) for i in ids]),
+        }
+
+
+def _id(row: dict, i: int, id_column: str | None, prefix: str = ""):
+    """A row's stable id: its ``id_column`` value, else its index; rows of a separate corpus (``prefix``
+    forget: or holdout:) are prefixed so that they never collide with training rows' ids."""
+    if id_column is not None and id_column in row:
+        return f"{prefix}{row[id_column]}" if prefix else row[id_column]
+    if id_column is not None and not prefix:
+        raise DataError(f"data.id_column {id_column!r} is not a column (the columns are {sorted(row)})")
+    return f"{prefix}{i}" if prefix else i
+
+
+def _matches(row: dict, where: dict) -> bool:
+    for column, wanted in where.items():
+        if column not in row:
+            raise DataError(
+                f"forget.where names {column!r}, which is not a column (the columns are {sorted(row)})"
+            )
+        if row[column] not in (wanted if isinstance(wanted, list) else [wanted]):
+            return False
+    return True
+
+
+def _select(train: list[dict], fcfg, id_column: str | None) -> tuple[list[bool], str]:
+    """Which training rows are forgotten (``forget.kind`` ids | where | random), and how they were chosen."""
+    from engine.data.vision import requested_ids
+
+    if fcfg.kind == "ids":
+        wanted = requested_ids(fcfg.ids, fcfg.ids_file, "forget")
+        if not wanted:
+            raise DataError(
+                "forget.kind=ids needs forget.ids or forget.ids_file (the ids of the rows to forget)"
+            )
+        known = {str(r["source_id"]) for r in train}
+        missing = [i for i in wanted if str(i) not in known]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of {len(wanted)} forget ids are not rows of data.dataset, e.g. {missing[:5]} (ids are "
+                f"{'the ' + id_column + ' column' if id_column else 'row indices of the training split'})"
+            )
+        keys = {str(i) for i in wanted}
+        return [str(r["source_id"]) in keys for r in train], f"{len(wanted)} rows named by id"
+    if fcfg.kind == "where":
+        mask = [_matches(r, fcfg.where) for r in train]
+        if not any(mask):
+            raise DataError(
+                f"forget.where={fcfg.where} matches no row of data.dataset; check the column and value"
+            )
+        what = " and ".join(f"{k} = {v!r}" for k, v in fcfg.where.items())
+        return mask, f"every row whose {what} ({sum(mask)} rows)"
+    if fcfg.kind == "random":
+        if fcfg.fraction is None:
+            raise DataError("forget.kind=random needs forget.fraction (e.g. 0.1)")
+        g = torch.Generator().manual_seed(fcfg.seed)
+        n = max(1, round(len(train) * fcfg.fraction))
+        chosen = set(torch.randperm(len(train), generator=g)[:n].tolist())
+        return [
+            i in chosen for i in range(len(train))
+        ], f"{n} random rows ({fcfg.fraction:.0%}), seed {fcfg.seed}"
+    raise DataError(
+        f"forget.kind={fcfg.kind} is not a text forget kind: use ids, ids_file, where, random or dataset"
+    )
+
+
+def prepare_text(dcfg, fcfg, hcfg, formatter) -> TextData:
+    """Rows of ``data.dataset`` (any file, folder or hub id ``datasets`` reads) as prompt/answer pairs or
+    document windows, split into forget and retain by ``forget.kind``, plus the holdout corpus."""
+    from engine.data.sources import load_rows
+
+    documents = dcfg.text_column is not None
+    columns = [dcfg.text_column] if documents else [dcfg.prompt_column, dcfg.answer_column]
+
+    def rows_of(source: str, what: str, prefix: str = "") -> list[dict]:
+        raw = load_rows(source, dcfg.train_split if what == "data.dataset" else "train", what)
+        if not raw:
+            raise DataError(f"{what} {source!r} has no rows")
+        missing = [c for c in columns if c not in raw[0]]
+        if missing:
+            raise DataError(
+                f"{what} {source!r} has no column {missing[0]!r} (its columns are {sorted(raw[0])})"
+            )
+        out = []
+        for i, r in enumerate(raw):
+            row = {**r, "source_id": _id(r, i, dcfg.id_column, prefix)}
+            if not documents:
+                row.update(question=str(r[dcfg.prompt_column]), answer=str(r[dcfg.answer_column]))
+            out.append(row)
+        return out
+
+    train = rows_of(dcfg.dataset, "data.dataset")
+    if fcfg.kind == "dataset":
+        forget_rows, retain_rows = rows_of(fcfg.dataset, "forget.dataset", "forget:"), train
+        key = (lambda r: r[dcfg.text_column]) if documents else (lambda r: (r["question"], r["answer"]))
+        seen = {key(r) for r in train}
+        overlap = [r["source_id"] for r in forget_rows if key(r) in seen]
+        if overlap:
+            raise DataError(
+                f"{len(overlap)} rows of forget.dataset are also in data.dataset (e.g. {overlap[:3]}): the retain set "
+                "would teach them again; remove them from data.dataset, or forget them by id or filter instead"
+            )
+        how = f"the {len(forget_rows)} rows of {fcfg.dataset}"
+    else:
+        mask, how = _select(train, fcfg, dcfg.id_column)
+        forget_rows = [r for r, m in zip(train, mask, strict=True) if m]
+        retain_rows = [r for r, m in zip(train, mask, strict=True) if not m]
+        if not retain_rows:
+            raise DataError("the forget set is the whole training data: nothing would be retained")
+    holdout_rows = rows_of(hcfg.dataset, "holdout.dataset", "holdout:") if hcfg.dataset else []
+
+    def examples(rows: list[dict]) -> list[dict]:
+        if not documents:
+            return [{"id": r["source_id"], "source_id": r["source_id"], "question": r["question"],
+                     "answer": r["answer"]} for r in rows]  # fmt: skip
+        out = []
+        for r in rows:
+            for w, ids in enumerate(formatter.windows(str(r[dcfg.text_column]))):
+                out.append({"id": f"{r['source_id']}:{w}", "source_id": r["source_id"], "input_ids": ids})
+        return out
+
+    forget, retain, holdout = examples(forget_rows), examples(retain_rows), examples(holdout_rows)
+    unit = "windows" if documents else "pairs"
+    description = (
+        f"{how}: {len(forget)} forget {unit} ({len(forget_rows)} rows), {len(retain)} retain, "
+        f"{len(holdout)} holdout"
+    )
+    return TextData(forget, retain, holdout, fcfg.kind, description, documents)

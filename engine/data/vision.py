@@ -8,7 +8,6 @@ that every epoch is pure tensor indexing.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,56 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.data.selection import ids_sha256
+from engine.data.sources import load_splits
 from engine.errors import DataError
 
-_DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_splits(dataset: str, splits: list[str]):
-    """Return ``{split: datasets.Dataset}`` from a local folder/file or a hub id."""
-    import datasets
-
-    path = Path(dataset)
-    if path.exists():
-        if path.is_dir() and (path / "dataset_dict.json").exists():
-            dd = datasets.load_from_disk(str(path))
-            return {s: dd[s] for s in splits if s in dd}
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in _DATA_SUFFIXES)
-        if not files:
-            raise DataError(
-                f"no parquet/json/csv files in {dataset!r}; expected e.g. train-00000-of-00001.parquet"
-            )
-        builder = _DATA_SUFFIXES[files[0].suffix]
-        data_files = {s: [str(f) for f in files if f.name.split("-")[0].split(".")[0] == s] for s in splits}
-        data_files = {s: f for s, f in data_files.items() if f}
-        if not data_files:
-            raise DataError(
-                f"{dataset!r} has no files named after the splits {splits} (e.g. 'train-*.parquet')"
-            )
-        return _load_in_memory(builder, data_files)
-    try:
-        dd = datasets.load_dataset(dataset)
-    except Exception as exc:  # the hub raises many kinds; all mean "can't get it"
-        raise DataError(
-            f"cannot load dataset {dataset!r}: not a local path, and the hub said: {exc}"
-        ) from exc
-    return {s: dd[s] for s in splits if s in dd}
-
-
-def _load_in_memory(builder: str, data_files: dict) -> dict:
-    """Local files through ``datasets`` without leaving a cache behind: ``load_dataset`` always writes
-    an Arrow copy of the data (images of forgotten examples included) to its cache, so it writes to a
-    throwaway folder, the tables are read into memory, and the folder is deleted (forget-data hygiene).
-    The cost: the data is converted on every load and held in memory (as compressed image bytes)."""
-    import datasets
-
-    with tempfile.TemporaryDirectory(prefix="engine-datasets-") as cache:
-        return dict(
-            datasets.load_dataset(builder, data_files=data_files, cache_dir=cache, keep_in_memory=True)
-        )
+# ----------------------------------------------------------------------------- columns
 
 
 def detect_columns(ds, image_column: str | None, label_column: str | None) -> tuple[str, str]:

@@ -67,6 +67,25 @@ _TOFU_NOTE = (
 )
 
 
+# any text data (engine/eval/text.py)
+_TEXT_ROWS = [
+    ("forget_nll", "Forget NLL per token"),
+    ("holdout_nll", "Holdout NLL per token (never trained on)"),
+    ("retain_nll", "Retain NLL per token"),
+    ("forget_verbatim_rouge", "Forget verbatim ROUGE-L recall"),
+    ("mia_loss", "MIA AUC: LOSS"),
+    ("mia_zlib", "MIA AUC: zlib"),
+    ("mia_min_k", "MIA AUC: Min-K%"),
+    ("mia_min_k_plus_plus", "MIA AUC: Min-K%++"),
+    ("privleak", "privleak (%)"),
+]
+_TEXT_NOTE = (
+    "Forgotten rows should look like rows the model never saw: forget NLL near the holdout NLL (far below it: "
+    "memorised; far above it: over-forgotten, itself a membership signal), MIA AUC near 0.5, privleak near 0 "
+    "against Retrain. Verbatim ROUGE: the greedy continuation of each forget row's first half against its second."
+)
+
+
 @dataclass(frozen=True)
 class _Layout:
     """What a task's report shows: its metric rows, number format, the reference model's name, the history
@@ -89,7 +108,12 @@ LAYOUTS = {
         {"forget_error": "tab:red", "retain_error": "tab:blue", "test_error": "tab:green"}, "error (%)",
         ("errors.png", "Errors per epoch"),
     ),
-    "causal_lm": _Layout(
+    "text": _Layout(
+        _TEXT_ROWS, ".4g", "Retrain", None,
+        {"forget_nll": "tab:red", "retain_nll": "tab:blue", "holdout_nll": "tab:green"}, "NLL per token",
+        ("nll.png", "NLL per epoch"), _TEXT_NOTE,
+    ),
+    "tofu": _Layout(
         _TOFU_ROWS, ".4g", "Retain model", None,
         {"forget_nll": "tab:red", "retain_nll": "tab:blue", "holdout_nll": "tab:green"}, "answer NLL",
         ("nll.png", "Answer NLL per epoch"), _TOFU_NOTE,
@@ -102,8 +126,8 @@ def write_report(run_dir: str | Path, report: dict) -> None:
     """Write ``report.json``, ``report.md`` and ``plots/*.png`` for one run of any task into ``run_dir``: the
     one report writer of every command.
 
-    Keys of ``report`` (any may be absent or None): ``title``; ``task`` (engine/tasks: which metric table, default
-    image_classification); ``command`` ("run" | "train" | "eval"); ``method`` ({"name": ..., settings...});
+    Keys of ``report`` (any may be absent or None): ``title``; ``task`` (engine/tasks); ``suite`` (which metric table:
+    image_classification, tofu or text; default from the task); ``command`` ("run" | "train" | "eval"); ``method`` ({"name": ..., settings...});
     ``forget`` ({kind, description, size, ids_sha256}); ``metrics``, ``original`` (before unlearning) and
     ``reference`` (Retrain / the retain model), each the task's metrics (image classifiers: errors and MIA in
     percent; causal LMs: TOFU's); ``rewound`` (SCRUB+R: {epoch, the task's target and per-epoch series,
@@ -117,7 +141,8 @@ def write_report(run_dir: str | Path, report: dict) -> None:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    layout = LAYOUTS[report.get("task") or "image_classification"]
+    suite = report.get("suite") or {"causal_lm": "tofu"}.get(report.get("task"), "image_classification")
+    layout = LAYOUTS[suite]
     plots: dict[str, str] = {}
     file, title = layout.plot
     if _plot_history(run_dir / "plots" / file, report.get("history") or [], report.get("reference"), layout):

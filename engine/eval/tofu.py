@@ -185,13 +185,29 @@ def score_answers(
     token_stats: bool = False,
     progress: bool = False,
 ) -> list[dict]:
-    """Per (question, answer): ``{"avg_nll"}`` = mean NLL over the answer tokens (end-of-sequence
-    included, as ``evaluate_probability``). With ``token_stats`` also what the MIA attacks need:
-    ``logp`` (log p of each answer token), ``mu``/``var`` (mean and variance of log p under the model's
-    distribution at that position) without the last target, as ``tokenwise_logprobs`` drops the EOS
-    prediction; and ``text``, the answer tokens decoded without special tokens (zlib's input)."""
-    tok = formatter.tokenizer
+    """Per (question, answer): ``score_encoded`` of the pair, encoded as for training."""
     encoded = [formatter.encode(q, a) for q, a in pairs]
+    return score_encoded(model, formatter.tokenizer, encoded, batch_size=batch_size, device=device,
+                         token_stats=token_stats, progress=progress)  # fmt: skip
+
+
+@torch.no_grad()
+def score_encoded(
+    model,
+    tok,
+    encoded: Sequence[dict],
+    *,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    token_stats: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """Per encoded example (``input_ids``, ``labels``): ``{"avg_nll", "tokens"}`` = mean NLL over its counted
+    tokens (end-of-sequence included, as ``evaluate_probability``) and their number. With ``token_stats`` also
+    what the MIA attacks need: ``logp`` (log p of each counted token), ``mu``/``var`` (mean and variance of
+    log p under the model's distribution at that position) without the last target, as
+    ``tokenwise_logprobs`` drops the EOS prediction; and ``text``, the counted tokens decoded without
+    special tokens (zlib's input)."""
     out: list[dict] = []
     with _eval_mode(model):
         for rows in _chunks(len(encoded), batch_size, progress, "scoring"):
@@ -208,14 +224,14 @@ def score_answers(
                 var = (probs * (logp_all - mu[:, None]).square()).sum(-1)
                 stats = list(zip(target.split(counts), mu.split(counts), var.split(counts), strict=True))
             for i, lp in enumerate(target.split(counts)):
-                row = {"avg_nll": float(-lp.mean())}
+                row = {"avg_nll": float(-lp.mean()), "tokens": len(lp)}
                 if token_stats:
                     keep = slice(0, max(len(lp) - 1, 0))
                     row.update(
                         {name: t[keep].cpu().numpy() for name, t in zip(("logp", "mu", "var"), stats[i])}
                     )
-                    answer_ids = [t for t in chunk[i]["labels"] if t != IGNORE]
-                    row["text"] = tok.decode(answer_ids, skip_special_tokens=True)
+                    counted = [t for t in chunk[i]["labels"][1:] if t != IGNORE]
+                    row["text"] = tok.decode(counted, skip_special_tokens=True)
                 out.append(row)
     return out
 
@@ -231,32 +247,50 @@ def generate_answers(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> list[str]:
-    """Greedy answers to ``questions``: prompts left-padded (so every row continues from its last prompt
-    token) with their attention mask; only the new tokens are decoded, special tokens skipped, stripped."""
-    tok = formatter.tokenizer
+    """Greedy answers to ``questions`` (``generate_from_ids`` of their prompts)."""
+    prompts = [formatter.prompt_ids(q) for q in questions]
+    return generate_from_ids(model, formatter.tokenizer, prompts, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, device=device, progress=progress)  # fmt: skip
+
+
+@torch.no_grad()
+def generate_from_ids(
+    model,
+    tok,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | Sequence[int] = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of token-id prompts: left-padded (so every row continues from its last prompt
+    token) with their attention mask; only the new tokens are decoded (at most ``max_new_tokens``, one limit
+    or one per prompt), special tokens skipped, stripped."""
     pad = _pad_id(tok)
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     texts: list[str] = []
     with _eval_mode(model):
-        for rows in _chunks(len(questions), batch_size, progress, "generating"):
-            prompts = [formatter.prompt_ids(questions[i]) for i in rows]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for i, p in enumerate(prompts):
+        for rows in _chunks(len(prompts), batch_size, progress, "generating"):
+            chunk = [list(prompts[i]) for i in rows]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
                 ids[i, width - len(p) :] = torch.tensor(p)
                 mask[i, width - len(p) :] = 1
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 do_sample=False,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max(limits[i] for i in rows),
                 pad_token_id=pad,
                 eos_token_id=tok.eos_token_id,
             )
             # open-unlearning also asks for clean_up_tokenization_spaces, which only moves spaces before
             # punctuation: ROUGE's tokenizer drops punctuation, and transformers 5 ignores it for BPE.
-            decoded = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-            texts += [t.strip() for t in decoded]
+            new = [out[k, width : width + limits[i]].tolist() for k, i in enumerate(rows)]
+            texts += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return texts
 
 

@@ -19,6 +19,7 @@ own rows from.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import time
@@ -82,8 +83,8 @@ ROWS_PER_BLOCK = 4096
 def write_stores(
     rows: dict[str, list[dict]], formatter, out: Path, rows_per_block: int = ROWS_PER_BLOCK
 ) -> dict:
-    """The token stores of a run's forget and retain rows (``{name: rows}``, each row a question and an
-    answer) in ``OUTPUT.tokens``: ``{name: folder}``.
+    """The token stores of a run's forget and retain rows (``{name: rows}``: prompt/answer pairs or document
+    windows, encoded by ``formatter.encode_row``) in ``OUTPUT.tokens``: ``{name: folder}``.
 
     A set of at most one block is tokenized here, in the driver: a Ray Data pipeline of one block would run
     the same encoding in a task process that imports torch and transformers first (4-6 s of a 2-core
@@ -95,21 +96,18 @@ def write_stores(
     for name, part in rows.items():
         folder = RunFolder(out).tokens / name
         if len(part) <= rows_per_block:
-            questions, answers = [r["question"] for r in part], [r["answer"] for r in part]
-            write_token_store(
-                folder, len(part), [encode_rows(formatter, range(len(part)), questions, answers)]
-            )
+            write_token_store(folder, len(part), [encode_rows(formatter, range(len(part)), part)])
         else:
             tokenize_to_store(part, formatter, folder, rows_per_block)
         stores[name] = str(folder)
     return stores
 
 
-def encode_rows(formatter, rows, questions, answers) -> dict:
-    """A batch for ``write_token_store``: row numbers and the tokens of their (question, answer) pairs, prompt
-    masked as ``TextStream`` encodes them (in the driver, or in a Ray Data task)."""
-    out = [formatter.encode(q, a) for q, a in zip(questions, answers)]
-    return {"row": rows, "input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
+def encode_rows(formatter, numbers, rows: list[dict]) -> dict:
+    """A batch for ``write_token_store``: row numbers and the tokens of their rows, encoded as ``TextStream``
+    encodes them (in the driver, or in a Ray Data task)."""
+    out = [formatter.encode_row(r) for r in rows]
+    return {"row": numbers, "input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
 
 
 def tokenize_to_store(
@@ -127,9 +125,13 @@ def tokenize_to_store(
     from engine.data.store import write_token_store
 
     def encode(batch: dict) -> dict:
-        return encode_rows(formatter, batch["row"], batch["question"], batch["answer"])
+        return encode_rows(formatter, batch["row"], [json.loads(r) for r in batch["row_json"]])
 
-    items = [{"row": i, "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
+    # each row travels as JSON: a block's columns then need no common schema (pairs, windows of token ids)
+    keep = ("question", "answer", "input_ids")
+    items = [
+        {"row": i, "row_json": json.dumps({k: r[k] for k in keep if k in r})} for i, r in enumerate(rows)
+    ]
     blocks = max(1, -(-len(items) // rows_per_block))
     ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(encode, batch_format="numpy")
     return write_token_store(folder, len(items), ds.iter_batches(batch_format="numpy"))

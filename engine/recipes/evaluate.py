@@ -49,6 +49,7 @@ def run_evaluation(cfg: RunConfig, log=print, backend=None) -> Path:
                 {
                     "title": f"Evaluation of {cfg.model.path}",
                     "task": task.name,
+                    "suite": task.suite,
                     "command": "eval",
                     "method": {"name": "eval", "model": cfg.model.path},
                     "forget": task.forget_summary(),

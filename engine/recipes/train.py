@@ -31,7 +31,7 @@ from engine.tracking import Tracker
 
 
 def run_training(cfg: RunConfig, targets: tuple[str, ...] | None = None, log=print) -> Path:
-    names = task_class(cfg.task).train_targets
+    names = task_class(cfg.task).targets(cfg)
     targets = tuple(targets or names)
     unknown = [t for t in targets if t not in names]
     if unknown:
@@ -126,6 +126,7 @@ def run_training(cfg: RunConfig, targets: tuple[str, ...] | None = None, log=pri
                     {
                         "title": title,
                         "task": task.name,
+                        "suite": task.suite,
                         "command": "train",
                         "method": settings,
                         "forget": task.forget_summary(),

@@ -233,6 +233,7 @@ def run_unlearning(
                 {
                     "title": title,
                     "task": task.name,
+                    "suite": task.suite,
                     "command": "run",
                     "method": settings,
                     "forget": task.forget_summary(),

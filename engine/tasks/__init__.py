@@ -5,12 +5,14 @@ same way for every task and backend.
 - ``image_classification``: any ``AutoModelForImageClassification`` checkpoint and the paper's CIFAR nets
   (engine/tasks/image_classification.py).
 - ``causal_lm``: any ``AutoModelForCausalLM`` checkpoint; TOFU is its dataset preset and evaluation suite
-  (``data.preset=tofu``, the ``tofu`` section; engine/tasks/causal_lm.py).
+  on any text data (raw documents or prompt/answer pairs) or its TOFU preset (``data.preset=tofu``, the
+  ``tofu`` section; engine/tasks/causal_lm.py).
 
 A task object is built per run (``build_task(cfg, model_path)``) and offers:
-``description``, ``forget_summary()``, ``forward(model, batch) -> logits``, ``streams(augment)`` (forget and
-retain), ``train_stream(target)``, ``train_targets`` (``unlearn train``'s models, in the order they are
-made) and ``reference_target`` (the one the others are scored against, or None), ``load(path, revision,
+``description``, ``suite`` (its evaluation suite: which report layout), ``forget_summary()``,
+``forward(model, batch) -> logits``, ``streams(augment)`` (forget and retain), ``train_stream(target)``,
+``targets(cfg)`` / ``train_targets`` (``unlearn train``'s models, in the order they are made) and
+``reference_target`` (the one the others are scored against, or None), ``load(path, revision,
 trust_remote_code)``, ``build()`` (from scratch), ``check(model)``, ``evaluate(model, device, reference,
 cache_dir, backend)`` (``model`` may be a function that loads it: called only when a cached score
 misses), ``history_row(model, device, epoch, lr, losses, metrics)``, ``rewind_series(history, final)``

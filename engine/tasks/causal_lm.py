@@ -1,15 +1,20 @@
-"""Causal language models: any ``AutoModelForCausalLM`` checkpoint.
+"""Causal language models: any ``AutoModelForCausalLM`` checkpoint, on any text data.
 
-Rows are question/answer pairs, the loss counts answer tokens only (engine/data/text.py: the chat
-template when the tokenizer has one); the forward returns the logits of the counted tokens
-(engine/models/causal_lm.py). The dataset preset and evaluation suite today is TOFU (``data.preset=tofu``,
-the ``tofu`` section): 200 fictitious authors, forget01/05/10, open-unlearning's metrics (forget quality
-against the retain model, model utility, ROUGE, truth ratio, the MIAs and privleak;
-engine/eval/tofu.py).
+Rows are raw documents (``data.text_column``: the loss counts every token; a long document is cut into
+windows) or prompt/answer pairs (``data.prompt_column`` / ``data.answer_column``: the loss counts answer
+tokens only, the prompt through the chat template when the tokenizer has one), from any file or hub id
+(engine/data/text.py); the forward returns the logits of the counted tokens (engine/models/causal_lm.py).
+Two evaluation suites:
 
-A TOFU evaluation of a model is cached in its folder (``tofu_eval.json``, keyed by the evaluation
-settings and the reference it was scored against), so the retain model and the original are scored once,
-not once per method.
+- ``text`` (engine/eval/text.py): per-token NLL of forget, retain and holdout rows, verbatim ROUGE of the
+  forget rows, the MIAs forget vs holdout and privleak against the reference (Retrain);
+- ``tofu``, the preset (``data.preset=tofu``, the ``tofu`` section): 200 fictitious authors,
+  forget01/05/10, open-unlearning's metrics (forget quality against the retain model, model utility, ROUGE,
+  truth ratio, the MIAs and privleak; engine/eval/tofu.py).
+
+An evaluation of a model is cached in its folder (``tofu_eval.json`` / ``text_eval.json``, keyed by the
+evaluation settings and the reference it was scored against), so the reference and the original are scored
+once, not once per method.
 """
 
 from __future__ import annotations
@@ -22,35 +27,37 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.export import model_card, save_checkpoint
-from engine.data.text import QAFormatter, TextStream, prepare_tofu
+from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text, prepare_tofu
 from engine.errors import ConfigError
 from engine.eval.report import write_text_atomic
+from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, token_logits
 
-CACHE = "tofu_eval.json"
-HEADLINE = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak")
+HEADLINES = {
+    "tofu": ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak"),
+    "text": ("forget_nll", "holdout_nll", "retain_nll", "forget_verbatim_rouge", "mia_min_k", "privleak"),
+}
 
 
 def describe(m: dict) -> str:
-    keys = HEADLINE + ("forget_nll", "holdout_nll", "retain_nll")  # the last three: a history row's
+    keys = dict.fromkeys(HEADLINES["tofu"] + HEADLINES["text"])  # a history row shows the NLLs
     return "  ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
 
 
-def token_rows(cfg) -> tuple[QAFormatter, dict[str, list[dict]]]:
+def token_rows(cfg) -> tuple[object, dict[str, list[dict]]]:
     """The formatter and the forget and retain rows that a Ray driver tokenizes once, into the token stores
     its workers read (engine/launchers/ray_train.py)."""
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
-    data = prepare_tofu(cfg.tofu)
-    return QAFormatter(tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template), {
-        "forget": data.forget,
-        "retain": data.retain,
-    }
+    task = CausalLM(cfg, cfg.model.path)
+    return task.formatter, {"forget": task.data.forget, "retain": task.data.retain}
 
 
 @torch.no_grad()
-def answer_nll(model, stream: TextStream, batch_size: int, device) -> float:
-    """Mean next-token NLL over every answer token of ``stream`` (the cheap per-epoch measure)."""
+def answer_nll(model, stream: TextStream, batch_size: int, device) -> float | None:
+    """Mean next-token NLL over every counted token of ``stream`` (the cheap per-epoch measure); None for an
+    empty stream."""
+    if len(stream) == 0:
+        return None
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(stream), batch_size):
@@ -66,28 +73,47 @@ def _fingerprint(reference: dict | None) -> str | None:
     """What forget quality and privleak depend on in a reference evaluation, hashed."""
     if reference is None:
         return None
-    keyed = {"tr": reference["per_example"]["forget_truth_ratio_by_id"], "auc": reference["mia_min_k"]}
+    keyed = {
+        "tr": reference["per_example"].get("forget_truth_ratio_by_id"),
+        "auc": reference.get("mia_min_k"),
+    }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=float).encode()).hexdigest()
 
 
 class CausalLM:
     name = "causal_lm"
     forward = staticmethod(token_logits)
-    # `unlearn train`: the retain model first (the reference of the original's forget quality and privleak),
-    # then the original on TOFU full, with the same recipe and seed
-    train_targets = ("retain", "original")
-    reference_target = "retain"
-    trained_on = {"original": "TOFU full (forget + retain)", "retain": "TOFU retain only"}
-    headline = HEADLINE
     token_rows = staticmethod(token_rows)
+
+    @staticmethod
+    def targets(cfg) -> tuple[str, ...]:
+        """`unlearn train`'s models, the reference first (the original's forget quality and privleak are
+        measured against it), with the same recipe and seed: TOFU's retain model, or Retrain."""
+        return ("retain", "original") if cfg.data.preset == "tofu" else ("retrain", "original")
 
     def __init__(self, cfg, model_path: str | None):
         if model_path is None:
             raise ConfigError("task=causal_lm needs model.path: the causal LM (a folder or a hub id)")
         self.cfg = cfg
+        self.suite = "tofu" if cfg.data.preset == "tofu" else "text"
+        self.headline = HEADLINES[self.suite]
+        self.train_targets = self.targets(cfg)
+        self.reference_target = self.train_targets[0]
         self.tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
-        self.formatter = QAFormatter(self.tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template)
-        self.data = prepare_tofu(cfg.tofu)
+        d = cfg.data
+        if self.suite == "tofu":
+            self.formatter = QAFormatter(self.tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template)
+            self.data = prepare_tofu(cfg.tofu, cfg.forget)
+            self.trained_on = {"original": "TOFU full (forget + retain)", "retain": "TOFU retain only"}
+        else:
+            if d.text_column:
+                self.formatter = DocumentFormatter(self.tokenizer, d.max_length)
+            else:
+                self.formatter = QAFormatter(self.tokenizer, d.max_length, d.chat_template)
+            self.data = prepare_text(d, cfg.forget, cfg.holdout, self.formatter)
+            self.trained_on = {"original": "the training data with the forget rows", "retain": "the retain rows",
+                               "retrain": "the training data without the forget rows"}  # fmt: skip
+        self.cache = f"{self.suite}_eval.json"
         self.description = self.data.description
         pad = self.tokenizer.pad_token_id
         d = self.data
@@ -123,6 +149,10 @@ class CausalLM:
         check_vocab(model, self.tokenizer, self.cfg.model.path)
 
     def eval_settings(self) -> dict:
+        if self.suite == "text":
+            d, e = self.cfg.data, self.cfg.eval
+            return {"forget": self.forget_summary(), "max_length": d.max_length, "max_rows": e.max_rows,
+                    "max_new_tokens": e.max_new_tokens, "holdout": self.cfg.holdout.dataset}  # fmt: skip
         t = self.cfg.tofu
         return {
             "forget_split": t.forget_split,
@@ -139,7 +169,7 @@ class CausalLM:
         only if it was computed with the same settings and against the same reference. With several
         processes every one evaluates (ZeRO-3 forwards are collective) and the main one writes."""
         settings = {**self.eval_settings(), "reference": _fingerprint(reference)}
-        cache = Path(cache_dir) / CACHE if cache_dir else None
+        cache = Path(cache_dir) / self.cache if cache_dir else None
         hit = None
         if cache is not None and cache.is_file():
             stored = json.loads(cache.read_text())
@@ -150,17 +180,15 @@ class CausalLM:
             return hit
         if not isinstance(model, torch.nn.Module):
             model = model()
-        metrics = evaluate_tofu(
-            model.to(device),
-            self.tokenizer,
-            self.formatter,
-            self.data,
-            batch_size=self.cfg.eval.batch_size,
-            max_new_tokens=self.cfg.tofu.max_new_tokens,
-            device=device,
-            reference=reference,
-            progress=self.cfg.logging.progress,
-        )
+        e = self.cfg.eval
+        if self.suite == "tofu":
+            metrics = evaluate_tofu(model.to(device), self.tokenizer, self.formatter, self.data,
+                                    batch_size=e.batch_size, max_new_tokens=self.cfg.tofu.max_new_tokens, device=device,
+                                    reference=reference, progress=self.cfg.logging.progress)  # fmt: skip
+        else:
+            metrics = evaluate_text(model.to(device), self.formatter, self.data, batch_size=e.batch_size,
+                                    max_new_tokens=e.max_new_tokens, max_rows=e.max_rows, device=device,
+                                    reference=reference, progress=self.cfg.logging.progress)  # fmt: skip
         if backend is not None:
             backend.barrier()  # nobody writes the cache before every process has decided hit or miss
         if cache_dir is not None and (backend is None or backend.is_main):
@@ -174,7 +202,7 @@ class CausalLM:
                 "settings": {**self.eval_settings(), "reference": _fingerprint(reference)},
                 "metrics": metrics,
             }
-            write_text_atomic(Path(folder) / CACHE, json.dumps(record, default=float) + "\n")
+            write_text_atomic(Path(folder) / self.cache, json.dumps(record, default=float) + "\n")
 
     def history_row(self, model, device, epoch: int, lr, losses: dict, metrics: dict | None = None) -> dict:
         """Answer NLL on the forget set, the holdout authors and a retain probe (cheap, every epoch)."""
@@ -199,9 +227,15 @@ class CausalLM:
     def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
              forget: bool = True) -> None:  # fmt: skip
         summary = self.forget_summary()
-        headline = {k: metrics.get(k) for k in HEADLINE}
-        card = model_card(title, self.cfg.model.path, summary if forget else None, settings, headline,
-                          "TOFU metrics (open-unlearning's definitions)")  # fmt: skip
+        headline = {k: metrics.get(k) for k in self.headline}
+        heading = (
+            "TOFU metrics (open-unlearning's definitions)"
+            if self.suite == "tofu"
+            else "Metrics (NLL per token)"
+        )
+        card = model_card(
+            title, self.cfg.model.path, summary if forget else None, settings, headline, heading
+        )
         record = {"forget": summary, "method": settings, "metrics": metrics, **(record or {})}
         save_checkpoint(model, path, self.tokenizer, card, record, state_dict=weights)
 
@@ -212,4 +246,4 @@ class CausalLM:
 
     def row_ids(self, stream: str) -> list | None:
         rows = {"forget": self.data.forget, "retain": self.data.retain}.get(stream)
-        return None if rows is None else [int(r["id"]) for r in rows]
+        return None if rows is None else [r["id"] for r in rows]

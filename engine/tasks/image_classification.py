@@ -31,10 +31,15 @@ def describe(metrics: dict) -> str:
 
 
 class ImageClassification:
-    name = "image_classification"
+    name = suite = "image_classification"
     forward = staticmethod(classifier_logits)
     # `unlearn train`: the Original on D = D_r + D_f, and Retrain on D_r alone (exact unlearning)
     train_targets = ("original", "retrain")
+
+    @classmethod
+    def targets(cls, cfg) -> tuple[str, ...]:
+        return cls.train_targets
+
     reference_target = None  # an image classifier's scores do not depend on a reference model's
     trained_on = {"original": "D (forget + retain)", "retrain": "D_r (retain only)"}
     headline = HEADLINE

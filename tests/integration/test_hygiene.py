@@ -150,7 +150,7 @@ def test_no_generated_forget_answer_is_written(tofu_run):
 
 
 def test_local_image_data_leaves_no_datasets_cache(tiny_cifar, tmp_path, monkeypatch):
-    from engine.data.vision import load_splits
+    from engine.data.sources import load_splits
 
     cache, tmp = isolate_caches(monkeypatch, tmp_path)
     splits = load_splits(str(tiny_cifar), ["train", "test"])

@@ -148,12 +148,18 @@ def test_every_shipped_config_validates(path):
 
 @pytest.mark.parametrize(
     "overrides, named",
-    [(["task=causal_lm", "method=eu_k"],
+    [(["task=causal_lm", "data.preset=tofu", "method=eu_k"],
       re.escape("method=eu_k needs a classifier head (class logits it edits or reads per class), which task=causal_lm "
                 "does not provide; with task=causal_lm use one of scrub, grad_ascent, grad_diff, npo, finetune, "
                 "neggrad_plus")),
-     (["task=causal_lm", "method=bad_teacher"], "method=bad_teacher needs a classifier head"),
-     (["task=causal_lm", "method=finetune", "method.augment=true"], "method.augment .* is for images"),
+     (["task=causal_lm", "data.text_column=text", "method=bad_teacher"], "method=bad_teacher needs a classifier head"),
+     (["task=tofu", "method=finetune", "method.augment=true"], "method.augment .* is for images"),
+     (["task=causal_lm", "data.text_column=text", "data.prompt_column=q", "data.answer_column=a"],
+      "data.text_column .* and data.prompt_column / data.answer_column .* are two ways to read rows: set one of them"),
+     (["task=causal_lm"], "task=causal_lm reads data.dataset as raw documents"),
+     (["task=causal_lm", "data.text_column=text", "forget.kind=where"], "forget.kind=where needs forget.where"),
+     (["task=causal_lm", "data.text_column=text", "forget.kind=class"], "forget.kind=class needs labels"),
+     (["data.text_column=text"], "data.text_column is for text data: set task=causal_lm"),
      (["data.preset=tofu"], "data.preset=tofu holds text: set task=causal_lm")],
 )  # fmt: skip
 def test_a_method_the_task_cannot_serve_is_refused_in_one_place(overrides, named):
@@ -162,7 +168,7 @@ def test_a_method_the_task_cannot_serve_is_refused_in_one_place(overrides, named
         load_config(None, overrides)
     # the paired and teacher methods serve both tasks; the earlier task names still read
     for task, method in (("image_classification", "npo"), ("image_classification", "grad_diff"),
-                         ("causal_lm", "neggrad_plus"), ("causal_lm", "finetune"), ("vision", "eu_k"),
+                         ("tofu", "neggrad_plus"), ("tofu", "finetune"), ("vision", "eu_k"),
                          ("tofu", "scrub")):  # fmt: skip
         cfg = load_config(None, [f"task={task}", f"method={method}"])
         assert cfg.method.name == method and cfg.task in ("image_classification", "causal_lm")

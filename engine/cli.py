@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from engine.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
-        if "{command}" in cfg.output_dir:  # one config, a folder per command (configs/text.yaml)
-            cfg.output_dir = cfg.output_dir.replace("{command}", args.command)
+        cfg = load_config(args.config, args.overrides, command=args.command)
         from engine.recipes import recipe_for
 
         recipe = recipe_for(args.command, cfg)  # a backend the command does not run on is refused here

@@ -560,8 +560,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, command: str | None = None
+) -> RunConfig:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides; ``command``
+    (train, run, eval, audit) replaces ``{command}`` in ``output_dir``."""
     data: dict = {}
     source = "defaults"
     if path is not None:
@@ -581,9 +584,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if isinstance(data.get("method"), dict):
         data["method"].setdefault("name", "scrub")
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    if command is not None:  # one config, a folder per command (configs/text.yaml)
+        cfg.output_dir = cfg.output_dir.replace("{command}", command)
+    return cfg
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:

@@ -150,3 +150,17 @@ def test_tofu_forgets_single_rows_by_id():
     assert data.forget_summary()["split"] == "ids" and len(data.holdout) >= 1
     with pytest.raises(DataError, match="keeps \\(ids 0..179 and 3600..3619\\); not there: \\[5000\\]"):
         prepare_tofu(cfg.tofu, cfg.forget.model_copy(update={"ids": [5000]}))
+
+
+def test_configs_text_needs_only_the_data_the_forget_set_the_holdout_and_the_model(tmp_path):
+    """configs/text.yaml: each command its own folder, and `run` reads what `train` wrote."""
+    over = [
+        f"data.dataset={corpus(tmp_path)}",
+        "forget.where={author: b}",
+        f"holdout.dataset={tmp_path}/h.jsonl",
+    ]
+    train = load_config("configs/text.yaml", [*over, "model.path=BASE"], command="train")
+    run = load_config("configs/text.yaml", over, command="run")
+    assert (train.output_dir, run.output_dir) == ("runs/text/train", "runs/text/run")
+    assert run.model.path == "runs/text/train/original" and run.eval.reference == "runs/text/train/retrain"
+    assert train.task == run.task == "causal_lm" and run.data.text_column == "text"

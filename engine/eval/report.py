@@ -245,12 +245,13 @@ def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
     out += ["## Metrics", "", *md_table(["Metric"] + [c for c, _ in columns], rows), ""]
     out += [layout.note, ""] if layout.note else []
     if rewound:
-        target, series = next(
+        # the task names its target and series: target_error / forget_errors, or target_nll / forget_nlls
+        target_key, target = next(
             ((k, v) for k, v in rewound.items() if k.startswith("target_")), ("target", None)
         )
         per_epoch = next((v for k, v in rewound.items() if k.startswith("forget_")), [])
         out += [
-            f"SCRUB+R rewound to epoch {rewound.get('epoch', DASH)} ({target.replace('_', ' ')} {fmt(series, '.4g')}; "
+            f"SCRUB+R rewound to epoch {rewound.get('epoch', DASH)} ({target_key.replace('_', ' ')} {fmt(target, '.4g')}; "
             f"per epoch from epoch 0: {', '.join(fmt(e, '.4g') for e in per_epoch or []) or DASH}).",
             "",
         ]

@@ -29,6 +29,14 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def load_frozen(backend, task, path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """A model to score, not train: loaded by the task (partitioned while it loads under ZeRO-3), frozen by
+    the backend, the Hugging Face module returned."""
+    with backend.init_context():
+        model = task.load(path, revision, trust_remote_code)
+    return backend.unwrap(backend.prepare_frozen(model))
+
+
 def backend_summary(backend) -> dict:
     """Where a run ran, for its report."""
     return {"name": backend.name, "world_size": backend.world_size, "zero_stage": backend.zero_stage,

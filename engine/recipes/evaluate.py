@@ -7,6 +7,7 @@ scored first: a causal LM's forget quality and privleak are measured against it.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 from engine.backends import build_backend
@@ -14,7 +15,7 @@ from engine.checkpoint.export import check_output_dir, staged_dir
 from engine.config import RunConfig, dump_config
 from engine.errors import ConfigError
 from engine.eval.report import write_report
-from engine.recipes.common import backend_summary, main_log
+from engine.recipes.common import backend_summary, load_frozen, main_log
 from engine.tasks import build_task
 
 
@@ -28,16 +29,11 @@ def run_evaluation(cfg: RunConfig, log=print, backend=None) -> Path:
     task = build_task(cfg, cfg.model.path)
     log(task.description)
 
-    def load(path: str, revision=None, trust_remote_code=False):
-        with backend.init_context():  # under ZeRO-3 partitioned while it loads
-            model = task.load(path, revision, trust_remote_code)
-        return backend.unwrap(backend.prepare_frozen(model))
-
     reference = None
-    if cfg.eval.reference:
-        reference = task.evaluate(lambda: load(cfg.eval.reference), backend.device,
+    if cfg.eval.reference:  # loaded only when its cached scores miss
+        reference = task.evaluate(partial(load_frozen, backend, task, cfg.eval.reference), backend.device,
                                   cache_dir=cfg.eval.reference, backend=backend)  # fmt: skip
-    model = load(cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
+    model = load_frozen(backend, task, cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
     task.check(model)
     metrics = task.evaluate(model, backend.device, reference, backend=backend)
     log(f"{cfg.model.path}: {task.describe(metrics)}")

@@ -38,7 +38,14 @@ from engine.methods import build_method
 from engine.methods.blocks import last_blocks
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.causal_lm import set_dropout
-from engine.recipes.common import backend_summary, cpu_state, log_memory, main_log, seed_everything
+from engine.recipes.common import (
+    backend_summary,
+    cpu_state,
+    load_frozen,
+    log_memory,
+    main_log,
+    seed_everything,
+)
 from engine.tasks import build_task
 from engine.tracking import Tracker
 
@@ -98,15 +105,12 @@ def run_unlearning(
     if getattr(cfg.method, "student_dropout", None) is not None:
         set_dropout(student, cfg.method.student_dropout)  # the teacher stays in eval mode: no dropout there
 
-    def load_frozen(path: str):  # called only when the reference's cached scores miss
-        with backend.init_context():
-            return backend.unwrap(backend.prepare_frozen(task.load(path)))
-
     reference = None
-    if cfg.eval.reference:
-        reference = task.evaluate(partial(load_frozen, cfg.eval.reference), device,
+    if cfg.eval.reference:  # loaded only when its cached scores miss
+        reference = task.evaluate(partial(load_frozen, backend, task, cfg.eval.reference), device,
                                   cache_dir=cfg.eval.reference, backend=backend)  # fmt: skip
-    run_streams = {**task.streams(augment=getattr(cfg.method, "augment", False)), **(streams or {})}
+    # a launcher's streams replace the task's forget and retain streams (which are then never built)
+    run_streams = dict(streams) if streams else task.streams(augment=getattr(cfg.method, "augment", False))
     if "paired" in method.needs:
         run_streams["paired"] = PairedStream(run_streams["forget"], run_streams["retain"])
 

@@ -115,27 +115,30 @@ class CausalLM:
                                "retrain": "the training data without the forget rows"}  # fmt: skip
         self.cache = f"{self.suite}_eval.json"
         self.description = self.data.description
-        pad = self.tokenizer.pad_token_id
-        d = self.data
-        self._text = {
-            "forget": TextStream(d.forget, self.formatter, pad),
-            "retain": TextStream(d.retain, self.formatter, pad),
-            "holdout": TextStream(d.holdout, self.formatter, pad),
-            # the per-epoch retain NLL is measured on a probe as large as the forget set (it is a trend, not
-            # a metric; the full retain set would cost more than the epoch on a CPU)
-            "retain_probe": TextStream(d.retain[: max(len(d.forget), 40)], self.formatter, pad),
-        }
+        self._streams: dict[str, TextStream] = {}
+
+    def _text(self, name: str) -> TextStream:
+        """A set's stream, encoded when first asked for: a Ray driver (``token_rows``) encodes none, and a worker
+        whose forget and retain rows come from its launcher's token stores never encodes the retain set."""
+        if name not in self._streams:
+            d = self.data
+            # the per-epoch retain NLL is measured on a probe as large as the forget set (it is a trend, not a
+            # metric; the full retain set would cost more than the epoch on a CPU)
+            rows = {"forget": d.forget, "retain": d.retain, "holdout": d.holdout,
+                    "retain_probe": d.retain[: max(len(d.forget), 40)]}[name]  # fmt: skip
+            self._streams[name] = TextStream(rows, self.formatter, self.tokenizer.pad_token_id)
+        return self._streams[name]
 
     def forget_summary(self) -> dict:
         return self.data.forget_summary()
 
     def streams(self, augment: bool = False) -> dict:
-        return {"forget": self._text["forget"], "retain": self._text["retain"]}
+        return {"forget": self._text("forget"), "retain": self._text("retain")}
 
     def train_stream(self, target: str) -> TextStream:
         if target == "original":
             return TextStream(self.data.full, self.formatter, self.tokenizer.pad_token_id)
-        return self._text["retain"]
+        return self._text("retain")
 
     def load(self, path: str, revision: str | None = None, trust_remote_code: bool = False):
         return load_causal_lm(path, revision, trust_remote_code, self.cfg.model.dtype)
@@ -210,9 +213,9 @@ class CausalLM:
         bs = self.cfg.eval.batch_size
         row = {
             "epoch": epoch,
-            "forget_nll": answer_nll(model, self._text["forget"], bs, device),
-            "holdout_nll": answer_nll(model, self._text["holdout"], bs, device),
-            "retain_nll": answer_nll(model, self._text["retain_probe"], bs, device),
+            "forget_nll": answer_nll(model, self._text("forget"), bs, device),
+            "holdout_nll": answer_nll(model, self._text("holdout"), bs, device),
+            "retain_nll": answer_nll(model, self._text("retain_probe"), bs, device),
             **{f"{k}_loss": v for k, v in losses.items()},
         }
         row["eval_seconds"] = time.perf_counter() - t

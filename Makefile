@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 # DeepSpeed compiles a small CPU op on first use (about 45 s); keep it with the venv, not in ~/.cache.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# Offline machines keep copies of the hub datasets the configs name in a folder of mirrors (README, "Data");
+# ../shared/data is ours: used when it exists and the variable is not set already.
+ifneq ($(wildcard ../shared/data),)
+export UNLEARN_DATA_MIRROR ?= $(abspath ../shared/data)
+endif
 
 .PHONY: setup demo test test-all lint
 

@@ -23,6 +23,9 @@ from engine.eval.report import DASH, fmt, json_safe, md_table, num  # noqa: F401
 from engine.eval.report import write_text_atomic as write_text  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+# the shipped configs name hub ids; offline, our copies are read through the mirror mechanism (README, "Data")
+if (REPO.parent / "shared" / "data").is_dir():
+    os.environ.setdefault("UNLEARN_DATA_MIRROR", str(REPO.parent / "shared" / "data"))
 
 
 def git_commit(repo: Path = REPO) -> str | None:

@@ -45,8 +45,9 @@ class DataConfig(StrictModel):
         "None: `dataset` below (images and labels, or text with the columns named below).",
     )
     dataset: str = Field(
-        "../shared/data/cifar10",
-        description="Local folder/file (parquet, json, csv, or a `datasets.save_to_disk` folder) or a hub dataset id.",
+        "uoft-cs/cifar10",
+        description="Local folder/file (parquet, json, csv, or a `datasets.save_to_disk` folder) or a hub dataset id "
+        "(read from a copy under UNLEARN_DATA_MIRROR when there is one).",
     )
     train_split: str = Field(
         "train", description="Split holding the training data (forget + retain + validation)."
@@ -107,8 +108,9 @@ class TofuConfig(StrictModel):
     data.preset=tofu): the dataset preset and evaluation suite of causal LMs."""
 
     dataset: str = Field(
-        "../shared/data/tofu",
-        description="Local folder of <split>.jsonl files laid out as the hub, or the hub id locuslab/TOFU.",
+        "locuslab/TOFU",
+        description="The hub id locuslab/TOFU (read from UNLEARN_DATA_MIRROR/tofu when that copy exists) or a local "
+        "folder of <split>.jsonl files laid out as the hub.",
     )
     forget_split: Literal["forget01", "forget05", "forget10"] = Field(
         "forget10", description="Which TOFU forget set (1, 5 or 10% of the authors, TOFU's last ones)."

@@ -4,10 +4,34 @@ an Arrow copy in the datasets cache (forget-data hygiene)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 from engine.errors import DataError
+
+MIRROR = "UNLEARN_DATA_MIRROR"
+
+
+def resolve(source: str, what: str = "data.dataset") -> str:
+    """Where to read ``source`` from: itself when it is a local path; else, for a hub id, a local copy in the
+    folder the ``UNLEARN_DATA_MIRROR`` variable names, laid out as ``MIRROR/<name>`` (the id's last part,
+    lower-cased: ``uoft-cs/cifar10`` -> ``MIRROR/cifar10``, ``locuslab/TOFU`` -> ``MIRROR/tofu``) or
+    ``MIRROR/<owner>/<name>``; else the hub id itself, unless ``HF_HUB_OFFLINE`` forbids the hub."""
+    if Path(source).exists():
+        return source
+    mirror = os.environ.get(MIRROR)
+    if mirror:
+        for copy in (Path(mirror) / source, Path(mirror) / source.split("/")[-1].lower()):
+            if copy.exists():
+                return str(copy)
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise DataError(
+            f"{what} {source!r} is not a local path and HF_HUB_OFFLINE forbids the hub: set {MIRROR} to a folder "
+            f"holding a copy ({MIRROR}/{source.split('/')[-1].lower()}), or point {what} at one"
+        )
+    return source
+
 
 _DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
@@ -16,6 +40,7 @@ def load_splits(dataset: str, splits: list[str]):
     """Return ``{split: datasets.Dataset}`` from a local folder/file or a hub id."""
     import datasets
 
+    source, dataset = dataset, resolve(dataset)
     path = Path(dataset)
     if path.exists():
         if path.is_dir() and (path / "dataset_dict.json").exists():
@@ -38,7 +63,9 @@ def load_splits(dataset: str, splits: list[str]):
         dd = datasets.load_dataset(dataset)
     except Exception as exc:  # the hub raises many kinds; all mean "can't get it"
         raise DataError(
-            f"cannot load dataset {dataset!r}: not a local path, and the hub said: {exc}"
+            f"cannot load dataset {source!r}: not a local path, no copy in {MIRROR}, and the hub said: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Offline, set {MIRROR} to a folder "
+            f"holding a copy ({MIRROR}/{source.split('/')[-1].lower()})"
         ) from exc
     return {s: dd[s] for s in splits if s in dd}
 
@@ -58,7 +85,7 @@ def _load_in_memory(builder: str, data_files: dict) -> dict:
 
 def load_rows(source: str, split: str = "train", what: str = "data.dataset") -> list[dict]:
     """The rows of one split as dicts: ``source`` may also be a single data file (it is then the split)."""
-    path = Path(source)
+    path = Path(resolve(source, what))
     if path.is_file():
         builder = _DATA_SUFFIXES.get(path.suffix)
         if builder is None:

@@ -28,7 +28,11 @@ TOFU_AUTHORS = 200
 
 def load_tofu_split(source: str, name: str) -> list[dict]:
     """One TOFU split as a list of rows: ``{source}/{name}.jsonl`` when ``source`` is a local folder,
-    else ``datasets.load_dataset(source, name)`` (the hub's layout: one config per split)."""
+    else ``datasets.load_dataset(source, name)`` (the hub's layout: one config per split); a hub id with a
+    copy under ``UNLEARN_DATA_MIRROR`` reads the copy (engine/data/sources.py)."""
+    from engine.data.sources import MIRROR, resolve
+
+    source = resolve(source, "tofu.dataset")
     path = Path(source)
     try:
         if path.is_dir():
@@ -51,8 +55,8 @@ def load_tofu_split(source: str, name: str) -> list[dict]:
         raise
     except Exception as err:  # hub/network/format errors: say what was tried
         raise DataError(
-            f"could not load TOFU split {name!r} from {source!r}: {err}. Offline, point tofu.dataset at a "
-            "local folder of <split>.jsonl files (e.g. ../shared/data/tofu)"
+            f"could not load TOFU split {name!r} from {source!r}: {str(err).splitlines()[0] if str(err) else err!r}. "
+            f"Offline, set {MIRROR} to a folder holding a copy ({MIRROR}/tofu, <split>.jsonl files)"
         ) from err
     return _check_columns(ds.to_list(), name)
 

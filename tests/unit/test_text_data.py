@@ -164,3 +164,30 @@ def test_configs_text_needs_only_the_data_the_forget_set_the_holdout_and_the_mod
     assert (train.output_dir, run.output_dir) == ("runs/text/train", "runs/text/run")
     assert run.model.path == "runs/text/train/original" and run.eval.reference == "runs/text/train/retrain"
     assert train.task == run.task == "causal_lm" and run.data.text_column == "text"
+
+
+def test_a_hub_id_is_read_from_its_mirror_copy_and_offline_without_one_is_one_line(tmp_path, monkeypatch):
+    from engine.data.sources import resolve
+
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "acme" / "corpus").mkdir(parents=True)
+    monkeypatch.setenv("UNLEARN_DATA_MIRROR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve("uoft-cs/cifar10") == str(tmp_path / "cifar10")  # MIRROR/<name>, lower-cased
+    assert resolve("acme/corpus") == str(tmp_path / "acme" / "corpus")  # MIRROR/<owner>/<name>
+    assert resolve(str(tmp_path / "cifar10")) == str(tmp_path / "cifar10")  # a local path is itself
+    with pytest.raises(DataError) as err:
+        resolve("locuslab/TOFU", "tofu.dataset")
+    assert "\n" not in str(err.value) and "'locuslab/TOFU'" in str(err.value)
+    assert "HF_HUB_OFFLINE" in str(err.value) and "UNLEARN_DATA_MIRROR/tofu" in str(err.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert resolve("locuslab/TOFU") == "locuslab/TOFU"  # the hub, when it may be reached
+
+
+def test_the_shipped_configs_read_our_copies_through_the_mirror():
+    """configs name hub ids; the suite's UNLEARN_DATA_MIRROR (tests/conftest.py) maps them to the local copies."""
+    from engine.data.sources import resolve
+
+    demo, tofu = load_config("configs/demo.yaml"), load_config("configs/tofu.yaml")
+    assert (demo.data.dataset, tofu.tofu.dataset) == ("uoft-cs/cifar10", "locuslab/TOFU")
+    assert Path(resolve(demo.data.dataset)).is_dir() and Path(resolve(tofu.tofu.dataset)) == TOFU

@@ -345,6 +345,17 @@ class CheckpointConfig(StrictModel):
     )
 
 
+class OutputConfig(StrictModel):
+    """Where a completed run's model goes besides output_dir."""
+
+    push_to_hub: str | None = Field(
+        None,
+        description="A hub repository id (user/name) to upload the unlearned model folder to, with its model card "
+        "and receipt, once the run has completed (needs a token: `hf auth login` or HF_TOKEN).",
+    )
+    private: bool = Field(True, description="push_to_hub: create the repository as private.")
+
+
 NEEDS = {
     "teacher": "a frozen teacher",
     "paired": "a paired forget+retain stream",
@@ -368,6 +379,7 @@ class RunConfig(StrictModel):
     overwrite: bool = Field(
         False, description="Replace an existing output_dir (only once the new run has completed)."
     )
+    output: OutputConfig = Field(default_factory=OutputConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     forget: ForgetConfig = Field(default_factory=ForgetConfig)

@@ -5,7 +5,7 @@ Protocol (configs/tofu.yaml plus overrides; every step is the engine's own recip
    (``--model PATH`` takes any causal-LM folder instead);
 2. ``unlearn train``: fine-tune it on TOFU ``full`` restricted to ``--authors`` authors (the original,
    which memorises them) and, same recipe and seed, on the retain authors alone (the reference);
-3. the start-at-teacher measurement (SCRUB.md, "Known property"): the max-step gradient norm at step 0
+3. the start-at-teacher measurement (docs/algorithm.md, "The start-at-teacher problem"): the max-step gradient norm at step 0
    on the original, faithful and with each remedy;
 4. ``unlearn run`` with SCRUB, GradDiff and NPO on the same original. Equal compute: GradDiff and NPO
    get as many epochs as make their student forward+backward passes (examples) match SCRUB's;

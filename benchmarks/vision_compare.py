@@ -62,7 +62,7 @@ METHODS: dict[str, list[str]] = {
     "bad_teacher": ["method.epochs=1", "method.batch_size=32"],
     "fisher": [],
     # configs/demo.yaml's SCRUB (the paper's large-scale row, lr 5e-4) with batches 16/32: at 80-240 forget images,
-    # batches of 64 give too few max-steps (SCRUB.md, "What the authors' own loop reaches")
+    # batches of 64 give too few max-steps (docs/algorithm.md, "How SCRUB fares, measured")
     "scrub": [
         "method.rewind=true",
         "method.forget_batch_size=16",

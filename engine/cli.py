@@ -1,5 +1,5 @@
-"""`unlearn train | run | audit | eval CONFIG [key=value ...]`, `unlearn verify RECEIPT MODEL_DIR` and
-`unlearn convert-gguf GGUF OUT_DIR`."""
+"""`unlearn train | run | audit | eval CONFIG [key=value ...]`, `unlearn verify RECEIPT MODEL_DIR`,
+`unlearn convert-gguf GGUF OUT_DIR` and `unlearn configs [ls | cp NAME DEST]`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in HELP.items():
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", help="YAML config (see configs/)")
+        p.add_argument("config", help="YAML config: a path or a shipped config's name (`unlearn configs`)")
         p.add_argument(
             "overrides", nargs="*", help="key=value overrides, e.g. method.alpha=0.5 forget.label=cat"
         )
@@ -48,11 +48,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace out_dir once the conversion has completed"
     )
+    text = "list the shipped configs and DeepSpeed JSONs (ls), or copy one out to edit (cp NAME DEST)"
+    p = sub.add_parser("configs", help=text, description=text)
+    p.add_argument("action", nargs="?", choices=["ls", "cp"], default="ls")
+    p.add_argument("name", nargs="?", help="cp: a shipped config's name (demo, tofu, zero3, ...)")
+    p.add_argument("dest", nargs="?", help="cp: the file to write (default: NAME.yaml or NAME.json here)")
+    p.add_argument("--overwrite", action="store_true", help="cp: replace DEST if it exists")
     return parser
+
+
+def configs_command(action: str, name: str | None, dest: str | None, overwrite: bool = False) -> str:
+    """`unlearn configs`: the shipped files (package data), as torchtune's `tune ls` / `tune cp`."""
+    import shutil
+    from pathlib import Path
+
+    from engine.config import shipped_configs
+    from engine.errors import ConfigError
+
+    runs, jsons = shipped_configs(), shipped_configs("deepspeed")
+    if action == "ls":
+        lines = [
+            "run configs (unlearn train|run|eval|audit NAME, or unlearn configs cp NAME FILE to edit one):"
+        ]
+        for n, path in runs.items():
+            first = next(
+                (ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), ""
+            )
+            lines.append(f"  {n:<20} {first}")
+        lines.append("DeepSpeed JSONs (backend.deepspeed_config=NAME):")
+        lines += [f"  {n}" for n in jsons]
+        return "\n".join(lines)
+    if not name:
+        raise ConfigError("unlearn configs cp needs a NAME: one of " + ", ".join([*runs, *jsons]))
+    source = runs.get(name.removesuffix(".yaml")) or jsons.get(name.removesuffix(".json"))
+    if source is None:
+        raise ConfigError(f"no shipped config named {name!r}; the shipped ones: {', '.join([*runs, *jsons])}")
+    target = Path(dest or source.name)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{target} exists; choose another DEST or pass --overwrite")
+    try:
+        shutil.copyfile(source, target)
+    except OSError as err:
+        raise ConfigError(f"cannot write {target}: {err.strerror}; choose another DEST") from None
+    use = f"backend.deepspeed_config={target}" if source.suffix == ".json" else f"unlearn run {target}"
+    return f"copied {name} to {target}: edit it, then e.g. {use}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed (when installed) on save; on a machine without GPUs DeepSpeed then warns
+        # "Setting accelerator to CPU ... unable to detect it" into every run's output: name the CPU up front
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars drown the engine's own progress
@@ -60,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     try:
+        if args.command == "configs":
+            print(configs_command(args.action, args.name, args.dest, args.overwrite))
+            return 0
         if args.command == "verify":
             from engine.checkpoint.receipt import verify
 

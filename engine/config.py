@@ -18,11 +18,39 @@ from engine.methods import METHODS, ErmConfig, MethodConfig, ScrubConfig
 from engine.methods.base import StrictModel
 from engine.tasks import ALIASES, PROVIDES
 
+# The shipped configs and DeepSpeed JSONs, package data (a link to the checkout's configs/ in a source tree).
+SHIPPED = Path(__file__).parent / "configs"
+
+
+def shipped_configs(kind: str = "") -> dict[str, Path]:
+    """Name -> file of the shipped run configs (``kind=""``: configs/*.yaml) or DeepSpeed JSONs
+    (``kind="deepspeed"``: configs/deepspeed/*.json)."""
+    folder, pattern = (SHIPPED / kind, "*.json") if kind else (SHIPPED, "*.yaml")
+    return {p.stem: p for p in sorted(folder.glob(pattern))}
+
+
+def resolve_shipped(path: str | Path, kind: str = "") -> Path | None:
+    """``path`` itself when it is a file; else the shipped file it names: by name (``demo``, ``zero3``), by file
+    name (``demo.yaml``) or by its path in a checkout (``configs/demo.yaml``), so a pip user needs no checkout.
+    None when it is neither."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs(kind)
+    name = p.name.removesuffix(".json" if kind else ".yaml")
+    in_checkout = p.parent == Path("configs", kind) or p.parent == Path()
+    return shipped.get(name) if in_checkout else None
+
 
 class ModelConfig(StrictModel):
     path: str | None = Field(
         None,
         description="Checkpoint to start from: a local Hugging Face folder or a hub id. Required by `run` and `eval`.",
+    )
+    base: str | None = Field(
+        None,
+        description="The checkpoint `unlearn train` fine-tunes (a hub id or a local folder); set, `train` reads it "
+        "in place of path, which then names the trained model `run` and `eval` read (one config for both).",
     )
     arch: Literal["preact_resnet18", "allcnn"] | None = Field(
         None,
@@ -208,7 +236,7 @@ class EvalConfig(StrictModel):
 
 class AuditConfig(StrictModel):
     """`unlearn audit`: K unlearnings and K retrained references from different seeds, scored per forget
-    example as the NeurIPS 2023 Machine Unlearning Challenge does (SCRUB.md, "Evaluation anchors")."""
+    example as the NeurIPS 2023 Machine Unlearning Challenge does (docs/evaluation.md, "The challenge audit")."""
 
     k: int = Field(
         8, ge=2, description="Models per side: K unlearnings of model.path and K retrained references."
@@ -267,8 +295,10 @@ class BackendConfig(StrictModel):
     )
     deepspeed_config: str = Field(
         "configs/deepspeed/zero2.json",
-        description="deepspeed: the DeepSpeed JSON (ZeRO section); the keys below override it. No optimizer or "
-        "scheduler section: those come from the method.",
+        description="deepspeed: the DeepSpeed JSON (ZeRO section), a path or a shipped one's name (zero0-zero3, "
+        "zero3_offload: `unlearn configs`); the keys below override it. No optimizer or scheduler section: those "
+        "come from the method.",
+        validate_default=True,  # the default names configs/, which a pip install does not have in its cwd
     )
     zero_stage: Literal[0, 1, 2, 3] | None = Field(
         None, description="deepspeed: ZeRO stage, overriding the JSON's (3 also shards the frozen teacher)."
@@ -318,6 +348,15 @@ class BackendConfig(StrictModel):
         description="Keep every epoch's resumable checkpoint in OUTPUT/checkpoints (default: only the last, "
         "and none once the run has completed).",
     )
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _shipped_json(cls, value: str) -> str:
+        # a name or configs/deepspeed/NAME.json that is not a file here: the shipped JSON (a pip install has no
+        # configs/ folder); anything else is left for the backend to refuse with its own message
+        found = resolve_shipped(value, "deepspeed")
+        return str(found) if found is not None and not Path(value).is_file() else value
+
     sync_batchnorm: bool = Field(
         False,
         description="deepspeed/ray on GPUs: BatchNorm layers as torch.nn.SyncBatchNorm, statistics over the "
@@ -501,7 +540,14 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote it for the shell, e.g. "
+                "'forget.ids=[3,17]'"
+            ) from None
         if key.strip() == "method" and isinstance(value, str):
             # `method=npo` switches methods: that method's defaults replace the file's method section
             # (whose keys, e.g. SCRUB's msteps, the new method may not have); later method.* apply on top.
@@ -544,7 +590,7 @@ METHOD_TAGS = tuple(METHODS)  # pydantic's union tags in error locations
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    lines: list[str] = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if isinstance(p, str) and p not in METHOD_TAGS)
         where = ".".join(loc) or "(top level)"
@@ -568,10 +614,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
             )
         elif e["type"] == "value_error" and not loc:  # a rule over several sections: its message says it all
             msg = e["msg"].removeprefix("Value error, ")
+        elif e["type"] == "value_error":  # a rule of the section: its message names the values
+            msg = f"{where}: {e['msg'].removeprefix('Value error, ')}"
         else:
             msg = f"{where}: {e['msg']} (got {e.get('input')!r})"
-        lines.append("  - " + msg)
-    return "\n".join(lines)
+        lines.append(msg)
+    # one line, whatever the number of mistakes: the CLI prints `error: ...` and nothing else
+    return f"invalid config ({source}): " + "; ".join(lines)
 
 
 def load_config(
@@ -582,10 +631,23 @@ def load_config(
     data: dict = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (the shipped ones are under configs/)")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        p = resolve_shipped(path)
+        if p is None:
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; give a path or a shipped config's name "
+                f"({', '.join(shipped_configs())}; `unlearn configs` lists them)"
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"{p}:{where}: not valid YAML ({problem}); fix the file and run again"
+            ) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(
                 f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}"
@@ -601,6 +663,8 @@ def load_config(
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    if command == "train" and cfg.model.base is not None:  # train fine-tunes the base; run/eval read path
+        cfg.model.path = cfg.model.base
     if command is not None:  # one config, a folder per command (configs/text.yaml)
         cfg.output_dir = cfg.output_dir.replace("{command}", command)
     return cfg

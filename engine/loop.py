@@ -73,7 +73,7 @@ def run_loop(
     start = start or {"epoch": 1, "phase_index": 0, "step": 0, "epoch_losses": {}}
     for epoch in range(start["epoch"], epochs + 1):
         state.epoch = epoch
-        backend.set_lr(method.config.lr_at(epoch))  # set per epoch, before any phase (SCRUB.md)
+        backend.set_lr(method.config.lr_at(epoch))  # set per epoch, before any phase (docs/algorithm.md)
         resumed = epoch == start["epoch"]
         sums = {k: list(v) for k, v in start["epoch_losses"].items()} if resumed else {}
         for index, phase in enumerate(method.phases(epoch)):

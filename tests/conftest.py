@@ -164,6 +164,7 @@ def text_overrides(model: Path, corpus: Path, holdout: Path, out: Path, **extra)
         "data.dataset": str(corpus),
         "holdout.dataset": str(holdout),
         "forget.where": "{author: author_1}",
+        "model.base": str(model),  # what `train` fine-tunes (the config's is a hub id)
         "model.path": str(model),
         "output_dir": str(out),
         "data.max_length": "64",
@@ -190,6 +191,7 @@ def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
         "tofu.max_length": "192",
         "tofu.utility_examples": "8",
         "tofu.max_new_tokens": "8",
+        "model.base": str(model),  # what `train` fine-tunes (the config's is a hub id)
         "model.path": str(model),
         "output_dir": str(tmp / "out"),
         "train.epochs": "1",

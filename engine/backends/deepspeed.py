@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO: the student's weights, gradients and optimizer state sharded over the ranks that a
-launcher started (`deepspeed`, `torchrun`, `srun`, Ray Train workers), gloo on CPU, nccl on GPUs.
+launcher started (`deepspeed`, `torchrun`, `accelerate launch`, `srun`, Ray Train workers), gloo on CPU,
+nccl on GPUs.
 
 - Student: ``deepspeed.initialize`` with the method's own torch optimizer (the same one the single
   backend builds, so results match), or, with optimizer offload, DeepSpeed's optimizer built from the
@@ -44,8 +45,9 @@ def _free_port() -> int:
 
 def _launcher_env() -> None:
     """RANK/WORLD_SIZE/LOCAL_RANK as torch's env:// needs them: from the launcher (deepspeed, torchrun,
-    launchers/slurm_deepspeed.sbatch), from Open MPI's variables, or, started plainly, a world of one on
-    loopback. A bare `srun` sets none of them: refused, or every task would run alone into one output."""
+    accelerate launch, launchers/slurm_deepspeed.sbatch), from Open MPI's variables, or, started plainly, a
+    world of one on loopback. A bare `srun` sets none of them: refused, or every task would run alone into
+    one output; so is `accelerate launch --cpu` asked for several processes (it starts one)."""
     env = os.environ
     if "RANK" in env:
         return
@@ -61,6 +63,16 @@ def _launcher_env() -> None:
         )
         env.setdefault("MASTER_PORT", "29500")
         return
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
+        # accelerate's plain launcher (`--cpu`, a CPU config, or no --multi_gpu on a machine without GPUs)
+        # sets these two, and MASTER_ADDR only when asked for several processes or machines; it starts ONE
+        # process itself (more only under mpirun, whose Open MPI variables are read above), so this would
+        # silently be a world of one
+        raise ConfigError(
+            "started by `accelerate launch --cpu` (or without --multi_gpu on a machine without GPUs) for "
+            "several processes: it starts one process (several only under mpirun); use `accelerate launch "
+            "--multi_gpu --num_processes N`, which starts them through torchrun, on CPU too"
+        )
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         raise ConfigError(
             "started as one of several Slurm tasks without RANK/WORLD_SIZE: use launchers/slurm_deepspeed.sbatch "
@@ -69,6 +81,36 @@ def _launcher_env() -> None:
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _accelerate_settings(cfg, ds: dict) -> None:
+    """`accelerate launch` hands its DeepSpeed and precision options (flags or its config file) to an
+    Accelerator through ACCELERATE_* variables; the engine has no Accelerator and reads backend.* instead.
+    Refuse any that disagree with the run's rather than silently run another ZeRO stage or precision."""
+    ours = {  # variable: (backend key, the run's value as accelerate writes it)
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("zero_stage", str(ds["zero_optimization"]["stage"])),
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("offload_optimizer", cfg.offload_optimizer),
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("offload_param", cfg.offload_param),
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": (
+            "gradient_accumulation_steps",
+            str(cfg.gradient_accumulation_steps),
+        ),
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": ("deepspeed_config", str(Path(cfg.deepspeed_config).resolve())),
+        # accelerate writes "no" when not told otherwise: only a precision it was given can disagree
+        "ACCELERATE_MIXED_PRECISION": ("dtype", {"fp32": "no"}.get(cfg.dtype, cfg.dtype)),
+    }
+    wrong = []
+    for var, (key, value) in ours.items():
+        theirs = os.environ.get(var, "none")
+        if var == "ACCELERATE_DEEPSPEED_CONFIG_FILE" and theirs != "none":
+            theirs = str(Path(theirs).resolve())
+        if theirs not in ("none", "no", value):
+            wrong.append(f"{var}={os.environ[var]} (backend.{key}={value})")
+    if wrong:
+        raise ConfigError(
+            "accelerate launch's DeepSpeed and precision options are not read by the engine, and these "
+            f"differ from the run's: {', '.join(wrong)}; set the backend.* keys instead (and drop accelerate's)"
+        )
 
 
 def build_ds_config(cfg, world_size: int) -> dict:
@@ -101,7 +143,7 @@ def build_ds_config(cfg, world_size: int) -> dict:
     ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     ds["train_micro_batch_size_per_gpu"] = 1
     ds["train_batch_size"] = cfg.gradient_accumulation_steps * world_size
-    ds.setdefault("gradient_clipping", 0.0)  # SCRUB has no clipping (SCRUB.md)
+    ds.setdefault("gradient_clipping", 0.0)  # SCRUB has no clipping (docs/algorithm.md)
     ds["zero_allow_untested_optimizer"] = True  # the method's torch optimizer
     ds.setdefault("steps_per_print", 10**9)
     for kind in ("optimizer", "param"):
@@ -162,6 +204,7 @@ class DeepSpeedBackend(Backend):
             if torch.cuda.is_available()
             else "gloo"
         )
+        _accelerate_settings(cfg, build_ds_config(cfg, world_size=1))  # before any rank waits for another
         if not dist.is_initialized():  # Ray Train workers come with their process group
             _launcher_env()
         # DeepSpeed's comm layer adopts an existing torch process group (Ray Train's)

@@ -2,8 +2,10 @@
 
 ``receipt.json`` is written into every completed `unlearn run` folder. It holds the sha256 of the sorted forget ids
 (as the model card has it), the sha256 of every weight file of the input model (when it is a local folder) and of
-each exported model, the sha256 of the resolved config, the method, the versions of the engine and its main
-dependencies, the final metrics and the start/end timestamps (UTC). ``unlearn verify RECEIPT MODEL_DIR`` recomputes
+each exported model, where every model and dataset the run read came from (``sources``: a local path, a hub id with
+the commit it was read at, or a hub id read from an ``UNLEARN_DATA_MIRROR`` copy), the sha256 of the resolved config,
+the method, the versions of the engine and its main dependencies, the final metrics and the start/end timestamps
+(UTC). ``unlearn verify RECEIPT MODEL_DIR`` recomputes
 the weight files' hashes of a model folder and says which exported model of the receipt it is, or that it is none.
 
 Hashes are of the files as written (safetensors bytes), not of tensors in memory: what is checked is exactly what was
@@ -73,19 +75,26 @@ def write_receipt(
     method: dict,
     metrics: dict,
     started_at: str,
+    sources: dict[str, list[dict]] | None = None,
 ) -> dict:
     """Write ``stage/receipt.json`` (atomically) once the models and ``config.yaml`` are in ``stage``.
-    ``outputs``: name -> folder inside ``stage`` (``model``, ``model_rewound``)."""
+    ``outputs``: name -> folder inside ``stage`` (``model``, ``model_rewound``). ``sources``: what the run read
+    (engine/checkpoint/provenance.py ``loaded()``); the input model's ``revision`` is the commit it was read at
+    when it came from the hub, else ``revision`` as configured."""
     from engine.eval.report import json_safe, write_text_atomic
 
+    sources = sources or {"models": [], "datasets": []}
+    read = next((e for e in sources["models"] if e["source"] == input_model), None)
     receipt = {
-        "receipt_version": 1,
+        "receipt_version": 2,  # 2: `sources`, and input_model.revision is the commit read (hub) or null (local)
         "forget": {k: forget.get(k) for k in ("kind", "description", "size", "ids_sha256")},
         "input_model": {
             "source": input_model,
-            "revision": revision,
+            "local": Path(input_model).is_dir(),
+            "revision": read["revision"] if read else revision,
             "weights_sha256": weight_hashes(input_model),
         },
+        "sources": sources,
         "output_models": {
             name: {"folder": folder, "weights_sha256": weight_hashes(stage / folder)}
             for name, folder in outputs.items()

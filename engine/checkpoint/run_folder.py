@@ -6,7 +6,8 @@
 - ``OUTPUT.partial/STOP``: a driver's request to its workers to checkpoint and stop (signals.py);
 - ``OUTPUT.tokens``: tokenized forget/retain rows for Ray workers (removed when the run ends);
 - ``OUTPUT.ray``: Ray Train's own run records (unless backend.storage_path says elsewhere);
-- ``OUTPUT.old``: the previous result, for the instant of an overwrite.
+- ``OUTPUT.old``: the previous result, for the instant of an overwrite;
+- ``OUTPUT.upload``: what ``output.push_to_hub`` uploads (links to the model's files and the receipt; removed after).
 """
 
 from __future__ import annotations
@@ -49,3 +50,7 @@ class RunFolder:
     @property
     def old(self) -> Path:
         return self._beside(".old")
+
+    @property
+    def upload(self) -> Path:
+        return self._beside(".upload")

@@ -8,6 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from engine.checkpoint import provenance
 from engine.errors import DataError
 
 MIRROR = "UNLEARN_DATA_MIRROR"
@@ -17,13 +18,16 @@ def resolve(source: str, what: str = "data.dataset") -> str:
     """Where to read ``source`` from: itself when it is a local path; else, for a hub id, a local copy in the
     folder the ``UNLEARN_DATA_MIRROR`` variable names, laid out as ``MIRROR/<name>`` (the id's last part,
     lower-cased: ``uoft-cs/cifar10`` -> ``MIRROR/cifar10``, ``locuslab/TOFU`` -> ``MIRROR/tofu``) or
-    ``MIRROR/<owner>/<name>``; else the hub id itself, unless ``HF_HUB_OFFLINE`` forbids the hub."""
+    ``MIRROR/<owner>/<name>``; else the hub id itself, unless ``HF_HUB_OFFLINE`` forbids the hub. A local path
+    or a mirrored copy is recorded for the receipt here (a hub id when it is read: ``hub_revision``)."""
     if Path(source).exists():
+        provenance.record_dataset(source)
         return source
     mirror = os.environ.get(MIRROR)
     if mirror:
         for copy in (Path(mirror) / source, Path(mirror) / source.split("/")[-1].lower()):
             if copy.exists():
+                provenance.record_dataset(source, mirror=str(copy))
                 return str(copy)
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise DataError(
@@ -31,6 +35,21 @@ def resolve(source: str, what: str = "data.dataset") -> str:
             f"holding a copy ({MIRROR}/{source.split('/')[-1].lower()}), or point {what} at one"
         )
     return source
+
+
+def hub_revision(source: str) -> str | None:
+    """The commit of the hub dataset ``source`` to read (recorded for the receipt): the datasets are then loaded
+    at it, so the receipt names what was read. None when it cannot be resolved (no hub, nothing in the hub cache):
+    the load then goes ahead as ``datasets`` does it (its own cache, its own error), recorded without a revision."""
+    known = provenance.dataset_revision(source)
+    if known is not None:
+        return known  # one commit for every split of a run (TOFU reads seven)
+    try:
+        sha = provenance.resolve_hub_revision(source, None, "dataset")
+    except Exception:  # fail open: `datasets` may still read its own cache, or says why it cannot
+        sha = None
+    provenance.record_dataset(source, revision=sha)
+    return sha
 
 
 _DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -60,7 +79,7 @@ def load_splits(dataset: str, splits: list[str]):
             )
         return _load_in_memory(builder, data_files)
     try:
-        dd = datasets.load_dataset(dataset)
+        dd = datasets.load_dataset(dataset, revision=hub_revision(dataset))
     except Exception as exc:  # the hub raises many kinds; all mean "can't get it"
         raise DataError(
             f"cannot load dataset {source!r}: not a local path, no copy in {MIRROR}, and the hub said: "

@@ -1,6 +1,6 @@
 """Question-answer data for causal language models: TOFU (Maini et al. 2024) through `datasets`.
 
-A local copy laid out as the hub (one ``<split>.jsonl`` per split, e.g. ../shared/data/tofu) or the
+A local copy laid out as the hub (one ``<split>.jsonl`` per split, e.g. $UNLEARN_DATA_MIRROR/tofu) or the
 hub id ``locuslab/TOFU``. Every example keeps a stable id: its row index in the ``full`` split, so a
 forget request, a report or a receipt names examples, never their text.
 
@@ -50,7 +50,9 @@ def load_tofu_split(source: str, name: str) -> list[dict]:
         else:
             import datasets
 
-            ds = datasets.load_dataset(source, name, split="train")
+            from engine.data.sources import hub_revision
+
+            ds = datasets.load_dataset(source, name, split="train", revision=hub_revision(source))
     except DataError:
         raise
     except Exception as err:  # hub/network/format errors: say what was tried
@@ -430,15 +432,18 @@ def prepare_text(dcfg, fcfg, hcfg, formatter) -> TextData:
 
     documents = dcfg.text_column is not None
     columns = [dcfg.text_column] if documents else [dcfg.prompt_column, dcfg.answer_column]
+    keys = ["data.text_column"] if documents else ["data.prompt_column", "data.answer_column"]
 
     def rows_of(source: str, what: str, prefix: str = "") -> list[dict]:
         raw = load_rows(source, dcfg.train_split if what == "data.dataset" else "train", what)
         if not raw:
             raise DataError(f"{what} {source!r} has no rows")
-        missing = [c for c in columns if c not in raw[0]]
+        missing = [(k, c) for k, c in zip(keys, columns, strict=True) if c not in raw[0]]
         if missing:
+            key, column = missing[0]
             raise DataError(
-                f"{what} {source!r} has no column {missing[0]!r} (its columns are {sorted(raw[0])})"
+                f"{what} {source!r} has no column {column!r} ({key}; its columns are {sorted(raw[0])}): "
+                f"set {key} to one of them"
             )
         out = []
         for i, r in enumerate(raw):

@@ -40,9 +40,11 @@ def detect_columns(ds, image_column: str | None, label_column: str | None) -> tu
         if not found:
             raise DataError(f"no label column found among {cols}; set data.label_column")
         label_column = found[0]
-    for c in (image_column, label_column):
+    for key, c in (("data.image_column", image_column), ("data.label_column", label_column)):
         if c not in feats:
-            raise DataError(f"column {c!r} is not in the dataset; its columns are {cols}")
+            raise DataError(
+                f"{key}={c!r} is not a column of the dataset (its columns are {cols}): set {key} to one of them"
+            )
     return image_column, label_column
 
 

@@ -29,7 +29,7 @@ Deliberate differences from the starter kit, each a keyword argument away from t
   can) scores as perfectly private unless the two groups are completely separated. ``two_sided=False``
   reproduces the starter kit's attack family exactly. This is a strengthening: every attack of the original family
   is still there, so the two-sided epsilon is never smaller.
-* ``delta`` defaults to 1e-5 (the value docs/SCRUB.md gives for the challenge). Copies of the starter kit seen in
+* ``delta`` defaults to 1e-5 (the value docs/evaluation.md gives for the challenge). Copies of the starter kit seen in
   public repositories call ``forgetting_quality(..., delta=0.01)``; pass ``delta=0.01`` to compare with those.
 * Only the threshold family is implemented; some starter-kit copies also add a cross-validated logistic-regression
   attack on the same scalar (on one feature it is itself a threshold rule, fitted on part of the data), left out.

@@ -30,6 +30,7 @@ __all__ = [
     "num",
     "plot_losses",
     "markdown_footer",
+    "verdict",
 ]
 
 # (key in a metrics dict, row label); errors and MIA values are all in percent.
@@ -149,6 +150,8 @@ def write_report(run_dir: str | Path, report: dict) -> None:
         plots[title] = f"plots/{file}"
     if plot_losses(run_dir / "plots" / "losses.png", report.get("losses") or {}):
         plots["Losses per step"] = "plots/losses.png"
+    if report.get("command") == "run":  # the verdict's three lines, for scripts too
+        report = {**report, "verdict": verdict(report)}
     text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
     _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
     markdown = _markdown(report, plots, layout)
@@ -222,10 +225,68 @@ def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
+# The verdict's tolerances: image classifiers, in points of error (the forget error within 5 points of Retrain's,
+# the test error at most 2 points above the Original's); causal LMs, relative to the NLL per token.
+FORGET_POINTS, TEST_POINTS, NLL_SHARE = 5.0, 2.0, 0.10
+
+
+def verdict(report: dict) -> list[str]:
+    """Three lines a non-expert can read: forgotten or not, utility kept or not, time against retraining.
+    Empty when the run has no reference (Retrain) to judge against."""
+    metrics, original, reference = (report.get(k) or {} for k in ("metrics", "original", "reference"))
+    suite = report.get("suite") or {"causal_lm": "tofu"}.get(report.get("task"), "image_classification")
+    if not metrics or not reference:
+        return []
+    ref_name = LAYOUTS[suite].reference
+    lines = []
+    if suite == "image_classification":
+        f, rf = num(metrics.get("forget_error")), num(reference.get("forget_error"))
+        if f is not None and rf is not None:
+            d = f - rf
+            state = "**Forgotten: yes.**" if abs(d) <= FORGET_POINTS else (
+                "**Forgotten: not fully.**" if d < 0 else "**Forgotten: yes, more than retraining would (over-forgotten).**")  # fmt: skip
+            lines.append(f"{state} The model now gets {f:.1f}% of the forgotten examples wrong; a model retrained "
+                         f"without them gets {rf:.1f}% wrong ({d:+.1f} points; within {FORGET_POINTS:g} counts).")  # fmt: skip
+        t, ot = num(metrics.get("test_error")), num((original or {}).get("test_error"))
+        if t is not None and ot is not None:
+            d = t - ot
+            state = "**Utility kept: yes.**" if d <= TEST_POINTS else "**Utility kept: no.**"
+            lines.append(f"{state} Test error {t:.1f}% against {ot:.1f}% before unlearning ({d:+.1f} points; "
+                         f"up to {TEST_POINTS:g} points worse counts as kept).")  # fmt: skip
+    else:
+        f, rf = num(metrics.get("forget_nll")), num(reference.get("forget_nll"))
+        if f is not None and rf is not None and rf > 0:
+            d = (f - rf) / rf
+            state = "**Forgotten: yes.**" if abs(d) <= NLL_SHARE else (
+                "**Forgotten: not fully.**" if d < 0 else "**Forgotten: yes, more than retraining would (over-forgotten).**")  # fmt: skip
+            lines.append(f"{state} Loss on the forgotten text {f:.3f} per token; the {ref_name.lower()}, never "
+                         f"trained on it, has {rf:.3f} ({d:+.0%}; within {NLL_SHARE:.0%} counts).")  # fmt: skip
+        key = "model_utility" if suite == "tofu" else "retain_nll"
+        u, ou = num(metrics.get(key)), num((original or {}).get(key))
+        if u is not None and ou is not None and ou > 0:
+            d = (u - ou) / ou
+            kept = d >= -NLL_SHARE if key == "model_utility" else d <= NLL_SHARE
+            what = "Model utility" if key == "model_utility" else "Loss on the kept text"
+            lines.append(f"**Utility kept: {'yes' if kept else 'no'}.** {what} {u:.3f} against {ou:.3f} before "
+                         f"unlearning ({d:+.0%}; up to {NLL_SHARE:.0%} {'lower' if key == 'model_utility' else 'higher'} counts as kept).")  # fmt: skip
+    seconds, ref_seconds = num(report.get("train_seconds")), num(report.get("reference_seconds"))
+    if seconds is not None and ref_seconds:
+        lines.append(f"**Time: {seconds / ref_seconds:.2f} of retraining.** Unlearning took {seconds:.0f} s; "
+                     f"retraining from scratch without the forgotten data took {ref_seconds:.0f} s.")  # fmt: skip
+    elif seconds is not None:
+        lines.append(
+            f"**Time:** unlearning took {seconds:.0f} s (the retrained model's time is not recorded)."
+        )
+    return lines
+
+
 def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
     method = report.get("method") or {}
     name = str(method.get("name") or "This run")
     out = [f"# {report.get('title') or 'Unlearning report'}", ""]
+    lines = report.get("verdict") or []
+    if lines:  # a blank-line-free block: three lines, then the tables
+        out += ["## Verdict", "", *[f"- {line}" for line in lines], ""]
     if report.get("command"):
         out += [f"Command: `{report['command']}`", ""]
 

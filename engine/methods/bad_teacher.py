@@ -25,7 +25,7 @@ from engine.methods.losses import distill_kl_sum
 
 
 class BadTeacherConfig(OptimizerSettings):
-    """Defaults are the paper's: 1 epoch of Adam lr 1e-4 (no weight decay), T=4 as SCRUB.md states."""
+    """Defaults are the paper's: 1 epoch of Adam lr 1e-4 (no weight decay), T=4 as docs/algorithm.md states."""
 
     name: Literal["bad_teacher"] = Field("bad_teacher", description="Method name.")
     optimizer: Literal["sgd", "adam", "adamw"] = Field("adam", description="Optimizer.")

@@ -33,7 +33,7 @@ class StrictModel(BaseModel):
 
 
 class OptimizerSettings(StrictModel):
-    """One optimizer, built once and shared by every phase of a method (SCRUB.md, "Schedule")."""
+    """One optimizer, built once and shared by every phase of a method (docs/algorithm.md, "The faithful schedule")."""
 
     optimizer: Literal["sgd", "adam", "adamw"] = Field(
         "sgd",

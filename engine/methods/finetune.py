@@ -1,4 +1,4 @@
-"""Finetune: ERM on D_r starting from the original (SCRUB.md: 10 epochs, SGD lr 0.01). Forgetting comes
+"""Finetune: ERM on D_r starting from the original (docs/algorithm.md: 10 epochs, SGD lr 0.01). Forgetting comes
 only from catastrophic forgetting of what D_r does not contain."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def distill_kl_sum(
     temperature: float,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Sum over rows of T^2 * KL(softmax(t/T) || softmax(s/T)) (SCRUB.md, "The divergence").
+    """Sum over rows of T^2 * KL(softmax(t/T) || softmax(s/T)) (docs/algorithm.md, "The two kinds of step").
 
     The teacher is the target distribution (forward KL, as in Hinton's distillation); the T^2 factor
     keeps gradient magnitudes comparable across temperatures. Rows are examples for a classifier and
@@ -72,6 +72,6 @@ def npo_sum(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tens
 
 def parameter_distance(student: Iterable[torch.Tensor], original: Iterable[torch.Tensor]) -> torch.Tensor:
     """Sum over tensors of ||theta_student - theta_original||_F, norms NOT squared, as the paper-era
-    code's optional penalty (SCRUB.md). Zero when the two parameter lists are equal."""
+    code's optional penalty (docs/algorithm.md). Zero when the two parameter lists are equal."""
     terms = [torch.linalg.vector_norm(s - o.detach()) for s, o in zip(student, original, strict=True)]
     return torch.stack(terms).sum()

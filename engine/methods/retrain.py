@@ -1,5 +1,5 @@
 """Retrain (exact unlearning, the gold standard): re-initialise the student and train it with ERM on
-D_r alone (SCRUB.md, "How the authors evaluate"; the reference code pads D_r back to |D| with duplicates
+D_r alone (docs/evaluation.md; the reference code pads D_r back to |D| with duplicates
 of random retain examples, this one does not). The same recipe as ``unlearn train``'s Retrain, run
 through ``unlearn run`` so it sits beside the other baselines with the same data, seed and report."""
 

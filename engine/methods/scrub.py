@@ -1,4 +1,4 @@
-"""SCRUB (Kurmanji et al., NeurIPS 2023) and SCRUB+R, as ../shared/docs/SCRUB.md states them.
+"""SCRUB (Kurmanji et al., NeurIPS 2023) and SCRUB+R, as docs/algorithm.md states them.
 
 The student starts at the teacher (a frozen copy of the original). Each epoch e <= msteps first makes
 one pass of max-steps over the forget set (ascent on the teacher-student divergence), then every epoch
@@ -18,7 +18,7 @@ from engine.methods.losses import cross_entropy_sum, distill_kl_sum, parameter_d
 
 
 class ScrubConfig(OptimizerSettings):
-    """Defaults are the paper's large-scale row (SCRUB.md, "Hyperparameters the authors used")."""
+    """Defaults are the paper's large-scale row (docs/algorithm.md, "The paper's settings, per scenario")."""
 
     name: Literal["scrub"] = Field("scrub", description="Method name.")
     epochs: int = Field(3, ge=1, description="Total epochs E (max+min epochs first, then min-only epochs).")
@@ -49,7 +49,7 @@ class ScrubConfig(OptimizerSettings):
         description="Rows (examples, or answer tokens of a causal LM) per chunk of the divergence: at most "
         "chunk_rows x vocab float32 probabilities exist at once. None: the whole batch at once.",
     )
-    # Remedies for the start-at-teacher problem (SCRUB.md, "Known property"): a causal LM with dropout 0
+    # Remedies for the start-at-teacher problem (docs/algorithm.md, "The start-at-teacher problem"): a causal LM with dropout 0
     # starts with student == teacher, where the divergence and its gradient are exactly 0, so
     # faithful max-steps cannot move it. All off = the faithful method.
     forget_nll: float = Field(

@@ -5,10 +5,12 @@ same way."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from engine.checkpoint import provenance
 from engine.errors import ModelError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -31,6 +33,97 @@ def refuse_pickle_weights(path: str, auto_class: str) -> None:
         )
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line: the CLI prints an error as one line, and library messages run to many."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_model(path: str, revision: str | None = None, what: str = "model.path") -> str | None:
+    """Check, before any work, that ``path`` names a model that can be read, and record where it comes from
+    (engine/checkpoint/provenance.py). A local folder is returned ``revision`` as given; a hub id is resolved to
+    the commit ``revision`` points to (asked of the hub, or read from the local cache offline), which is returned:
+    loading at that commit makes the receipt name exactly the files read. Errors name ``what`` and the fix."""
+    if Path(path).exists():
+        if not Path(path).is_dir():
+            how = f"convert it first with `unlearn convert-gguf {path} OUT_DIR`" if path.endswith(".gguf") else (
+                "give the checkpoint folder (config.json + model.safetensors)")  # fmt: skip
+            raise ModelError(f"{what} {path!r} is a file: {how}")
+        check_weight_files(path, what)
+        provenance.record_model(path, revision, None)
+        return revision
+    known = provenance.model_revision(path, revision)
+    if known is not None:
+        return known  # resolved once per run: the student, the teacher and the tokenizer read the same commit
+    from huggingface_hub.errors import (
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        RevisionResolutionError,
+    )
+
+    try:
+        sha = provenance.resolve_hub_revision(path, revision, "model")
+    except HFValidationError:
+        raise ModelError(
+            f"{what} {path!r} is neither a local folder nor a hub id (owner/name): check the path"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelError(
+            f"the hub repository {path!r} has no revision {revision!r}: fix model.revision"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"{what} {path!r} is not a local folder, and the hub has no repository {path!r} (or it is private or "
+            "gated: log in with `hf auth login`): check the path or the hub id"
+        ) from None
+    except RevisionResolutionError:
+        why = "HF_HUB_OFFLINE forbids the hub" if provenance.hub_offline() else "the hub cannot be reached"
+        raise ModelError(
+            f"{what} {path!r} is not a local folder, {why} and the local hub cache holds no copy of it: on a "
+            f"machine with the hub run `hf download {path} --local-dir DIR`, then set {what}=DIR"
+        ) from None
+    except Exception as exc:  # the hub raises many kinds (HTTP, network, auth): all mean "cannot read it"
+        raise ModelError(f"cannot resolve the hub model {path!r} ({what}): {first_line(exc)}") from None
+    provenance.record_model(path, revision, sha)
+    return sha
+
+
+def check_weight_files(folder: str | Path, what: str = "model.path") -> None:
+    """Refuse, before any work, a local checkpoint whose safetensors files are damaged (truncated, overwritten)
+    or whose shard index names a missing file: only their headers are read, which is cheap, and a damaged file
+    found while loading would otherwise surface as a library traceback (or, in `train`, after the run folder
+    is made)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ModelError(
+                f"{what} {str(folder)!r}: {index.name} is not a readable shard index ({first_line(exc)}); "
+                "save the checkpoint again with save_pretrained"
+            ) from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ModelError(
+                f"{what} {str(folder)!r}: {index.name} names weight files that are missing ({', '.join(missing[:3])}); "
+                "copy the whole checkpoint folder again"
+            )
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(
+                f"{what} {str(folder)!r}: the weight file {file.name} is damaged or truncated ({first_line(exc)}); "
+                "copy or download the checkpoint again (or save it again with save_pretrained)"
+            ) from None
+
+
 def safetensors_hint(exc: Exception) -> str:
     """For a hub checkpoint without safetensors (transformers' error names the missing file)."""
     if "safetensors" not in str(exc):
@@ -50,24 +143,34 @@ def _auto():
     return AutoModelForImageClassification
 
 
-def load_classifier(path: str, num_labels: int, revision: str | None = None, trust_remote_code: bool = False):
-    """Load an image classifier and check that it predicts ``num_labels`` classes."""
+def load_classifier(
+    path: str,
+    num_labels: int,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    what: str = "model.path",
+):
+    """Load an image classifier and check that it predicts ``num_labels`` classes (``what``: the config key
+    that names ``path``, for the errors)."""
     if trust_remote_code and not revision:
         raise ModelError(
             "model.trust_remote_code=true runs the checkpoint's own Python code: pin it with model.revision=<commit>"
         )
     refuse_pickle_weights(path, "AutoModelForImageClassification")
+    revision = resolve_model(path, revision, what)  # a hub id is loaded at the commit the receipt records
     auto = _auto()
+    from safetensors import SafetensorError
+
     try:
         model = auto.from_pretrained(
             path, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         hint = "" if Path(path).exists() else " (it is not a local folder; hub ids need a network)"
         hint += safetensors_hint(exc)
-        raise ModelError(f"cannot load a classifier from {path!r}{hint}: {exc}") from exc
+        raise ModelError(f"cannot load a classifier from {path!r}{hint}: {first_line(exc)}") from exc
     except ValueError as exc:
-        raise ModelError(f"{path!r} is not an image-classification checkpoint: {exc}") from exc
+        raise ModelError(f"{path!r} is not an image-classification checkpoint: {first_line(exc)}") from exc
     if model.config.num_labels != num_labels:
         raise ModelError(
             f"the checkpoint {path!r} predicts {model.config.num_labels} classes but the data has {num_labels}; "
@@ -86,13 +189,15 @@ def build_classifier(arch: str, num_labels: int, width: float, class_names: list
     return model
 
 
-def image_settings(path: str | None, mean: list[float], std: list[float], size: int | None) -> dict:
+def image_settings(
+    path: str | None, mean: list[float], std: list[float], size: int | None, revision: str | None = None
+) -> dict:
     """Normalisation of a checkpoint: from its image processor when it has one, else the given."""
     if path is not None:
         try:
             from transformers import AutoImageProcessor
 
-            proc = AutoImageProcessor.from_pretrained(path)
+            proc = AutoImageProcessor.from_pretrained(path, revision=revision)
             size_cfg = getattr(proc, "size", None) or {}
             side = (
                 size_cfg.get("height") or size_cfg.get("shortest_edge")

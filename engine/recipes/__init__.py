@@ -9,6 +9,7 @@ which never imports a recipe: it runs the one it is given).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,8 +42,39 @@ RECIPES: dict[str, Recipe] = {
 }  # fmt: skip
 
 
+# What an optional dependency serves -> (the modules it needs, the extra that installs them: pyproject.toml).
+EXTRAS = {
+    "backend.name=deepspeed": (("deepspeed",), "deepspeed"),
+    "backend.name=ray": (("ray", "deepspeed"), "ray"),
+    "`unlearn audit`": (("ray",), "ray"),
+    "logging.wandb=true": (("wandb",), "wandb"),
+}
+
+
+def require_extras(command: str, cfg) -> None:
+    """Refuse, in one line and before any work, a config that needs an optional dependency not installed."""
+    asked = [
+        ("backend.name=" + cfg.backend.name) if cfg.backend.name != "single" else None,
+        "`unlearn audit`" if command == "audit" else None,
+        "logging.wandb=true" if cfg.logging.wandb else None,
+    ]
+    for use in filter(None, asked):
+        modules, extra = EXTRAS[use]
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            how = (
+                " (after torch: DS_BUILD_OPS=0 pip install --no-build-isolation ...)"
+                if "deepspeed" in missing
+                else ""
+            )
+            raise ConfigError(
+                f"{use} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: pip install 'engine[{extra}]'{how}"
+            )
+
+
 def recipe_for(command: str, cfg) -> Recipe:
-    """The recipe of ``command``; a task it does not serve or a backend it does not run on is refused here."""
+    """The recipe of ``command``; a task it does not serve, a backend it does not run on or an optional
+    dependency that is missing is refused here."""
     recipe = RECIPES[command]
     backends = recipe.backends.get(cfg.task)
     if backends is None:
@@ -55,4 +87,5 @@ def recipe_for(command: str, cfg) -> Recipe:
             f"`unlearn {command}` of task={cfg.task} runs on backend.name={' or '.join(backends)}; "
             f"backend.name={cfg.backend.name} runs `unlearn {'|'.join(others) or '(no command)'}` of task={cfg.task}"
         )
+    require_extras(command, cfg)
     return recipe

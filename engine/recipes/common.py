@@ -47,3 +47,20 @@ def log_memory(log, memory: list[dict]) -> None:
     for row in memory:
         log("memory rank {rank}: peak {peak_bytes:,} B ({peak_kind}); parameters {parameter_bytes:,} B, "
             "gradients {gradient_bytes:,} B, optimizer state {optimizer_bytes:,} B".format(**row))  # fmt: skip
+
+
+def training_seconds(model_dir: str | None) -> float | None:
+    """How long `unlearn train` took to train the model in ``model_dir`` (its report.json's ``train_seconds``):
+    the verdict's "time against retraining". None when the folder has no such report (a hub id, a model
+    trained elsewhere)."""
+    import json
+    from pathlib import Path
+
+    report = Path(model_dir) / "report.json" if model_dir else None
+    if report is None or not report.is_file():
+        return None
+    try:
+        value = json.loads(report.read_text()).get("train_seconds")
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, int | float) else None

@@ -26,7 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from engine import faults
 from engine.backends import build_backend
+from engine.checkpoint import provenance
 from engine.checkpoint.export import check_output_dir, staged_dir
+from engine.checkpoint.hub import check_push, push_run
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
 from engine.checkpoint.run_folder import RunFolder
@@ -45,6 +47,7 @@ from engine.recipes.common import (
     log_memory,
     main_log,
     seed_everything,
+    training_seconds,
 )
 from engine.tasks import build_task
 from engine.tracking import Tracker
@@ -74,6 +77,8 @@ def run_unlearning(
             "`unlearn run` needs model.path: the checkpoint to unlearn (e.g. runs/cifar5-train/original)"
         )
     check_output_dir(cfg.output_dir, cfg.overwrite)  # refuse before any work
+    check_push(cfg.output.push_to_hub)  # also before any work: a push that cannot happen
+    provenance.reset()  # the receipt names what this run reads, from here on
     # another run's checkpoint: refused, also before any work
     resume = check_resumable(RunFolder.of(cfg.output_dir).partial, cfg, expected=expect_resume)
     rewind = bool(getattr(cfg.method, "rewind", False))
@@ -229,7 +234,7 @@ def run_unlearning(
             write_receipt(
                 stage, forget=task.forget_summary(), input_model=m.path, revision=m.revision,
                 outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
-                metrics=final, started_at=started_at,
+                metrics=final, started_at=started_at, sources=provenance.loaded(),
             )  # fmt: skip
             ckpt.remove()  # the run is complete: the exported model is the result
             write_report(
@@ -251,6 +256,7 @@ def run_unlearning(
                     "loop_seconds": loop_seconds,
                     "prepare_seconds": prepare_seconds,
                     "train_seconds": train_seconds,
+                    "reference_seconds": training_seconds(cfg.eval.reference),  # Retrain's, for the verdict
                     "resumed_from_epoch": first - 1 if ckpt.start else None,
                     "resume": ckpt.report(),
                     "seconds_to_first_step": first_step[0] - launched_at if first_step else None,
@@ -263,7 +269,10 @@ def run_unlearning(
             )
     out = Path(cfg.output_dir)
     log(f"done: model in {out / 'model'}, report in {out / 'report.md'}")
+    main = backend.is_main
     backend.close()
+    if cfg.output.push_to_hub and main:  # once the run folder is in place: a failed upload loses nothing
+        push_run(out, cfg.output.push_to_hub, cfg.output.private, log)
     return out
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint.export import model_card, save_checkpoint
+from engine.checkpoint.export import run_card, save_checkpoint
 from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text, prepare_tofu
-from engine.errors import ConfigError
+from engine.errors import ConfigError, ModelError
 from engine.eval.report import write_text_atomic
 from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, token_logits
+from engine.models.loading import first_line, resolve_model
 
 HEADLINES = {
     "tofu": ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak"),
@@ -99,7 +100,11 @@ class CausalLM:
         self.headline = HEADLINES[self.suite]
         self.train_targets = self.targets(cfg)
         self.reference_target = self.train_targets[0]
-        self.tokenizer = load_tokenizer(model_path, cfg.model.revision, cfg.model.trust_remote_code)
+        self.model_path = model_path
+        # the model is checked (a readable folder, or a hub id resolved to a commit) before anything is read;
+        # the tokenizer and the weights are then read at that same commit
+        revision = resolve_model(model_path, cfg.model.revision)
+        self.tokenizer = load_tokenizer(model_path, revision, cfg.model.trust_remote_code)
         d = cfg.data
         if self.suite == "tofu":
             self.formatter = QAFormatter(self.tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template)
@@ -141,7 +146,18 @@ class CausalLM:
         return self._text("retain")
 
     def load(self, path: str, revision: str | None = None, trust_remote_code: bool = False):
-        return load_causal_lm(path, revision, trust_remote_code, self.cfg.model.dtype)
+        from safetensors import SafetensorError
+
+        if trust_remote_code and not revision:  # refused by load_causal_lm, before a hub id is resolved
+            return load_causal_lm(path, revision, trust_remote_code, self.cfg.model.dtype)
+        what = "eval.reference" if path == self.cfg.eval.reference else "model.path"  # for the errors
+        pinned = resolve_model(path, revision, what)
+        try:
+            return load_causal_lm(path, pinned, trust_remote_code, self.cfg.model.dtype)
+        except SafetensorError as exc:  # a damaged file fetched from the hub (local ones are checked before)
+            raise ModelError(
+                f"a weight file of {path!r} is damaged ({first_line(exc)}): download it again"
+            ) from None
 
     def build(self):
         """`unlearn train` fine-tunes ``model.path`` (a causal LM is never built from scratch here)."""
@@ -236,9 +252,15 @@ class CausalLM:
             if self.suite == "tofu"
             else "Metrics (NLL per token)"
         )
-        card = model_card(
-            title, self.cfg.model.path, summary if forget else None, settings, headline, heading
+        d = self.cfg.data
+        sources = (
+            [self.cfg.tofu.dataset]
+            if self.suite == "tofu"
+            else [d.dataset, self.cfg.forget.dataset if self.cfg.forget.kind == "dataset" else None]
         )
+        card = run_card(self.cfg, path, self.model_path, title, summary if forget else None, settings, headline,
+                        heading, task_type="text-generation", sources=sources,
+                        target=(record or {}).get("target"))  # fmt: skip
         record = {"forget": summary, "method": settings, "metrics": metrics, **(record or {})}
         save_checkpoint(model, path, self.tokenizer, card, record, state_dict=weights)
 

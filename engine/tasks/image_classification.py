@@ -11,18 +11,26 @@ import time
 
 import torch
 
-from engine.checkpoint.export import image_processor, model_card, save_checkpoint
+from engine.checkpoint.export import image_processor, run_card, save_checkpoint
 from engine.data.vision import ImageStream, ImageTransform, prepare_data
 from engine.eval.metrics import evaluate
 from engine.methods.base import MethodContext
-from engine.models.loading import build_classifier, classifier_logits, image_settings, load_classifier
+from engine.models.loading import (
+    build_classifier,
+    classifier_logits,
+    image_settings,
+    load_classifier,
+    resolve_model,
+)
 
 HEADLINE = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
 
 
 def load_data_and_transform(cfg, model_path: str | None):
+    # the model is checked (a readable folder, or a hub id resolved to a commit) before the data is read
+    revision = resolve_model(model_path, cfg.model.revision) if model_path else None
     data = prepare_data(cfg.data, cfg.forget)
-    image = image_settings(model_path, cfg.data.mean, cfg.data.std, cfg.data.image_size)
+    image = image_settings(model_path, cfg.data.mean, cfg.data.std, cfg.data.image_size, revision)
     return data, image, ImageTransform(image["mean"], image["std"], image["size"])
 
 
@@ -46,6 +54,7 @@ class ImageClassification:
 
     def __init__(self, cfg, model_path: str | None):
         self.cfg = cfg
+        self.model_path = model_path  # the model a run starts from (None: `train` builds model.arch)
         self.data, self.image, self.transform = load_data_and_transform(cfg, model_path)
         d = self.data
         self.description = (
@@ -67,7 +76,8 @@ class ImageClassification:
         return ImageStream(rows, self.transform, augment=self.cfg.train.augment)
 
     def load(self, path: str, revision: str | None = None, trust_remote_code: bool = False):
-        return load_classifier(path, self.data.num_labels, revision, trust_remote_code)
+        what = "eval.reference" if path == self.cfg.eval.reference else "model.path"  # for the errors
+        return load_classifier(path, self.data.num_labels, revision, trust_remote_code, what)
 
     def build(self):
         """A from-scratch model (``model.arch``) or, without one, ``model.path`` to fine-tune."""
@@ -118,9 +128,11 @@ class ImageClassification:
     def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
              forget: bool = True) -> None:  # fmt: skip
         summary = self.forget_summary()
-        card = model_card(title, self.cfg.model.path, summary if forget else None, settings,
-                          {k: metrics[k] for k in HEADLINE if k in metrics})  # fmt: skip
-        record = {"forget": summary, "method": settings, "base_model": self.cfg.model.path, "metrics": metrics,
+        card = run_card(self.cfg, path, self.model_path, title, summary if forget else None, settings,
+                        {k: metrics[k] for k in HEADLINE if k in metrics}, "Metrics (errors and attacks in percent)",
+                        task_type="image-classification", sources=[self.cfg.data.dataset],
+                        target=(record or {}).get("target"))  # fmt: skip
+        record = {"forget": summary, "method": settings, "base_model": self.model_path, "metrics": metrics,
                   **(record or {})}  # fmt: skip
         save_checkpoint(model, path, image_processor(self.image), card, record, state_dict=weights)
 

@@ -1,6 +1,6 @@
 """The launchers start real multi-process DeepSpeed runs on this machine (gloo, loopback only): the
-`deepspeed` launcher with two processes, and launchers/slurm_deepspeed.sbatch under stand-in `srun` and
-`scontrol` commands that start its tasks locally the way Slurm would set them up."""
+`deepspeed` launcher and `accelerate launch` with two processes, and launchers/slurm_deepspeed.sbatch under
+stand-in `srun` and `scontrol` commands that start its tasks locally the way Slurm would set them up."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _report(out: Path) -> dict:
 
 @pytest.mark.full
 def test_deepspeed_launcher_two_processes(tiny_lm, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cmd = [
         str(VENV_BIN / "deepspeed"),
@@ -89,18 +89,84 @@ def test_deepspeed_launcher_two_processes(tiny_lm, tmp_path):
     ]  # fmt: skip
     _run(cmd, _env())
     out = tmp_path / "out"
+    model = _two_rank_run_changed_the_model(out, tiny_lm, zero_stage=2)
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    ids = tokenizer("Who wrote it?", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tokenizer)
+
+
+def _two_rank_run_changed_the_model(out: Path, base: Path, zero_stage: int):
+    """The run in ``out`` ran on 2 DeepSpeed ranks at ``zero_stage`` and exported a changed model of the base's
+    keys; returns the exported model."""
+    from transformers import AutoModelForCausalLM
+
     report = _report(out)
     assert report["backend"]["name"] == "deepspeed"
-    assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == 2
+    assert report["backend"]["world_size"] == 2 and report["backend"]["zero_stage"] == zero_stage
     assert [row["rank"] for row in report["memory"]] == [0, 1]
     model = AutoModelForCausalLM.from_pretrained(out / "model")
-    tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    before = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
     after = model.state_dict()
     assert set(after) == set(before)
     assert any(not (before[k] == after[k]).all() for k in before), "the run left the model unchanged"
-    ids = tokenizer("Who wrote it?", return_tensors="pt")
-    assert model(**ids).logits.shape[-1] == len(tokenizer)
+    return model
+
+
+def _accelerate(tmp_path: Path, *flags: str) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch FLAGS` with the options it would otherwise ask for or warn about, and its
+    environment: HF_HOME in tmp_path, so that no default_config.yaml of this machine's user applies."""
+    cmd = [
+        str(VENV_BIN / "accelerate"), "launch", *flags,
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+    ]  # fmt: skip
+    return cmd, _env(HF_HOME=str(tmp_path / "hf_home"))
+
+
+@pytest.mark.full
+def test_accelerate_launcher_two_processes(tiny_lm, tmp_path):
+
+    # --multi_gpu is accelerate's torchrun (torch.distributed.run) path, which also runs on CPU;
+    # --cpu would start one process (test_accelerate_misleading_flags_refused)
+    cmd, env = _accelerate(tmp_path, "--multi_gpu", "--num_processes", "2")
+    cmd += [
+        "-m", "engine.cli", "run", "configs/tofu.yaml",
+        *tofu_overrides(tiny_lm, tmp_path, **RUN),
+        "backend.name=deepspeed",
+        "backend.zero_stage=1",
+    ]  # fmt: skip
+    _run(cmd, env)
+    _two_rank_run_changed_the_model(tmp_path / "out", tiny_lm, zero_stage=1)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # accelerate's plain launcher: one process with MASTER_ADDR but no RANK, not a world of two
+        (["--cpu", "--num_processes", "2"], "accelerate launch --cpu"),
+        # accelerate's DeepSpeed flags feed its Accelerator, which the engine doesn't use (one process is
+        # enough to be refused)
+        (
+            ["--use_deepspeed", "--num_processes", "1", "--zero_stage", "3"],
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE=3",
+        ),
+    ],
+    ids=["cpu", "use_deepspeed_stage"],
+)
+def test_accelerate_misleading_flags_refused(tiny_lm, tmp_path, flags, message):
+    cmd, env = _accelerate(tmp_path, *flags)
+    cmd += [
+        "-m", "engine.cli", "run", "configs/tofu.yaml",
+        *tofu_overrides(tiny_lm, tmp_path, **RUN),
+        "backend.name=deepspeed",
+        "backend.zero_stage=2",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stderr[-4000:]
+    assert not (tmp_path / "out").exists()
 
 
 FAKE_SRUN = """#!/usr/bin/env bash

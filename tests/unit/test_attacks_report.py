@@ -198,3 +198,43 @@ def test_write_report_gap_to_retrain_and_overwrite(tmp_path) -> None:
     assert float(gap_row.split(" | ")[2]) == pytest.approx(expected, abs=0.006)
     assert gap_row.endswith("| 0.00 |")  # Retrain against itself
     assert not math.isnan(json.loads((tmp_path / "report.json").read_text())["metrics"]["mia_efficacy"])
+
+
+@pytest.mark.parametrize(
+    "forget, test, forgotten, kept",
+    [(99.75, 12.5, "**Forgotten: yes.**", "**Utility kept: yes.**"),  # 0.25 from Retrain, 1.5 worse
+     (78.0, 12.5, "**Forgotten: not fully.**", "**Utility kept: yes.**"),  # 22 points short of Retrain
+     (100.0, 13.5, "**Forgotten: yes.**", "**Utility kept: no.**"),  # 2.5 points worse than the Original
+     (100.0, 4.0, "**Forgotten: yes.**", "**Utility kept: yes.**")],  # better than before: kept
+)  # fmt: skip
+def test_report_opens_with_a_three_line_verdict(tmp_path, forget, test, forgotten, kept) -> None:
+    report = _report(train_seconds=30.0, reference_seconds=120.0)
+    report["metrics"] = {**report["metrics"], "forget_error": forget, "test_error": test}
+    write_report(tmp_path, report)
+    md = (tmp_path / "report.md").read_text().splitlines()
+    assert md[:3] == ["# SCRUB unlearning of class 0 (airplane)", "", "## Verdict"]
+    lines = md[4:7]
+    assert lines[0].startswith(
+        f"- {forgotten} The model now gets {forget:.1f}% of the forgotten examples wrong"
+    )
+    assert lines[1].startswith(f"- {kept} Test error {test:.1f}% against 11.0% before unlearning")
+    assert lines[2] == (
+        "- **Time: 0.25 of retraining.** Unlearning took 30 s; retraining from scratch without the forgotten data "
+        "took 120 s."
+    )
+    assert md[7] == ""
+    assert json.loads((tmp_path / "report.json").read_text())["verdict"] == [line[2:] for line in lines]
+
+
+def test_no_verdict_without_a_reference_and_over_forgetting_is_named(tmp_path) -> None:
+    write_report(tmp_path, _report(reference=None))
+    assert "## Verdict" not in (tmp_path / "report.md").read_text()
+    text = _report(suite="text", metrics={"forget_nll": 4.0, "retain_nll": 1.0}, original={"retain_nll": 1.2},
+                   reference={"forget_nll": 3.0}, train_seconds=10.0)  # fmt: skip
+    write_report(tmp_path, text)
+    verdict = json.loads((tmp_path / "report.json").read_text())["verdict"]
+    assert verdict[0].startswith(
+        "**Forgotten: yes, more than retraining would (over-forgotten).** Loss on the"
+    )
+    assert verdict[1].startswith("**Utility kept: yes.** Loss on the kept text 1.000 against 1.200")
+    assert verdict[2] == "**Time:** unlearning took 10 s (the retrained model's time is not recorded)."

@@ -179,7 +179,7 @@ def test_scrub_forget_step_moves_the_student_and_never_the_teacher(tiny_lm):
 
 
 def test_faithful_max_step_has_zero_gradient_at_the_teacher():
-    """SCRUB.md's known property: dropout 0 and student == teacher -> the divergence and its gradient are 0
+    """docs/algorithm.md's start-at-teacher problem: dropout 0 and student == teacher -> the divergence and its gradient are 0
     (up to float rounding: about a millionth of the forget NLL's gradient)."""
     model = build_tiny_llama(64, attention_dropout=0.0)
     teacher = copy.deepcopy(model).eval()

@@ -1,4 +1,4 @@
-"""The engine's SCRUB ends with the same weights as a direct transcription of SCRUB.md's pseudocode,
+"""The engine's SCRUB ends with the same weights as a direct transcription of docs/algorithm.md's schedule,
 and the teacher never changes."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def tiny_data(tiny_cifar, tmp_path_factory):
 
 
 def transcription(model, forget_x, retain_x, retain_y, c: ScrubConfig, seed: int):
-    """SCRUB.md's "Schedule" block, written out with nothing from the engine."""
+    """docs/algorithm.md's faithful schedule, written out with nothing from the engine."""
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model)
     if c.optimizer == "sgd":
@@ -133,7 +133,7 @@ def test_engine_scrub_equals_pseudocode_transcription(tiny_data, case):
 
 
 def test_max_step_moves_a_vision_student_from_the_first_batch(tiny_data):
-    """SCRUB.md "Known property": in train mode (BatchNorm batch statistics) the student differs from
+    """docs/algorithm.md, "The start-at-teacher problem": in train mode (BatchNorm batch statistics) the student differs from
     the eval-mode teacher, so the very first max-step has a non-zero gradient."""
     data, _ = tiny_data
     torch.manual_seed(0)

@@ -159,8 +159,14 @@ def test_configs_text_needs_only_the_data_the_forget_set_the_holdout_and_the_mod
         "forget.where={author: b}",
         f"holdout.dataset={tmp_path}/h.jsonl",
     ]
-    train = load_config("configs/text.yaml", [*over, "model.path=BASE"], command="train")
+    train = load_config("configs/text.yaml", [*over, "model.base=BASE"], command="train")
     run = load_config("configs/text.yaml", over, command="run")
+    # `train` fine-tunes model.base (the shipped config's: the hub's SmolLM2), `run` reads what it made
+    assert (
+        load_config("configs/text.yaml", over, command="train").model.path
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert train.model.path == "BASE"
     assert (train.output_dir, run.output_dir) == ("runs/text/train", "runs/text/run")
     assert run.model.path == "runs/text/train/original" and run.eval.reference == "runs/text/train/retrain"
     assert train.task == run.task == "causal_lm" and run.data.text_column == "text"

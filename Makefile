@@ -29,11 +29,11 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job: SCRUB forgets one CIFAR-10 class (configs/demo.yaml). The first time, it trains the
-# Original and the Retrain reference it needs (runs/demo-models; eval.every_epoch=false: the demo needs
-# their final scores, not per-epoch curves, which would double the cost); results land in runs/demo.
+# Original and the Retrain reference it needs (runs/demo/train; eval.every_epoch=false: the demo needs
+# their final scores, not per-epoch curves, which would double the cost); results land in runs/demo/run.
 demo: setup
-	test -f runs/demo-models/original/model.safetensors || \
-		$(VENV)/bin/unlearn train configs/demo.yaml output_dir=runs/demo-models overwrite=true eval.every_epoch=false
+	test -f runs/demo/train/original/model.safetensors || \
+		$(VENV)/bin/unlearn train configs/demo.yaml eval.every_epoch=false
 	$(VENV)/bin/unlearn run configs/demo.yaml
 
 # Two tiers (README, "Tests"): `test` is the fast one, at most 10 minutes on 2 cores: unit tests and, per

@@ -144,3 +144,11 @@ def test_the_wheel_carries_the_configs_and_no_extra_is_required(tmp_path):
     assert not [r for r in core if r.split("[")[0].split(">")[0] in ("deepspeed", "ray", "wandb")]
     extras = {line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Provides-Extra: ")}
     assert extras == {"deepspeed", "ray", "wandb", "all", "dev"}
+
+
+def test_unlearn_train_demo_then_unlearn_run_demo_line_up():
+    """The two commands a new user types: `run` reads the Original and Retrain that `train` writes."""
+    train, run = load_config("demo", command="train"), load_config("demo", command="run")
+    assert run.model.path == str(Path(train.output_dir) / "original")
+    assert run.eval.reference == str(Path(train.output_dir) / "retrain")
+    assert run.output_dir != train.output_dir and "{command}" not in run.output_dir

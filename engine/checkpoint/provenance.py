@@ -36,6 +36,29 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` seconds (asked once per process).
+    Hand-written because `datasets` retries an unreachable hub with back-off for about 30 s, printing each retry,
+    before it gives up: a machine without the hub should hear so at once, in one line."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
 def resolve_hub_revision(repo_id: str, revision: str | None, repo_type: str) -> str:
     """The commit ``revision`` (None: the default branch) of a hub repository points to: asked of the hub, or read
     from the local cache when the hub cannot be reached. Raises huggingface_hub's errors (the callers word them)."""

@@ -29,10 +29,12 @@ def resolve(source: str, what: str = "data.dataset") -> str:
             if copy.exists():
                 provenance.record_dataset(source, mirror=str(copy))
                 return str(copy)
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline or not provenance.hub_reachable():
+        why = "HF_HUB_OFFLINE forbids the hub" if offline else "the hub cannot be reached from this machine"
         raise DataError(
-            f"{what} {source!r} is not a local path and HF_HUB_OFFLINE forbids the hub: set {MIRROR} to a folder "
-            f"holding a copy ({MIRROR}/{source.split('/')[-1].lower()}), or point {what} at one"
+            f"{what} {source!r} is not a local path, {why}, and {MIRROR} holds no copy of it: set {MIRROR} to a "
+            f"folder holding a copy ({MIRROR}/{source.split('/')[-1].lower()}), or point {what} at one"
         )
     return source
 

@@ -88,6 +88,7 @@ def no_mirror_online(tmp_path, monkeypatch):
     (tmp_path / "mirror").mkdir()
     monkeypatch.setenv("UNLEARN_DATA_MIRROR", str(tmp_path / "mirror"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(provenance, "hub_reachable", lambda: True)  # the fake hub below answers
     provenance.reset()
     yield
     provenance.reset()

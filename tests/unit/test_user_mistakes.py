@@ -228,3 +228,17 @@ def test_a_push_that_cannot_happen_is_refused_before_the_run(repo, online, named
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     argv = image_run(tiny_cifar, tmp_path, classifier, **{"output.push_to_hub": repo})
     refused(capsys, argv, f"output.push_to_hub={repo!r}", named, out=tmp_path / "out")
+
+
+def test_an_unreachable_hub_is_one_line_at_once(tiny_cifar, tmp_path, classifier, monkeypatch, capsys):
+    """Without HF_HUB_OFFLINE and without a copy, a hub that does not answer is said in one line before `datasets`
+    is asked (which retries with back-off for about 30 s, printing each retry)."""
+    from engine.checkpoint import provenance
+
+    monkeypatch.setenv("UNLEARN_DATA_MIRROR", str(tmp_path / "empty-mirror"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(provenance, "_REACHABLE", {})
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
+    out = tmp_path / "out"
+    refused(capsys, image_run(tiny_cifar, tmp_path, classifier, **{"data.dataset": "uoft-cs/cifar10"}),
+            "'uoft-cs/cifar10'", "the hub cannot be reached", "UNLEARN_DATA_MIRROR/cifar10", out=out)  # fmt: skip

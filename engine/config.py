@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, first_line
 from engine.methods import METHODS, ErmConfig, MethodConfig, ScrubConfig
 from engine.methods.base import StrictModel
 from engine.tasks import ALIASES, PROVIDES
@@ -543,7 +543,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            problem = getattr(err, "problem", None) or first_line(err)
             raise ConfigError(
                 f"override {item!r}: the value is not valid YAML ({problem}); quote it for the shell, e.g. "
                 "'forget.ids=[3,17]'"
@@ -642,7 +642,7 @@ def load_config(
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            problem = getattr(err, "problem", None) or first_line(err)
             raise ConfigError(
                 f"{p}:{where}: not valid YAML ({problem}); fix the file and run again"
             ) from None

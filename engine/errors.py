@@ -1,6 +1,12 @@
 """One exception family. Every message says what went wrong and what to do about it."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line: the CLI prints an error as one line, and library messages run to many."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class EngineError(Exception):
     """Base class: the CLI prints these without a traceback and exits with status 2."""
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from engine.checkpoint.run_folder import RunFolder
-from engine.errors import ConfigError, OutputError
+from engine.errors import ConfigError, OutputError, first_line
 
 
 def check_push(repo_id: str | None) -> None:
@@ -64,8 +64,7 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool, log=print) -> str
             commit_message=f"unlearned model and receipt ({run_dir.name})",
         )
     except Exception as exc:  # network, auth, quota, a repo of another type: the run itself is complete
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason = first_line(exc)
         raise OutputError(
             f"the run completed and its results are in {run_dir}, but the upload to {repo_id} failed ({reason}); "
             f"upload by hand: `hf upload {repo_id} {run_dir / 'model'} . && hf upload {repo_id} "

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from engine.checkpoint import provenance
-from engine.errors import DataError
+from engine.errors import DataError, first_line
 
 MIRROR = "UNLEARN_DATA_MIRROR"
 
@@ -85,7 +85,7 @@ def load_splits(dataset: str, splits: list[str]):
     except Exception as exc:  # the hub raises many kinds; all mean "can't get it"
         raise DataError(
             f"cannot load dataset {source!r}: not a local path, no copy in {MIRROR}, and the hub said: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Offline, set {MIRROR} to a folder "
+            f"{first_line(exc)}. Offline, set {MIRROR} to a folder "
             f"holding a copy ({MIRROR}/{source.split('/')[-1].lower()})"
         ) from exc
     return {s: dd[s] for s in splits if s in dd}

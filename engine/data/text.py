@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from engine.data.selection import ids_sha256
-from engine.errors import DataError
+from engine.errors import DataError, first_line
 
 IGNORE = -100  # the label value transformers' losses skip
 SPLIT_FRACTION = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
@@ -57,7 +57,7 @@ def load_tofu_split(source: str, name: str) -> list[dict]:
         raise
     except Exception as err:  # hub/network/format errors: say what was tried
         raise DataError(
-            f"could not load TOFU split {name!r} from {source!r}: {str(err).splitlines()[0] if str(err) else err!r}. "
+            f"could not load TOFU split {name!r} from {source!r}: {first_line(err)}. "
             f"Offline, set {MIRROR} to a folder holding a copy ({MIRROR}/tofu, <split>.jsonl files)"
         ) from err
     return _check_columns(ds.to_list(), name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import provenance
-from engine.errors import ModelError
+from engine.errors import ModelError, first_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -31,12 +31,6 @@ def refuse_pickle_weights(path: str, auto_class: str) -> None:
             f"file, convert it once in a trusted session: `{auto_class}.from_pretrained(PATH)"
             ".save_pretrained(OUT, safe_serialization=True)`, then set model.path=OUT"
         )
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line: the CLI prints an error as one line, and library messages run to many."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def resolve_model(path: str, revision: str | None = None, what: str = "model.path") -> str | None:

@@ -28,12 +28,12 @@ import torch
 
 from engine.checkpoint.export import run_card, save_checkpoint
 from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text, prepare_tofu
-from engine.errors import ConfigError, ModelError
+from engine.errors import ConfigError, ModelError, first_line
 from engine.eval.report import write_text_atomic
 from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, token_logits
-from engine.models.loading import first_line, resolve_model
+from engine.models.loading import resolve_model
 
 HEADLINES = {
     "tofu": ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak"),

@@ -42,6 +42,25 @@ def resolve_shipped(path: str | Path, kind: str = "") -> Path | None:
     return shipped.get(name) if in_checkout else None
 
 
+class LoraSettings(StrictModel):
+    """A LoRA student (peft): only the adapters train; the teacher is the same base weights with the adapters
+    disabled, so one copy of the model is in memory."""
+
+    rank: int = Field(16, ge=1, description="r: the rank of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="lora_alpha: the adapter's output is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="lora_dropout: dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get adapters: names or name suffixes (q_proj, v_proj; conv1, fc for an image "
+        "classifier), or all-linear (every linear layer but the output head; causal LMs).",
+    )
+    merge: bool = Field(
+        True,
+        description="Export the merged model (base + adapters, a plain checkpoint); false: the adapter alone "
+        "(adapter_model.safetensors + adapter_config.json, loaded over the base with peft).",
+    )
+
+
 class ModelConfig(StrictModel):
     path: str | None = Field(
         None,
@@ -63,6 +82,17 @@ class ModelConfig(StrictModel):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights' dtype for causal LMs (float32 on CPU; bfloat16 on recent GPUs)."
+    )
+    lora: LoraSettings | None = Field(
+        None, description="Unlearn with a LoRA student (`run`): {rank, alpha, dropout, target_modules, merge}."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward instead of keeping them (causal LMs): less memory."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Causal LMs' attention kernel: sdpa (torch's), eager, or flash_attention_2 (needs the "
+        "flash-attn package and a GPU).",
     )
 
 
@@ -305,7 +335,8 @@ class BackendConfig(StrictModel):
     )
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="deepspeed: training precision (DeepSpeed's bf16/fp16 sections; master weights fp32).",
+        description="Training precision. deepspeed: DeepSpeed's bf16/fp16 sections (master weights fp32); single: "
+        "forwards under torch.autocast in that dtype (weights and optimizer fp32).",
     )
     offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
         "none", description="deepspeed: optimizer state offload (ZeRO 1-3; runs DeepSpeed's CPU Adam)."

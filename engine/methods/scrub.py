@@ -49,6 +49,20 @@ class ScrubConfig(OptimizerSettings):
         description="Rows (examples, or answer tokens of a causal LM) per chunk of the divergence: at most "
         "chunk_rows x vocab float32 probabilities exist at once. None: the whole batch at once.",
     )
+    teacher_cache: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: the frozen teacher's outputs are computed once, before the first step, by the student "
+        "(equal to the teacher then), and the teacher is never loaded: full logits for classifiers; for causal "
+        "LMs full logits while they fit teacher_cache_bytes, else the top teacher_cache_topk logits per token "
+        "plus one tail bucket (its mass is reported). Off by itself with augment or param_distance. off: a "
+        "teacher forward every step.",
+    )
+    teacher_cache_topk: int = Field(
+        64, ge=1, description="Logits kept per answer token when a causal LM's full logits exceed the budget."
+    )
+    teacher_cache_bytes: int = Field(
+        2**30, ge=0, description="Budget of full cached logits per stream and process (bytes) before top-k."
+    )
     # Remedies for the start-at-teacher problem (docs/algorithm.md, "The start-at-teacher problem"): a causal LM with dropout 0
     # starts with student == teacher, where the divergence and its gradient are exactly 0, so
     # faithful max-steps cannot move it. All off = the faithful method.

@@ -1,7 +1,7 @@
 """The one training loop. Every method and every backend goes through here, and this is the only
 place where the order of a step lives:
 
-    epoch -> lr -> phase -> step -> micro-batch -> teacher forward (no grad) -> student forward -> loss
+    epoch -> lr -> phase -> step -> micro-batch -> teacher forward (no grad; or its cached outputs) -> student forward -> loss
           -> backward (backend) ... -> global loss (+ |loss|, stop requests), one all-reduce
           -> finite and bounded? -> optimizer step (backend) -> log -> stop requested? -> epoch hook
 
@@ -64,10 +64,12 @@ def run_loop(
     hooks: LoopHooks | None = None,
     max_abs_loss: float | None = None,
     progress: bool = True,
+    teacher_outputs=None,
 ) -> LoopState:
     """Run ``method`` from position ``start`` (default: the beginning) to the end of epoch ``epochs``.
     ``forward(model, batch)`` returns logits. ``max_abs_loss``: a global step loss beyond it (or not
-    finite) stops the run with DivergenceError before that step is applied."""
+    finite) stops the run with DivergenceError before that step is applied. ``teacher_outputs``: a
+    ``TeacherCache`` (engine/teacher_cache.py) whose streams' teacher logits are looked up, not computed."""
     hooks = hooks or LoopHooks()
     state = LoopState()
     start = start or {"epoch": 1, "phase_index": 0, "step": 0, "epoch_losses": {}}
@@ -84,6 +86,7 @@ def run_loop(
             phase_teacher = (
                 method.teacher_for(phase.name, teacher) if hasattr(method, "teacher_for") else teacher
             )
+            cached = method.needs_teacher and teacher_outputs is not None and phase.stream in teacher_outputs
             # Train mode in BOTH phases: BatchNorm batch statistics and dropout are part of SCRUB.
             student.train()
             batches = backend.batches(stream, phase.batch_size, seed, epoch, phase.stream, skip=skip)
@@ -107,11 +110,16 @@ def run_loop(
                     part_totals = backend.sum_across_ranks(local)
                 for batch in micro_batches:
                     teacher_logits = None
-                    if method.needs_teacher:
-                        with torch.no_grad():
+                    if cached:  # computed once before the first step (engine/teacher_cache.py)
+                        teacher_logits = teacher_outputs.lookup(phase.stream, batch)
+                    elif method.needs_teacher:
+                        with torch.no_grad(), backend.autocast():
                             teacher_logits = forward(phase_teacher, batch)
                     # a zero-weight stand-in (base.py) is not data: it must not move BatchNorm's statistics
-                    with frozen_batchnorm(student) if batch["share"] == 0 else nullcontext():
+                    with (
+                        frozen_batchnorm(student) if batch["share"] == 0 else nullcontext(),
+                        backend.autocast(),
+                    ):
                         student_logits = forward(student, batch)
                     terms = method.loss(
                         phase.name, student_logits, teacher_logits, batch["labels"], batch=batch

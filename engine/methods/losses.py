@@ -5,6 +5,7 @@ chooses the normaliser (see ``LossTerms``); dividing by the batch size gives PyT
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +17,74 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+@dataclass
+class TopKLogits:
+    """A cached teacher's outputs for causal LMs whose full logits are too large to keep (engine/teacher_cache.py):
+    per row (answer token) the ``k`` largest logits ``values`` and their vocabulary ``indices``, and
+    ``lse`` = logsumexp(logits / temperature) over the WHOLE vocabulary, so the teacher's probabilities of the
+    top k are exact and the rest of its mass is one tail bucket."""
+
+    values: torch.Tensor  # [n, k] raw logits
+    indices: torch.Tensor  # [n, k] vocabulary ids
+    lse: torch.Tensor  # [n] logsumexp(logits / temperature)
+    temperature: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def __getitem__(self, rows: slice) -> TopKLogits:
+        return TopKLogits(self.values[rows], self.indices[rows], self.lse[rows], self.temperature)
+
+    def to(self, device) -> TopKLogits:
+        return TopKLogits(
+            self.values.to(device), self.indices.to(device), self.lse.to(device), self.temperature
+        )
+
+    def log_probs(self) -> torch.Tensor:
+        """[n, k] the teacher's exact log-probabilities of its top-k tokens at ``temperature``."""
+        return self.values.float() / self.temperature - self.lse.float().unsqueeze(1)
+
+    def tail_mass(self) -> torch.Tensor:
+        """[n] the teacher's probability outside its top k (0 when k covers the vocabulary)."""
+        return (1 - self.log_probs().exp().sum(1)).clamp(min=0)
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    # a scalar in the upcast dtype, without upcasting (copying) the whole tensor first
+    return x.new_zeros((), dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+
+
+def _kl_rows(student_logits: torch.Tensor, teacher_logits, t: float) -> torch.Tensor:
+    if isinstance(teacher_logits, TopKLogits):
+        return _kl_rows_topk(student_logits, teacher_logits, t)
     log_p_student = F.log_softmax(_upcast(student_logits) / t, dim=-1)
     p_teacher = F.softmax(_upcast(teacher_logits) / t, dim=-1)
     return F.kl_div(log_p_student, p_teacher, reduction="sum")
+
+
+def _kl_rows_topk(student_logits: torch.Tensor, teacher: TopKLogits, t: float) -> torch.Tensor:
+    """KL between the teacher and the student coarsened to k + 1 buckets (the teacher's top k tokens and one
+    tail bucket of the rest): sum_top p (log p - log q) + p_tail (log p_tail - log q_tail). Exact when the
+    tail mass is 0; otherwise at most the full KL (coarsening never increases a divergence)."""
+    if teacher.temperature != t:
+        raise ValueError(
+            f"cached teacher outputs are at temperature {teacher.temperature}, the loss asks {t}"
+        )
+    scaled = _upcast(student_logits) / t
+    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    indices = teacher.indices.long()
+    log_p_top = teacher.log_probs()
+    p_top = log_p_top.exp()
+    top = (p_top * (log_p_top - (scaled.gather(1, indices) - log_norm))).sum()
+    if indices.shape[1] >= scaled.shape[1]:
+        return top  # k covers the vocabulary: no tail, the exact divergence
+    # the student's tail: logsumexp over the tokens outside the teacher's top k (clamped: a student with no
+    # mass left there must give a finite term, as 0 * log 0 does)
+    log_q_tail = torch.logsumexp(scaled.scatter(1, indices, float("-inf")), dim=-1) - log_norm[:, 0]
+    p_tail = (1 - p_top.sum(1)).clamp(min=0)
+    tail = (p_tail * (p_tail.clamp(min=1e-30).log() - log_q_tail.clamp(min=-1e4))).sum()
+    return top + tail
 
 
 def distill_kl_sum(
@@ -40,7 +105,7 @@ def distill_kl_sum(
     n = student_logits.shape[0]
     if not chunk_rows or n <= chunk_rows:
         return _kl_rows(student_logits, teacher_logits, t) * (t * t)
-    total = _upcast(student_logits).new_zeros(())
+    total = _zero(student_logits)
     for i in range(0, n, chunk_rows):
         s, te = student_logits[i : i + chunk_rows], teacher_logits[i : i + chunk_rows]
         if s.requires_grad:
@@ -50,9 +115,26 @@ def distill_kl_sum(
     return total * (t * t)
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of the cross-entropy on raw logits (no temperature)."""
+def _ce_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(_upcast(logits), labels, reduction="sum")
+
+
+def cross_entropy_sum(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Sum over rows of the cross-entropy on raw logits (no temperature). With ``chunk_rows``, chunked as
+    ``distill_kl_sum``: at most ``chunk_rows x vocab`` float32 values at once (a 128k vocabulary over a long
+    batch of bf16 logits must not become one fp32 [tokens, vocab] tensor), each chunk recomputed in backward."""
+    n = logits.shape[0]
+    if not chunk_rows or n <= chunk_rows:
+        return _ce_rows(logits, labels)
+    total = _zero(logits)
+    for i in range(0, n, chunk_rows):
+        s, y = logits[i : i + chunk_rows], labels[i : i + chunk_rows]
+        total = total + (
+            checkpoint(_ce_rows, s, y, use_reentrant=False) if s.requires_grad else _ce_rows(s, y)
+        )
+    return total
 
 
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor, n: int) -> torch.Tensor:

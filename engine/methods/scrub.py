@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from engine.methods.base import LossTerms, OptimizerSettings, Phase
 from engine.methods.losses import cross_entropy_sum, distill_kl_sum, parameter_distance
@@ -85,6 +85,12 @@ class ScrubConfig(OptimizerSettings):
         "unlearning; the teacher keeps eval mode, so train-mode noise separates the two. None: unchanged.",
     )
 
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as false (and `on` as true): take them as the words meant
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _msteps_within_epochs(self) -> ScrubConfig:
         if self.msteps > self.epochs:
@@ -122,9 +128,9 @@ class Scrub:
         if phase == "max":
             total = -kl  # ascent on the divergence; labels unused, weight 1
             if c.forget_nll:
-                total = total - c.forget_nll * cross_entropy_sum(student_logits, labels)
+                total = total - c.forget_nll * cross_entropy_sum(student_logits, labels, c.chunk_rows)
         elif phase == "min":
-            total = c.gamma * cross_entropy_sum(student_logits, labels) + c.alpha * kl
+            total = c.gamma * cross_entropy_sum(student_logits, labels, c.chunk_rows) + c.alpha * kl
         else:
             raise ValueError(f"SCRUB has phases 'max' and 'min', not {phase!r}")
         return LossTerms(total=total, count=int(student_logits.shape[0]))

@@ -40,6 +40,7 @@ from engine.methods import build_method
 from engine.methods.blocks import last_blocks
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.causal_lm import set_dropout
+from engine.models.lora import AdapterDisabled, apply_lora
 from engine.recipes.common import (
     backend_summary,
     cpu_state,
@@ -50,6 +51,7 @@ from engine.recipes.common import (
     training_seconds,
 )
 from engine.tasks import build_task
+from engine.teacher_cache import fill_teacher_cache
 from engine.tracking import Tracker
 
 
@@ -99,12 +101,22 @@ def run_unlearning(
     log(task.description)
     device = backend.device
     m = cfg.model
+    use_cache = teacher_cache_wanted(cfg.method, method, log)
+    needs_teacher = (method.needs_teacher and not use_cache) or getattr(cfg.method, "param_distance", 0)
     with backend.init_context():  # under ZeRO-3 each model is partitioned while it loads
         student = task.load(m.path, m.revision, m.trust_remote_code)
-        # the teacher: the same checkpoint, loaded again (a copy of a partitioned model would hold no weights)
-        needs_teacher = method.needs_teacher or getattr(cfg.method, "param_distance", 0)
-        teacher = task.load(m.path, m.revision, m.trust_remote_code) if needs_teacher else None
+        # the teacher: the same checkpoint, loaded again (a copy of a partitioned model would hold no weights);
+        # a LoRA student's teacher is its own base weights (below), so nothing is loaded twice
+        load_teacher = needs_teacher and m.lora is None
+        teacher = task.load(m.path, m.revision, m.trust_remote_code) if load_teacher else None
     task.check(student)
+    if m.lora is not None and hasattr(method, "prepare"):
+        raise ConfigError(
+            f"method={cfg.method.name} re-initialises or edits the whole model before training, which a LoRA "
+            "student cannot: unset model.lora for it"
+        )
+    if m.lora is not None:  # only the adapters train; refused here (one line) when no module matches
+        student = apply_lora(student, m.lora)
     if getattr(cfg.method, "k", None) is not None:
         last_blocks(student, cfg.method.k)  # CF-k / EU-k: a k beyond the model is refused before any work
     if getattr(cfg.method, "student_dropout", None) is not None:
@@ -140,6 +152,10 @@ def run_unlearning(
             method.prepare(student, task.method_context(backend))
         student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
         model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
+        if (
+            m.lora is not None and needs_teacher
+        ):  # the base weights, adapters disabled: never in the optimizer
+            teacher = AdapterDisabled(model)
         prepare_seconds = time.perf_counter() - t_prepare
         teacher_before = backend.fingerprint(teacher) if teacher is not None else None
         if not resume and original is None:  # ZeRO-3: now that forwards can gather the shards
@@ -183,8 +199,26 @@ def run_unlearning(
             log(f"epoch {epoch}: losses {epoch_losses} {task.describe(row)}")
 
         t_loop = time.perf_counter()
+        teacher_outputs = None
+        if use_cache:  # its time is the run's: it replaces every epoch's teacher forwards
+            # the student before its first step IS the teacher; a resumed one has moved, so the teacher is
+            # loaded for this pass only (a LoRA student's: its base weights)
+            source = model
+            if resume:
+                source = AdapterDisabled(model) if m.lora else load_frozen(backend, task, m.path, m.revision,
+                                                                           m.trust_remote_code)  # fmt: skip
+            names = sorted({p.stream for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)})
+            teacher_outputs = fill_teacher_cache(
+                source, {n: run_streams[n] for n in names}, task.forward, backend, batch_size=cfg.eval.batch_size,
+                temperature=cfg.method.temperature, topk=cfg.method.teacher_cache_topk,
+                budget_bytes=cfg.method.teacher_cache_bytes, progress=cfg.logging.progress,
+            )  # fmt: skip
+            del source
+            log(f"teacher outputs cached in {teacher_outputs.seconds:.1f} s: " + ", ".join(
+                f"{k} {v['kind']} {v['bytes']:,} B" + (f" (tail mass {v['tail_mass_mean']:.2g})" if "topk" in v else "")
+                for k, v in teacher_outputs.summary()["streams"].items()))  # fmt: skip
         ckpt.run(method, teacher, run_streams, task.forward, epochs=cfg.method.epochs, on_step=on_step,
-                 on_epoch_end=on_epoch_end, stop_file=stop_file)  # fmt: skip
+                 on_epoch_end=on_epoch_end, stop_file=stop_file, teacher_outputs=teacher_outputs)  # fmt: skip
         loop_seconds = time.perf_counter() - t_loop + prepare_seconds
         first = ckpt.start["epoch"] if ckpt.start else 1  # evaluations before a resume were not in this loop
         train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history if r["epoch"] >= first)
@@ -264,6 +298,7 @@ def run_unlearning(
                     "backend": backend_summary(backend),
                     "memory": memory,
                     "teacher": teacher_check,
+                    "teacher_cache": teacher_outputs.summary() if teacher_outputs is not None else None,
                     "artifacts": artifacts,
                 },
             )
@@ -274,6 +309,23 @@ def run_unlearning(
     if cfg.output.push_to_hub and main:  # once the run folder is in place: a failed upload loses nothing
         push_run(out, cfg.output.push_to_hub, cfg.output.private, log)
     return out
+
+
+def teacher_cache_wanted(settings, method, log) -> bool:
+    """Whether the teacher's outputs are computed once (``method.teacher_cache=auto``), and when auto cannot,
+    why (logged): they are the same every epoch only when the rows are, and the teacher's weights are never
+    needed."""
+    if getattr(settings, "teacher_cache", "off") == "off" or not method.needs_teacher:
+        return False
+    if hasattr(method, "teacher_for"):
+        return False  # a method choosing its own teacher per phase (none with teacher_cache today)
+    if getattr(settings, "augment", False):
+        log("teacher_cache: off, because method.augment=true shows new crops and flips every epoch")
+        return False
+    if getattr(settings, "param_distance", 0):
+        log("teacher_cache: off, because method.param_distance needs the teacher's weights")
+        return False
+    return True
 
 
 def _shard_ids(shards: list[dict], ids: dict[str, list | None]) -> dict:

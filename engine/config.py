@@ -47,7 +47,9 @@ class LoraSettings(StrictModel):
     disabled, so one copy of the model is in memory."""
 
     rank: int = Field(16, ge=1, description="r: the rank of each adapter.")
-    alpha: float = Field(32.0, gt=0, description="lora_alpha: the adapter's output is scaled by alpha / rank.")
+    alpha: float = Field(
+        32.0, gt=0, description="lora_alpha: the adapter's output is scaled by alpha / rank."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="lora_dropout: dropout on the adapters' input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
@@ -84,10 +86,12 @@ class ModelConfig(StrictModel):
         "float32", description="Weights' dtype for causal LMs (float32 on CPU; bfloat16 on recent GPUs)."
     )
     lora: LoraSettings | None = Field(
-        None, description="Unlearn with a LoRA student (`run`): {rank, alpha, dropout, target_modules, merge}."
+        None,
+        description="Unlearn with a LoRA student (`run`): {rank, alpha, dropout, target_modules, merge}.",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward instead of keeping them (causal LMs): less memory."
+        False,
+        description="Recompute activations in backward instead of keeping them (causal LMs): less memory.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa",

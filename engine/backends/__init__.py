@@ -9,7 +9,11 @@ from engine.backends.single import SingleProcessBackend
 def build_backend(config) -> Backend:
     if config.name == "single":
         return SingleProcessBackend(
-            config.device, config.num_threads, config.gradient_accumulation_steps, config.keep_checkpoints
+            config.device,
+            config.num_threads,
+            config.gradient_accumulation_steps,
+            config.keep_checkpoints,
+            dtype=config.dtype,  # autocast of the forwards (the loop's backend.autocast())
         )
     if config.name == "deepspeed":
         from engine.backends.deepspeed import DeepSpeedBackend  # imports deepspeed: only when asked for

@@ -13,6 +13,7 @@ over micro-batches and ranks gives the global batch's mean exactly as one proces
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 
@@ -30,6 +31,11 @@ class Backend:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the loop runs forwards in: mixed precision where this backend casts them itself
+        (single.py); none here, and none for DeepSpeed, whose engine holds the model in its compute dtype."""
+        return contextlib.nullcontext()
 
     def batches(
         self, stream, batch_size: int, seed: int, epoch: int, name: str, skip: int = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -13,12 +13,18 @@ from safetensors.torch import load_file, save_file
 
 from engine.backends.base import Backend
 from engine.backends.memory import StateMeter
+from engine.errors import ConfigError
+
+SCALER = "optimizer_grad_scaler.json"  # fp16 on CUDA: the loss scale and its growth tracker
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SingleProcessBackend(Backend):
@@ -31,14 +37,33 @@ class SingleProcessBackend(Backend):
         num_threads: int | None = None,
         accum: int = 1,
         keep_checkpoints: bool = False,
+        dtype: str = "fp32",
     ):
         self.device = resolve_device(device)
         self.keep_checkpoints = keep_checkpoints
         if num_threads:
             torch.set_num_threads(num_threads)
         self.accum = accum
+        if dtype not in AUTOCAST_DTYPES:
+            raise ConfigError(f"backend.dtype={dtype} is not one of {', '.join(AUTOCAST_DTYPES)}")
+        if dtype == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                "backend.dtype=bf16 needs a GPU with bfloat16 (Ampere or newer): set backend.dtype=fp16 or fp32"
+            )
+        self.dtype = dtype
+        # fp16's narrow exponent underflows small gradients to 0: scale the loss up in backward and the
+        # gradients back down before the step (bf16 has fp32's range and needs none; CPU autocast keeps
+        # gradients in fp32 parameters, so only CUDA gets a scaler, as torch's AMP recipe does)
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" and self.device.type == "cuda" else None
         self.optimizer: torch.optim.Optimizer | None = None
         self.meter: StateMeter | None = None
+
+    def autocast(self) -> AbstractContextManager:
+        """Forwards in ``backend.dtype`` where it is safe (matmuls, convolutions; torch keeps reductions and
+        softmaxes in fp32); the weights and the optimizer stay fp32. fp32: no autocast."""
+        if AUTOCAST_DTYPES[self.dtype] is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=AUTOCAST_DTYPES[self.dtype])
 
     def init_context(self):
         """Models built inside are placed as this backend wants them (nothing special in one process)."""
@@ -67,10 +92,17 @@ class SingleProcessBackend(Backend):
             group["lr"] = lr
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()  # gradients of the micro-batches of one step add up
+        # gradients of the micro-batches of one step add up (scaled alike under fp16, so they still do)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> None:
-        self.optimizer.step()
+        if self.scaler is not None:
+            # unscales the gradients, skips the step when any is inf/nan (the scale was too large) and
+            # lowers the scale; a finite loss can still overflow in fp16, so this is not a divergence
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     # --- whole-model views and checkpoints ---------------------------------------------------------
@@ -90,6 +122,8 @@ class SingleProcessBackend(Backend):
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in student.state_dict().items()},
                   out / "model.safetensors")  # fmt: skip
         torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+        if self.scaler is not None:  # "optim" in the name: the store counts it as optimizer state
+            (out / SCALER).write_text(json.dumps(self.scaler.state_dict()))
         (out / "client_state.json").write_text(json.dumps(client_state, default=float))
 
     def load_checkpoint(self, folder: Path, tag: str, student, weights_only: bool = False) -> dict:
@@ -100,6 +134,8 @@ class SingleProcessBackend(Backend):
             # weights_only: an optimizer state is tensors and numbers; no arbitrary pickle is run
             state = torch.load(folder / tag / "optimizer.pt", weights_only=True)  # noqa: TID251
             self.optimizer.load_state_dict(state)
+            if self.scaler is not None and (folder / tag / SCALER).is_file():  # absent: written without fp16
+                self.scaler.load_state_dict(json.loads((folder / tag / SCALER).read_text()))
         return json.loads((folder / tag / "client_state.json").read_text())
 
     def memory_report(self) -> list[dict]:

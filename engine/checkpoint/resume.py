@@ -61,6 +61,7 @@ class RunCheckpoints:
         client_state: Callable[[], dict],
         log=print,
         name: str = "checkpoints",
+        keep_all: bool = False,
     ):
         self.stage, self.folder = stage, stage / name
         self.cfg, self.backend, self.student = cfg, backend, student
@@ -72,7 +73,8 @@ class RunCheckpoints:
             "model_signature": model_signature(module),
             "data_order": {"seed": cfg.seed, "streams": {k: len(v) for k, v in streams.items()}},
         }
-        keep = 10**9 if backend.keep_checkpoints else cfg.checkpoint.keep
+        # keep_all: every epoch's checkpoint until the run ends (SCRUB+R chooses one of them)
+        keep = 10**9 if backend.keep_checkpoints or keep_all else cfg.checkpoint.keep
         self.store = CheckpointStore(self.folder, backend, identity, keep=keep, log=log)
         self.restored: dict | None = None
 

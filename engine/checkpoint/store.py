@@ -237,6 +237,20 @@ class CheckpointStore:
         out += [p for part in b.gather_object(mine_bad) for p in part]
         return out
 
+    def check(self, tag: str) -> None:
+        """Refuse checkpoint ``tag`` unless it is complete and every file matches its manifest (each rank hashes
+        a slice, as when saving): what a run reads back besides resuming (SCRUB+R's chosen epoch)."""
+        path = self.folder / tag / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            manifest = None
+        problems = self.problems(tag, manifest)
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {tag} cannot be read back: " + "; ".join(m for _, m in problems)
+            )
+
     def load(self, student, on_invalid: str = "error") -> dict | None:
         """Restore the newest usable checkpoint into ``student`` (and the backend's optimizer, and this
         process's RNG): returns ``{"tag", "position", "client_state", "mode", "skipped"}`` or None

@@ -41,16 +41,27 @@ def _error(pred: dict) -> float:
     return float(100.0 * (1.0 - pred["correct"].mean())) if len(pred["correct"]) else float("nan")
 
 
-def evaluate(model, data, transform, batch_size: int, device, attacks: bool = True, seed: int = 0) -> dict:
+def evaluate(
+    model,
+    data,
+    transform,
+    batch_size: int,
+    device,
+    attacks: bool = True,
+    seed: int = 0,
+    predictions: dict[str, dict[str, np.ndarray]] | None = None,
+) -> dict:
     """forget / retain / test / val error in percent (+ forget-val and forget-class test error) and,
     with ``attacks``, the basic MIA accuracy and MIA-efficacy in percent.
 
     Under class unlearning, ``test_error`` is measured on the other classes (the forgotten class's
-    test error is ``forget_test_error``), as the paper reports it.
+    test error is ``forget_test_error``), as the paper reports it. ``predictions``: ``predict``'s output
+    for every split, already computed (by several ranks, each on its share: engine/tasks/image_classification.py);
+    the model is then not run.
     """
     test_labels = data.test.labels.numpy()
     in_forget_classes = np.isin(test_labels, data.forget_classes)
-    p = {
+    p = predictions or {
         name: predict(model, getattr(data, name), transform, batch_size, device)
         for name in ("forget", "retain", "val", "forget_val", "test")
     }

@@ -13,6 +13,7 @@ a holdout set. ``per_example`` holds the per-row values by id.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from engine.eval.tofu import (
     rouge_l_recall,
     score_encoded,
 )
+
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
 
 
 def verbatim_split(encoded: dict) -> tuple[list[int], list[int]]:
@@ -56,12 +60,15 @@ def evaluate_text(
     device: str | torch.device = "cpu",
     reference: dict | None = None,
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> dict:
     """Every number above for ``model`` (already on ``device``) on ``data`` (engine/data/text.py: TextData),
     scoring at most ``max_rows`` rows of each set. ``reference``: this function's result for the reference
-    model (privleak's baseline AUC)."""
+    model (privleak's baseline AUC). ``backend`` (several ranks): the scoring and the generations are split
+    by rank and gathered, and the numbers computed from the full per-row lists as one process would
+    (engine/eval/shard.py)."""
     tok = formatter.tokenizer
-    kw = {"batch_size": batch_size, "device": device, "progress": progress}
+    kw = {"batch_size": batch_size, "device": device, "progress": progress, "backend": backend}
 
     def take(rows: list[dict]) -> list[dict]:
         return rows[:max_rows] if max_rows else rows

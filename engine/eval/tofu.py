@@ -27,12 +27,17 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.data.text import IGNORE, QAFormatter, TofuData, collate
+from engine.eval.shard import is_shared, map_rows
 from engine.models.causal_lm import token_logits
+
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
 
 EPS = 1e-10  # the epsilon open-unlearning adds in truth ratio, normalised probability and privleak
 MIA_K = 0.4  # k of mia_min_k.yaml and mia_min_k_plus_plus.yaml (the attack classes default to 0.2)
@@ -184,11 +189,12 @@ def score_answers(
     device: str | torch.device = "cpu",
     token_stats: bool = False,
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> list[dict]:
     """Per (question, answer): ``score_encoded`` of the pair, encoded as for training."""
     encoded = [formatter.encode(q, a) for q, a in pairs]
     return score_encoded(model, formatter.tokenizer, encoded, batch_size=batch_size, device=device,
-                         token_stats=token_stats, progress=progress)  # fmt: skip
+                         token_stats=token_stats, progress=progress, backend=backend)  # fmt: skip
 
 
 @torch.no_grad()
@@ -201,13 +207,19 @@ def score_encoded(
     device: str | torch.device = "cpu",
     token_stats: bool = False,
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> list[dict]:
     """Per encoded example (``input_ids``, ``labels``): ``{"avg_nll", "tokens"}`` = mean NLL over its counted
     tokens (end-of-sequence included, as ``evaluate_probability``) and their number. With ``token_stats`` also
     what the MIA attacks need: ``logp`` (log p of each counted token), ``mu``/``var`` (mean and variance of
     log p under the model's distribution at that position) without the last target, as
     ``tokenwise_logprobs`` drops the EOS prediction; and ``text``, the counted tokens decoded without
-    special tokens (zlib's input)."""
+    special tokens (zlib's input). With a ``backend`` of several ranks each scores its share of the
+    examples and all get every result (engine/eval/shard.py)."""
+    if is_shared(backend):
+        kw = {"batch_size": batch_size, "device": device, "token_stats": token_stats, "progress": progress}
+        return map_rows(lambda rows: score_encoded(model, tok, [encoded[i] for i in rows], **kw),
+                        len(encoded), batch_size, backend)  # fmt: skip
     out: list[dict] = []
     with _eval_mode(model):
         for rows in _chunks(len(encoded), batch_size, progress, "scoring"):
@@ -246,11 +258,13 @@ def generate_answers(
     max_new_tokens: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> list[str]:
     """Greedy answers to ``questions`` (``generate_from_ids`` of their prompts)."""
     prompts = [formatter.prompt_ids(q) for q in questions]
     return generate_from_ids(model, formatter.tokenizer, prompts, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, device=device, progress=progress)  # fmt: skip
+                             max_new_tokens=max_new_tokens, device=device, progress=progress,
+                             backend=backend)  # fmt: skip
 
 
 @torch.no_grad()
@@ -263,12 +277,19 @@ def generate_from_ids(
     max_new_tokens: int | Sequence[int] = 64,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id prompts: left-padded (so every row continues from its last prompt
     token) with their attention mask; only the new tokens are decoded (at most ``max_new_tokens``, one limit
-    or one per prompt), special tokens skipped, stripped."""
+    or one per prompt), special tokens skipped, stripped. With a ``backend`` of several ranks each generates
+    for its share of the prompts, still in batches, and all get every continuation (engine/eval/shard.py)."""
     pad = _pad_id(tok)
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if is_shared(backend):
+        kw = {"batch_size": batch_size, "device": device, "progress": progress}
+        return map_rows(lambda rows: generate_from_ids(model, tok, [prompts[i] for i in rows],
+                                                       max_new_tokens=[limits[i] for i in rows], **kw),
+                        len(prompts), batch_size, backend)  # fmt: skip
     texts: list[str] = []
     with _eval_mode(model):
         for rows in _chunks(len(prompts), batch_size, progress, "generating"):
@@ -315,6 +336,7 @@ def evaluate_tofu(
     device: str | torch.device = "cpu",
     reference: dict | None = None,
     progress: bool = False,
+    backend: Backend | None = None,
 ) -> dict:
     """Every TOFU number of open-unlearning's ``configs/eval/tofu.yaml`` that needs no extra model, under
     its key, as floats; ``per_example`` holds the per-example values (keyed by example id as a string).
@@ -322,8 +344,12 @@ def evaluate_tofu(
     ``reference``: this function's result for the retain-only model. With it, ``forget_quality`` (KS
     p-value) and ``privleak`` compare against it; without it forget_quality is None and privleak uses
     the reference AUC 0.5. The model must already be on ``device``. ``tokenizer`` must be the one the
-    formatter encodes with (encoding, generation and decoding all go through ``formatter.tokenizer``)."""
-    kw = {"batch_size": batch_size, "device": device, "progress": progress}
+    formatter encodes with (encoding, generation and decoding all go through ``formatter.tokenizer``).
+
+    ``backend`` (several ranks): every scoring and generation pass is split by rank and gathered, so each
+    rank runs about 1/world_size of the forwards; the numbers are then computed from the full per-example
+    lists on every rank, identical to one process's (engine/eval/shard.py)."""
+    kw = {"batch_size": batch_size, "device": device, "progress": progress, "backend": backend}
     res: dict = {}
     per: dict = {}
 

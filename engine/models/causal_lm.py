@@ -5,14 +5,49 @@ rows, the classifier losses (SCRUB's divergence, cross-entropy) apply unchanged 
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
 
-from engine.errors import ModelError
+from engine.errors import ConfigError, ModelError, first_line
 from engine.models.loading import refuse_pickle_weights, safetensors_hint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_attn_implementation(attn_implementation: str) -> None:
+    """Refuse flash_attention_2 where it cannot run, before any weight is read: transformers would fail
+    only after resolving the checkpoint, with a message that does not name the engine's setting."""
+    if attn_implementation != "flash_attention_2":
+        return
+    missing = []
+    if importlib.util.find_spec("flash_attn") is None:
+        missing.append("the flash_attn package is not installed")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA device is visible")
+    if missing:
+        raise ConfigError(
+            f"model.attn_implementation=flash_attention_2 cannot run here ({' and '.join(missing)}): "
+            "pip install flash-attn on a CUDA machine, or set model.attn_implementation=sdpa"
+        )
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them. Non-reentrant
+    checkpointing (torch's recommended form): the reentrant one computes no parameter gradients for a
+    layer none of whose inputs requires grad, and does not support every autograd feature."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(
+            f"{type(model).__name__} does not support gradient checkpointing: set model.gradient_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False}
+    # transformers 5.x renamed it activation_checkpointing_enable and deprecated the old name (FutureWarning);
+    # the old name is kept for the 5.x releases before the rename (pyproject: transformers>=5.0)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_causal_lm(
@@ -20,13 +55,19 @@ def load_causal_lm(
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
 ):
+    """The causal LM at ``path`` (a folder or a hub id at ``revision``), safetensors only, with the attention
+    kernel ``attn_implementation`` (sdpa, eager or flash_attention_2) and, when asked, gradient checkpointing
+    (used only in train mode: a frozen teacher in eval mode runs its forward as usual)."""
     from transformers import AutoModelForCausalLM
 
     if trust_remote_code and not revision:
         raise ModelError(
             "model.trust_remote_code=true runs the checkpoint's own Python code: pin it with model.revision=<commit>"
         )
+    check_attn_implementation(attn_implementation)
     refuse_pickle_weights(path, "AutoModelForCausalLM")
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -35,6 +76,7 @@ def load_causal_lm(
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
         )
     except OSError as exc:
         hint = "" if Path(path).exists() else " (it is not a local folder; hub ids need a network)"
@@ -45,7 +87,15 @@ def load_causal_lm(
             hint += safetensors_hint(exc)
         raise ModelError(f"cannot load a causal LM from {path!r}{hint}: {exc}") from exc
     except ValueError as exc:
+        if "attn_implementation" in str(exc) or "scaled_dot_product_attention" in str(exc):
+            # an architecture without that kernel (some remote-code models have no sdpa path)
+            raise ModelError(
+                f"{path!r} cannot use model.attn_implementation={attn_implementation} ({first_line(exc)}): "
+                "set model.attn_implementation=eager (every architecture has it)"
+            ) from exc
         raise ModelError(f"{path!r} is not a causal-LM checkpoint: {exc}") from exc
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 
@@ -101,8 +151,6 @@ def set_dropout(model, p: float) -> int:
     """Set every dropout of ``model`` to ``p``: ``nn.Dropout`` modules and the float rates attention
     layers keep as attributes (Llama's ``attention_dropout``). Returns how many were set, so a model
     without any dropout site is reported rather than silently left deterministic."""
-    from engine.errors import ConfigError
-
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

@@ -1,4 +1,4 @@
-"""Set-up shared by the recipes: seeding, the main rank's log, snapshots, what a report says of a backend."""
+"""Set-up shared by the recipes: seeding, the main rank's log, frozen models to score, what a report says of a backend."""
 
 from __future__ import annotations
 
@@ -21,12 +21,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU copy of the weights (SCRUB+R's per-epoch snapshots); tied tensors become separate
-    copies, which safetensors requires."""
-    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
 
 
 def load_frozen(backend, task, path: str, revision: str | None = None, trust_remote_code: bool = False):

@@ -15,14 +15,10 @@ forwards are collective) and checkpoint. ``loop_seconds`` / ``train_seconds`` in
 
 from __future__ import annotations
 
-import copy
 import json
-import shutil
 import time
 from functools import partial
 from pathlib import Path
-
-from safetensors.torch import load_file, save_file
 
 from engine import faults
 from engine.backends import build_backend
@@ -43,7 +39,6 @@ from engine.models.causal_lm import set_dropout
 from engine.models.lora import AdapterDisabled, apply_lora
 from engine.recipes.common import (
     backend_summary,
-    cpu_state,
     load_frozen,
     log_memory,
     main_log,
@@ -90,12 +85,11 @@ def run_unlearning(
     backend = backend or build_backend(cfg.backend)
     log = main_log(log, backend)
     method = build_method(cfg.method)
-    # SCRUB+R's snapshots and a method's `prepare` (re-initialise, freeze, perturb) need the whole model in each
-    # process: ZeRO 0-2 (every rank holds it; the main one snapshots and rewinds), not ZeRO-3
-    if backend.zero_stage == 3 and (rewind or hasattr(method, "prepare")):
+    # a method's `prepare` (re-initialise, freeze, perturb) needs the whole model in each process: ZeRO 0-2, not 3
+    if backend.zero_stage == 3 and hasattr(method, "prepare"):
         raise ConfigError(
-            f"method={cfg.method.name}{' with rewind' if rewind else ''} changes or snapshots the whole model "
-            "outside the training steps, which ZeRO-3 shards: use backend.zero_stage=2 (or 0/1) for it"
+            f"method={cfg.method.name} changes the whole model outside the training steps, which ZeRO-3 shards: "
+            "use backend.zero_stage=2 (or 0/1) for it"
         )
     task = build_task(cfg, cfg.model.path)
     log(task.description)
@@ -141,12 +135,6 @@ def run_unlearning(
         original = None  # a resumed run has the original's scores in its checkpoint
         if not resume and hasattr(method, "prepare"):  # scored before `prepare` changes it (never ZeRO-3)
             original = task.evaluate(student, device, reference, cache_dir=m.path, backend=backend)
-        snapshots = stage / "epochs"
-        snapshot = rewind and backend.is_main  # every rank holds the same whole model (ZeRO 0-2)
-        if snapshot and not resume:  # a resumed run keeps the snapshots it made before
-            snapshots.mkdir()
-            save_file(cpu_state(student), snapshots / "epoch_0.safetensors")
-
         t_prepare = time.perf_counter()
         if hasattr(method, "prepare"):  # before backend.prepare: what it freezes stays out of the optimizer
             method.prepare(student, task.method_context(backend))
@@ -163,7 +151,7 @@ def run_unlearning(
         history: list[dict] = []
         losses: dict[str, list[float]] = {}
         ckpt = RunCheckpoints(
-            stage, cfg, backend, student, model, run_streams, log=log,
+            stage, cfg, backend, student, model, run_streams, log=log, keep_all=rewind,  # SCRUB+R picks one
             client_state=lambda: {"history": history, "losses": losses, "original": original,
                                   "seen": backend.gather_object(backend.seen)},
         )  # fmt: skip
@@ -174,6 +162,12 @@ def run_unlearning(
             backend.seen.update({k: {int(e): rows for e, rows in v.items()} for k, v in seen.items()})
         else:
             history.append(task.history_row(model, device, 0, None, {}, metrics=original))
+            if (
+                rewind
+            ):  # SCRUB+R's epoch 0 is the original: a checkpoint of the start (resuming it = starting)
+                ckpt.save(
+                    "epoch_0", {"epoch": 1, "phase": None, "phase_index": 0, "step": 0, "epoch_losses": {}}
+                )
         log(f"original: {task.describe(original)}")
 
         first_step = []
@@ -190,8 +184,6 @@ def run_unlearning(
                 row = task.history_row(model, device, epoch, cfg.method.lr_at(epoch), epoch_losses)
                 history.append(row)
                 tracker.log({k: v for k, v in row.items() if v is not None}, step=epoch)
-            if snapshot:
-                save_file(cpu_state(model), snapshots / f"epoch_{epoch}.safetensors")
             ckpt.end_of_epoch(epoch)
             if on_checkpoint is not None:
                 on_checkpoint(epoch, ckpt.folder, row)
@@ -244,22 +236,23 @@ def run_unlearning(
         artifacts = {"model": "model", "config": "config.yaml"}
 
         rewound = None
-        if snapshot:  # in the main process only (the evaluation of a plain copy has no collectives)
-            # SCRUB+R: pick the saved epoch (0 = original) whose forget series is closest to the target
-            # (ties: earliest); the task says what the series and the target are
+        if rewind:
+            # SCRUB+R: the epoch (0 = original) whose forget series is closest to the target (ties: earliest), the
+            # task saying what the series and target are; its weights come back from that epoch's checkpoint on
+            # every rank (under ZeRO-3 each its partition), then it is scored and exported as the final model was
             series, target, record = task.rewind_series(history, final)
             j = select_rewind_epoch(series, target)
-            chosen = copy.deepcopy(model)
-            chosen.load_state_dict(load_file(snapshots / f"epoch_{j}.safetensors"))
-            rewound_metrics = task.evaluate(chosen, device, reference)
+            ckpt.store.check(f"epoch_{j}")  # verified against its manifest before it is read
+            backend.load_checkpoint(ckpt.folder, f"epoch_{j}", student, weights_only=False)
+            rewound_metrics = task.evaluate(model, device, reference, backend=backend)
             rewound = {"epoch": j, **record, "metrics": rewound_metrics}
             rsettings = {**settings, "rewound_to_epoch": j}
-            task.save(
-                chosen, stage / "model_rewound", f"SCRUB+R (epoch {j}): {title}", rsettings, rewound_metrics
-            )
+            weights = backend.full_state_dict(student)
+            if backend.is_main:
+                task.save(model, stage / "model_rewound", f"SCRUB+R (epoch {j}): {title}", rsettings,
+                          rewound_metrics, weights)  # fmt: skip
             artifacts["model_rewound"] = "model_rewound"
             log(f"SCRUB+R: target {target:.4g} -> epoch {j}: {task.describe(rewound_metrics)}")
-            shutil.rmtree(snapshots)  # the chosen one is exported; the rest are scratch
 
         tracker.finish()
         if backend.is_main:

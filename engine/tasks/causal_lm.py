@@ -32,7 +32,13 @@ from engine.errors import ConfigError, ModelError, first_line
 from engine.eval.report import write_text_atomic
 from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu
-from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, token_logits
+from engine.models.causal_lm import (
+    check_attn_implementation,
+    check_vocab,
+    load_causal_lm,
+    load_tokenizer,
+    token_logits,
+)
 from engine.models.loading import resolve_model
 
 HEADLINES = {
@@ -148,12 +154,21 @@ class CausalLM:
     def load(self, path: str, revision: str | None = None, trust_remote_code: bool = False):
         from safetensors import SafetensorError
 
+        m = self.cfg.model
+        # the large-model switches apply to every causal LM loaded (student, teacher, reference): checkpointing
+        # acts only in train mode, so a frozen model in eval mode is unaffected by it
+        switches = {
+            "attn_implementation": m.attn_implementation,
+            "gradient_checkpointing": m.gradient_checkpointing,
+        }
+        # a kernel that cannot run here is refused before a hub id is resolved
+        check_attn_implementation(m.attn_implementation)
         if trust_remote_code and not revision:  # refused by load_causal_lm, before a hub id is resolved
-            return load_causal_lm(path, revision, trust_remote_code, self.cfg.model.dtype)
+            return load_causal_lm(path, revision, trust_remote_code, m.dtype, **switches)
         what = "eval.reference" if path == self.cfg.eval.reference else "model.path"  # for the errors
         pinned = resolve_model(path, revision, what)
         try:
-            return load_causal_lm(path, pinned, trust_remote_code, self.cfg.model.dtype)
+            return load_causal_lm(path, pinned, trust_remote_code, m.dtype, **switches)
         except SafetensorError as exc:  # a damaged file fetched from the hub (local ones are checked before)
             raise ModelError(
                 f"a weight file of {path!r} is damaged ({first_line(exc)}): download it again"
@@ -186,7 +201,8 @@ class CausalLM:
         """TOFU metrics of ``model`` (a model, or a function that loads it: called only when the cache
         misses). Read from / written to ``cache_dir/tofu_eval.json`` when given; a cached result counts
         only if it was computed with the same settings and against the same reference. With several
-        processes every one evaluates (ZeRO-3 forwards are collective) and the main one writes."""
+        processes each evaluates its share of the rows and all get the same metrics (engine/eval/shard.py);
+        the main one writes."""
         settings = {**self.eval_settings(), "reference": _fingerprint(reference)}
         cache = Path(cache_dir) / self.cache if cache_dir else None
         hit = None
@@ -200,14 +216,15 @@ class CausalLM:
         if not isinstance(model, torch.nn.Module):
             model = model()
         e = self.cfg.eval
+        progress = self.cfg.logging.progress and (backend is None or backend.is_main)
         if self.suite == "tofu":
             metrics = evaluate_tofu(model.to(device), self.tokenizer, self.formatter, self.data,
                                     batch_size=e.batch_size, max_new_tokens=self.cfg.tofu.max_new_tokens, device=device,
-                                    reference=reference, progress=self.cfg.logging.progress)  # fmt: skip
+                                    reference=reference, progress=progress, backend=backend)  # fmt: skip
         else:
             metrics = evaluate_text(model.to(device), self.formatter, self.data, batch_size=e.batch_size,
                                     max_new_tokens=e.max_new_tokens, max_rows=e.max_rows, device=device,
-                                    reference=reference, progress=self.cfg.logging.progress)  # fmt: skip
+                                    reference=reference, progress=progress, backend=backend)  # fmt: skip
         if backend is not None:
             backend.barrier()  # nobody writes the cache before every process has decided hit or miss
         if cache_dir is not None and (backend is None or backend.is_main):

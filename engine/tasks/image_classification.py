@@ -8,12 +8,15 @@ class, count, fraction or ids); the forward returns class logits; the evaluation
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from engine.checkpoint.export import image_processor, run_card, save_checkpoint
-from engine.data.vision import ImageStream, ImageTransform, prepare_data
-from engine.eval.metrics import evaluate
+from engine.data.vision import ImageSet, ImageStream, ImageTransform, UnlearningData, prepare_data
+from engine.eval.metrics import evaluate, predict
+from engine.eval.shard import is_shared, share
 from engine.methods.base import MethodContext
 from engine.models.loading import (
     build_classifier,
@@ -23,7 +26,11 @@ from engine.models.loading import (
     resolve_model,
 )
 
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
+
 HEADLINE = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
+SPLITS = ("forget", "retain", "val", "forget_val", "test")  # what engine/eval/metrics.py evaluates on
 
 
 def load_data_and_transform(cfg, model_path: str | None):
@@ -32,6 +39,28 @@ def load_data_and_transform(cfg, model_path: str | None):
     data = prepare_data(cfg.data, cfg.forget)
     image = image_settings(model_path, cfg.data.mean, cfg.data.std, cfg.data.image_size, revision)
     return data, image, ImageTransform(image["mean"], image["std"], image["size"])
+
+
+def shared_predictions(
+    model: torch.nn.Module,
+    data: UnlearningData,
+    transform: ImageTransform,
+    batch_size: int,
+    device: str | torch.device,
+    backend: Backend,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``predict`` on every split, each rank on its share of the rows (engine/eval/shard.py: whole batches,
+    so each image is classified in the batch it would be in alone), gathered in row order on every rank."""
+    out = {}
+    for name in SPLITS:
+        split: ImageSet = getattr(data, name)
+        mine = share(len(split), batch_size, backend.rank, backend.world_size)
+        rows = torch.tensor(mine.rows, dtype=torch.long)
+        part = ImageSet(split.images[rows], split.labels[rows], [split.ids[i] for i in mine.rows])
+        pred = predict(model, part, transform, batch_size, device)
+        parts = backend.gather_object({k: v[: mine.real] for k, v in pred.items()})  # the stand-in dropped
+        out[name] = {k: np.concatenate([q[k] for q in parts]) for k in pred}
+    return out
 
 
 def describe(metrics: dict) -> str:
@@ -90,13 +119,20 @@ class ImageClassification:
         pass
 
     def evaluate(self, model, device, reference=None, cache_dir=None, backend=None) -> dict:
-        """Errors and membership attacks of ``model`` (or of what the function ``model`` loads)."""
+        """Errors and membership attacks of ``model`` (or of what the function ``model`` loads). With a
+        ``backend`` of several ranks each classifies its share of every split and all compute the numbers
+        from the gathered predictions, as one process would."""
         if not isinstance(model, torch.nn.Module):
             model = model()
         c = self.cfg.eval
-        return evaluate(
-            model.to(device), self.data, self.transform, c.batch_size, device, attacks=True, seed=c.mia_seed
-        )
+        model = model.to(device)
+        if not is_shared(backend):
+            return evaluate(
+                model, self.data, self.transform, c.batch_size, device, attacks=True, seed=c.mia_seed
+            )
+        shared = shared_predictions(model, self.data, self.transform, c.batch_size, device, backend)
+        return evaluate(model, self.data, self.transform, c.batch_size, device, attacks=True, seed=c.mia_seed,
+                        predictions=shared)  # fmt: skip
 
     def keep_scores(self, folder, metrics: dict, reference: dict | None = None) -> None:
         pass  # scoring an image classifier is cheap: nothing is cached

@@ -500,6 +500,10 @@ class RunConfig(StrictModel):
                 f"method={self.method.name} needs {' and '.join(NEEDS[n] for n in missing)}, which task={self.task} "
                 f"does not provide; with task={self.task} use one of {', '.join(served)}"
             )
+        if self.task == "image_classification" and self.model.gradient_checkpointing:
+            raise ValueError(
+                "model.gradient_checkpointing is for causal LMs (task=causal_lm): unset it for image classifiers"
+            )
         if self.task == "causal_lm" and getattr(self.method, "augment", False):
             raise ValueError(
                 "method.augment (random crops and flips) is for images: set method.augment=false"

@@ -66,7 +66,10 @@ def damage(folder: Path, how: str) -> None:
      (b"seed: \xff\xfe\n", [], ("cannot be read",)),
      ("seed: 0\n", ["forget.ids=[1,2"], ("override 'forget.ids=[1,2': the value is not valid YAML",)),
      ("seed: 0\n", ["method.msteps=9", "seedd=1"],
-      ("method: msteps (9) cannot exceed epochs", "unknown key 'seedd' (did you mean 'seed'?)"))],
+      ("method: msteps (9) cannot exceed epochs", "unknown key 'seedd' (did you mean 'seed'?)")),
+     ("seed: 0\n", ["model.gradient_checkpointing=true"], ("model.gradient_checkpointing is for causal LMs",)),
+     ("seed: 0\n", ["model.lora.rank=0"], ("model.lora.rank",)),
+     ("seed: 0\n", ["method.teacher_cache=sometimes"], ("method.teacher_cache", "'auto' or 'off'"))],
 )  # fmt: skip
 def test_a_config_that_does_not_parse_or_validate_is_one_line(text, overrides, named, tmp_path, capsys):
     config = tmp_path / "mine.yaml"

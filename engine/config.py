@@ -500,6 +500,11 @@ class RunConfig(StrictModel):
                 f"method={self.method.name} needs {' and '.join(NEEDS[n] for n in missing)}, which task={self.task} "
                 f"does not provide; with task={self.task} use one of {', '.join(served)}"
             )
+        if self.model.lora is not None and getattr(self.method, "param_distance", 0):
+            raise ValueError(
+                "method.param_distance compares the student's weights with the teacher's, which a LoRA student "
+                "shares: unset model.lora or set method.param_distance=0"
+            )
         if self.task == "image_classification" and self.model.gradient_checkpointing:
             raise ValueError(
                 "model.gradient_checkpointing is for causal LMs (task=causal_lm): unset it for image classifiers"

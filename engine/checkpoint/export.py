@@ -211,14 +211,78 @@ def save_checkpoint(
     """Save ``model`` as a Hugging Face checkpoint (safetensors) with its processor (an image processor
     or a tokenizer: anything with ``save_pretrained``), a model card and ``unlearning.json`` (the
     machine-readable record). ``state_dict``: the weights to write when the module's own are sharded
-    (ZeRO-3's gathered ones)."""
+    (ZeRO-3's gathered ones).
+
+    A LoRA student (a peft model, engine/models/lora.py) is written as ``record["lora"]["export"]`` says:
+    ``merged`` (the default, also when the record has no ``lora`` entry) the plain model with the adapters
+    folded in, ``adapter`` the adapter alone; the record and the card then say which (``lora_summary``)."""
+    from engine.models.lora import is_lora, loader_class, lora_summary, save_lora
+
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    if is_lora(model):
+        lora = {**lora_summary(model), **(record.get("lora") or {})}
+        record = {**record, "lora": lora}
+        card = lora_card(card, lora, loader_class(model))
+        save_lora(model, tmp, lora["export"], state_dict)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(tmp)
     (tmp / "README.md").write_text(str(card))
     (tmp / "unlearning.json").write_text(json.dumps(record, indent=2, default=str))
     if path.exists():
         raise OutputError(f"{path} exists already inside a fresh run folder")
     os.replace(tmp, path)
+
+
+def lora_card(card: ModelCard | str, lora: dict, auto_class: str = "AutoModel") -> ModelCard | str:
+    """``card`` with a section on the LoRA student it describes: its settings, how much of the model trained,
+    and what the folder holds (the merged model, or the adapter and how to load it over its base). An adapter
+    card names peft as its library (the hub then offers peft's loading snippet); ``auto_class``: the transformers
+    class that loads the base."""
+    share = lora["trainable_parameters"] / max(lora["total_parameters"], 1)
+    targets = lora["target_modules"]
+    lines = [
+        "",
+        "## LoRA student",
+        "",
+        f"Unlearned with low-rank adapters (rank {lora['rank']}, alpha {lora['alpha']}, dropout {lora['dropout']}) "
+        f"on {targets if isinstance(targets, str) else ', '.join(targets)} ({lora['adapted_modules']} modules): "
+        f"{lora['trainable_parameters']:,} of {lora['total_parameters']:,} parameters trained ({share:.2%}); the "
+        "teacher was the same base weights with the adapters disabled.",
+        "",
+    ]
+    if lora["export"] == "merged":
+        lines.append(
+            "Export: **merged**. The adapters are folded into the base weights: this folder is a plain checkpoint."
+        )
+    else:
+        base = lora.get("base_model") or "BASE_MODEL"
+        lines += [
+            f"Export: **adapter**. This folder holds the adapter only (adapter_model.safetensors); load it over "
+            f"its base model `{base}`:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            f"from transformers import {auto_class}",
+            *(
+                ["import engine.models.vision  # registers the CIFAR networks' classes"]
+                if auto_class == "AutoModelForImageClassification"
+                else []
+            ),
+            "",
+            f'model = PeftModel.from_pretrained({auto_class}.from_pretrained("{base}"), "THIS_FOLDER")',
+            "```",
+        ]
+    text = "\n".join(lines) + "\n"
+    if isinstance(card, str):
+        return card.rstrip("\n") + "\n" + text
+    from huggingface_hub import ModelCard
+
+    out = ModelCard(card.content)  # a copy: the caller's card is left as it was
+    out.data.tags = list(dict.fromkeys([*(out.data.tags or []), "lora"]))
+    if lora["export"] == "adapter":
+        out.data.library_name = "peft"
+    out.text = out.text.rstrip("\n") + "\n" + text
+    return out

@@ -53,16 +53,17 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _versions() -> dict[str, str | None]:
     from engine import __version__
 
-    out: dict[str, str | None] = {"engine": __version__}
-    for name in DEPENDENCIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {"engine": __version__, **{name: _version(name) for name in DEPENDENCIES}}
 
 
 def write_receipt(
@@ -76,11 +77,14 @@ def write_receipt(
     metrics: dict,
     started_at: str,
     sources: dict[str, list[dict]] | None = None,
+    lora: dict | None = None,
 ) -> dict:
     """Write ``stage/receipt.json`` (atomically) once the models and ``config.yaml`` are in ``stage``.
     ``outputs``: name -> folder inside ``stage`` (``model``, ``model_rewound``). ``sources``: what the run read
     (engine/checkpoint/provenance.py ``loaded()``); the input model's ``revision`` is the commit it was read at
-    when it came from the hub, else ``revision`` as configured."""
+    when it came from the hub, else ``revision`` as configured. ``lora``: a LoRA student's summary
+    (engine/models/lora.py ``lora_summary``: its settings and ``export``, ``merged`` or ``adapter``); with an adapter
+    export the output's weight files are the adapter's, and the model is that adapter over the input model."""
     from engine.eval.report import json_safe, write_text_atomic
 
     sources = sources or {"models": [], "datasets": []}
@@ -101,8 +105,9 @@ def write_receipt(
         },  # fmt: skip
         "config_sha256": sha256_file(stage / "config.yaml"),
         "method": method,
-        "versions": _versions(),
+        "versions": {**_versions(), **({"peft": _version("peft")} if lora is not None else {})},
         "metrics": metrics,
+        **({"lora": lora} if lora is not None else {}),  # absent without LoRA: older receipts read the same
         "started_at": started_at,
         "finished_at": now(),
     }

@@ -56,6 +56,19 @@ def write_token_store(folder: str | Path, size: int, batches: Iterable[dict]) ->
     return folder
 
 
+def write_rows(folder: str | Path, rows: list[dict], encode_row, chunk_rows: int = 4096) -> Path:
+    """A store of ``rows`` encoded by ``encode_row`` (a formatter's: ``{"input_ids", "labels"}``),
+    ``chunk_rows`` rows at a time, so the whole set's tokens are never in memory at once."""
+
+    def batches():
+        for start in range(0, len(rows), chunk_rows):
+            encoded = [encode_row(r) for r in rows[start : start + chunk_rows]]
+            yield {"row": range(start, start + len(encoded)), "input_ids": [e["input_ids"] for e in encoded],
+                   "labels": [e["labels"] for e in encoded]}  # fmt: skip
+
+    return write_token_store(folder, len(rows), batches())
+
+
 class TokenStore:
     """A stream over a store (the loop's stream protocol: ``len`` and ``get(rows, seed)``): each call
     reads exactly the rows asked for and pads them into a batch (``engine.data.text.collate``)."""

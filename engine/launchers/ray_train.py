@@ -90,13 +90,13 @@ def write_stores(
     the same encoding in a task process that imports torch and transformers first (4-6 s of a 2-core
     machine, benchmarks/ray_overhead.py). Larger sets go through Ray Data, in blocks of ``rows_per_block``
     rows tokenized in parallel over the cluster's CPUs."""
-    from engine.data.store import write_token_store
+    from engine.data.store import write_rows
 
     stores = {}
     for name, part in rows.items():
         folder = RunFolder(out).tokens / name
         if len(part) <= rows_per_block:
-            write_token_store(folder, len(part), [encode_rows(formatter, range(len(part)), part)])
+            write_rows(folder, part, formatter.encode_row)
         else:
             tokenize_to_store(part, formatter, folder, rows_per_block)
         stores[name] = str(folder)

@@ -27,7 +27,7 @@ from engine.checkpoint.export import check_output_dir, staged_dir
 from engine.checkpoint.hub import check_push, push_run
 from engine.checkpoint.receipt import now, write_receipt
 from engine.checkpoint.resume import RunCheckpoints, check_resumable
-from engine.checkpoint.run_folder import RunFolder
+from engine.checkpoint.run_folder import RunFolder, removed_after
 from engine.config import RunConfig, dump_config
 from engine.data.paired import PairedStream
 from engine.errors import ConfigError
@@ -36,7 +36,7 @@ from engine.methods import build_method
 from engine.methods.blocks import last_blocks
 from engine.methods.scrub import select_rewind_epoch
 from engine.models.causal_lm import set_dropout
-from engine.models.lora import AdapterDisabled, apply_lora
+from engine.models.lora import AdapterDisabled, apply_lora, lora_summary
 from engine.recipes.common import (
     backend_summary,
     load_frozen,
@@ -109,8 +109,10 @@ def run_unlearning(
             f"method={cfg.method.name} re-initialises or edits the whole model before training, which a LoRA "
             "student cannot: unset model.lora for it"
         )
+    lora = None
     if m.lora is not None:  # only the adapters train; refused here (one line) when no module matches
         student = apply_lora(student, m.lora)
+        lora = lora_summary(student, m.lora)  # for the record, the receipt and the model card
     if getattr(cfg.method, "k", None) is not None:
         last_blocks(student, cfg.method.k)  # CF-k / EU-k: a k beyond the model is refused before any work
     if getattr(cfg.method, "student_dropout", None) is not None:
@@ -120,12 +122,18 @@ def run_unlearning(
     if cfg.eval.reference:  # loaded only when its cached scores miss
         reference = task.evaluate(partial(load_frozen, backend, task, cfg.eval.reference), device,
                                   cache_dir=cfg.eval.reference, backend=backend)  # fmt: skip
-    # a launcher's streams replace the task's forget and retain streams (which are then never built)
-    run_streams = dict(streams) if streams else task.streams(augment=getattr(cfg.method, "augment", False))
-    if "paired" in method.needs:
-        run_streams["paired"] = PairedStream(run_streams["forget"], run_streams["retain"])
-
-    with staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage:
+    run_folder = RunFolder.of(cfg.output_dir)
+    with (
+        staged_dir(cfg.output_dir, cfg.overwrite, backend, resume=resume) as stage,
+        removed_after(None if streams else run_folder.tokens, backend),  # a launcher's stores are its own
+    ):
+        # a launcher's streams replace the task's forget and retain streams (which are then never built); a text
+        # task's are tokenized once into OUTPUT.tokens, which every rank reads by row
+        run_streams = dict(streams) if streams else task.streams(
+            augment=getattr(cfg.method, "augment", False), folder=run_folder.tokens, backend=backend
+        )  # fmt: skip
+        if "paired" in method.needs:
+            run_streams["paired"] = PairedStream(run_streams["forget"], run_streams["retain"])
         if backend.is_main:
             dump_config(cfg, stage / "config.yaml")
         tracker = Tracker(
@@ -231,8 +239,9 @@ def run_unlearning(
         settings = cfg.method.model_dump(mode="json")
         title = f"{cfg.method.name} unlearning: {task.forget_summary()['description']}"
         weights = backend.full_state_dict(student)  # collective under ZeRO-3
+        record = {"lora": lora} if lora else None  # also says which export: merged or adapter
         if backend.is_main:
-            task.save(model, stage / "model", title, settings, final, weights)
+            task.save(model, stage / "model", title, settings, final, weights, record)
         artifacts = {"model": "model", "config": "config.yaml"}
 
         rewound = None
@@ -250,7 +259,7 @@ def run_unlearning(
             weights = backend.full_state_dict(student)
             if backend.is_main:
                 task.save(model, stage / "model_rewound", f"SCRUB+R (epoch {j}): {title}", rsettings,
-                          rewound_metrics, weights)  # fmt: skip
+                          rewound_metrics, weights, record)  # fmt: skip
             artifacts["model_rewound"] = "model_rewound"
             log(f"SCRUB+R: target {target:.4g} -> epoch {j}: {task.describe(rewound_metrics)}")
 
@@ -261,7 +270,7 @@ def run_unlearning(
             write_receipt(
                 stage, forget=task.forget_summary(), input_model=m.path, revision=m.revision,
                 outputs={k: v for k, v in artifacts.items() if k.startswith("model")}, method=settings,
-                metrics=final, started_at=started_at, sources=provenance.loaded(),
+                metrics=final, started_at=started_at, sources=provenance.loaded(), lora=lora,
             )  # fmt: skip
             ckpt.remove()  # the run is complete: the exported model is the result
             write_report(
@@ -292,6 +301,7 @@ def run_unlearning(
                     "memory": memory,
                     "teacher": teacher_check,
                     "teacher_cache": teacher_outputs.summary() if teacher_outputs is not None else None,
+                    "lora": lora,
                     "artifacts": artifacts,
                 },
             )

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint.export import run_card, save_checkpoint
+from engine.data.store import TokenStore, write_rows
 from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text, prepare_tofu
 from engine.errors import ConfigError, ModelError, first_line
 from engine.eval.report import write_text_atomic
@@ -143,8 +144,20 @@ class CausalLM:
     def forget_summary(self) -> dict:
         return self.data.forget_summary()
 
-    def streams(self, augment: bool = False) -> dict:
-        return {"forget": self._text("forget"), "retain": self._text("retain")}
+    def streams(self, augment: bool = False, folder: Path | None = None, backend=None) -> dict:
+        """The forget and retain streams. With ``folder`` (the run's ``OUTPUT.tokens``): tokenized once, by the
+        main process, a chunk of rows at a time, into token stores (engine/data/store.py) every process opens
+        and reads only its rows from, so no process holds the whole tokenized retain set; without it, encoded
+        in memory (``TextStream``)."""
+        if folder is None:
+            return {"forget": self._text("forget"), "retain": self._text("retain")}
+        rows = {"forget": self.data.forget, "retain": self.data.retain}
+        if backend is None or backend.is_main:
+            for name, part in rows.items():
+                write_rows(Path(folder) / name, part, self.formatter.encode_row)
+        if backend is not None:
+            backend.barrier()  # nobody opens a store before it is complete
+        return {name: TokenStore(Path(folder) / name, self.tokenizer.pad_token_id) for name in rows}
 
     def train_stream(self, target: str) -> TextStream:
         if target == "original":

@@ -94,7 +94,8 @@ class ImageClassification:
     def forget_summary(self) -> dict:
         return self.data.forget_summary()
 
-    def streams(self, augment: bool = False) -> dict:
+    def streams(self, augment: bool = False, folder=None, backend=None) -> dict:
+        """The forget and retain streams (images are decoded per batch: nothing to tokenize into ``folder``)."""
         return {
             "forget": ImageStream(self.data.forget, self.transform, augment=augment),
             "retain": ImageStream(self.data.retain, self.transform, augment=augment),

@@ -57,7 +57,9 @@ def test_topk_divergence_by_hand_is_the_k_plus_one_bucket_kl():
     torch.testing.assert_close(cached, torch.as_tensor(expected * temp * temp, dtype=torch.float32))
     assert cached <= distill_kl_sum(s, t, temp) + 1e-6  # a coarsening never increases a divergence
     tail = _topk(t, k, temp).tail_mass()
-    torch.testing.assert_close(tail, torch.stack([p[i, t[i].argsort(descending=True)[k:]].sum() for i in range(5)]))
+    torch.testing.assert_close(
+        tail, torch.stack([p[i, t[i].argsort(descending=True)[k:]].sum() for i in range(5)])
+    )
 
 
 class Rows:
@@ -106,7 +108,9 @@ def test_causal_lm_lookups_full_and_topk(tiny_lm):
     rows = [{"question": f"Who wrote book {i}?", "answer": "Someone " * (1 + i % 5)} for i in range(13)]
     stream = TextStream(rows, QAFormatter(tok, 64, "off"), tok.pad_token_id)
     args = dict(batch_size=4, temperature=2.0, topk=5, progress=False)
-    full = fill_teacher_cache(model, {"forget": stream}, token_logits, OneProcess(), budget_bytes=2**30, **args)
+    full = fill_teacher_cache(
+        model, {"forget": stream}, token_logits, OneProcess(), budget_bytes=2**30, **args
+    )
     top = fill_teacher_cache(model, {"forget": stream}, token_logits, OneProcess(), budget_bytes=0, **args)
     batch = stream.get(torch.tensor([12, 3, 7]))  # another padding width than the pass's batches
     with torch.no_grad():
@@ -153,7 +157,11 @@ def test_cached_scrub_run_equals_the_uncached_run(tiny_lm, tmp_path):
 
 @pytest.mark.parametrize(
     "settings, said",
-    [({"augment": True}, "augment"), ({"param_distance": 0.5}, "param_distance"), ({"teacher_cache": "off"}, None)],
+    [
+        ({"augment": True}, "augment"),
+        ({"param_distance": 0.5}, "param_distance"),
+        ({"teacher_cache": "off"}, None),
+    ],
 )
 def test_auto_turns_itself_off_with_a_reason(settings, said):
     from engine.methods.scrub import Scrub, ScrubConfig

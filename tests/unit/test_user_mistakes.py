@@ -69,6 +69,7 @@ def damage(folder: Path, how: str) -> None:
       ("method: msteps (9) cannot exceed epochs", "unknown key 'seedd' (did you mean 'seed'?)")),
      ("seed: 0\n", ["model.gradient_checkpointing=true"], ("model.gradient_checkpointing is for causal LMs",)),
      ("seed: 0\n", ["model.lora.rank=0"], ("model.lora.rank",)),
+     ("seed: 0\n", ["model.lora.rank=4", "method.param_distance=0.5"], ("method.param_distance", "model.lora")),
      ("seed: 0\n", ["method.teacher_cache=sometimes"], ("method.teacher_cache", "'auto' or 'off'"))],
 )  # fmt: skip
 def test_a_config_that_does_not_parse_or_validate_is_one_line(text, overrides, named, tmp_path, capsys):

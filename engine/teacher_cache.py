@@ -6,7 +6,9 @@ runs the STUDENT in eval mode, which before its first step is the teacher (both 
 second model is loaded; a resumed run computes them from the teacher, loaded for that pass only.
 
 What is kept per row (an example of a classifier, the answer tokens of a causal LM):
-- full logits (exact) while a stream's fit ``budget_bytes`` per process;
+- the full distribution (exact) while a stream's fits ``budget_bytes`` per process: the probabilities at the
+  divergence's temperature and their sum p log p (``engine.methods.losses.TeacherProbs``), so a step computes
+  the divergence as one soft-target cross-entropy;
 - beyond it, per token the top ``topk`` logits, their vocabulary ids and the logsumexp over the whole
   vocabulary at the divergence's temperature (``engine.methods.losses.TopKLogits``): the divergence over the
   top k plus one tail bucket, whose mass is measured and reported.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from engine.methods.losses import TopKLogits
+from engine.methods.losses import TeacherProbs, TopKLogits
 
 
 @dataclass
@@ -34,14 +36,15 @@ class StreamOutputs:
     ``indices`` / ``lse`` when top-k)."""
 
     offsets: torch.Tensor  # [N + 1] int64
-    values: torch.Tensor  # [T, C] full logits, or [T, k] top-k logits
+    values: torch.Tensor  # [T, C] full probabilities at the temperature, or [T, k] top-k logits
     indices: torch.Tensor | None = None  # [T, k] int32 vocabulary ids (top-k only)
     lse: torch.Tensor | None = None  # [T] logsumexp(logits / temperature) (top-k only)
+    neg_entropy: torch.Tensor | None = None  # [T] sum p log p (full only)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.offsets, self.values, self.indices, self.lse)
-                   if t is not None)  # fmt: skip
+        tensors = (self.offsets, self.values, self.indices, self.lse, self.neg_entropy)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def select(self, rows: torch.Tensor) -> torch.Tensor:
         """The positions in ``values`` of ``rows``' outputs, rows in the given order (a batch's order)."""
@@ -66,7 +69,7 @@ class TeacherCache:
         at = s.select(rows)
         device = batch["labels"].device
         if s.indices is None:
-            return s.values[at].to(device)
+            return TeacherProbs(s.values[at], s.neg_entropy[at], self.temperature).to(device)
         return TopKLogits(s.values[at], s.indices[at], s.lse[at], self.temperature).to(device)
 
     def summary(self) -> dict:
@@ -74,7 +77,7 @@ class TeacherCache:
         out = {"seconds": self.seconds, "temperature": self.temperature, "streams": {}}
         for name, s in self.streams.items():
             row = {"rows": len(s.offsets) - 1, "outputs": int(s.values.shape[0]), "bytes": s.nbytes,
-                   "kind": "logits" if s.indices is None else "topk"}  # fmt: skip
+                   "kind": "probs" if s.indices is None else "topk"}  # fmt: skip
             if s.indices is not None:
                 tail = TopKLogits(s.values, s.indices, s.lse, self.temperature).tail_mass()
                 row.update(topk=self.topk, tail_mass_mean=float(tail.mean()) if len(tail) else 0.0,
@@ -158,7 +161,12 @@ def fill_teacher_cache(
                                         for i in range(3))  # fmt: skip
                 out[name] = StreamOutputs(offsets, values, indices, lse)
             else:
-                out[name] = StreamOutputs(offsets, torch.cat(parts) if parts else torch.zeros(0, 0))
+                logits = torch.cat(parts) if parts else torch.zeros(0, 0)
+                log_p = torch.log_softmax(
+                    logits / temperature, dim=1
+                )  # what the divergence reads (TeacherProbs)
+                probs = log_p.exp()
+                out[name] = StreamOutputs(offsets, probs, neg_entropy=(probs * log_p).sum(1))
     finally:
         model.train(was_training)
     return TeacherCache(out, temperature, time.perf_counter() - t0, topk)

@@ -50,6 +50,28 @@ class TopKLogits:
         return (1 - self.log_probs().exp().sum(1)).clamp(min=0)
 
 
+@dataclass
+class TeacherProbs:
+    """A cached teacher's full outputs (engine/teacher_cache.py): per row its probabilities at ``temperature`` and
+    ``neg_entropy`` = sum p log p. The divergence is then a soft-target cross-entropy plus that constant:
+    KL(p || q) = -sum p log q + sum p log p, one fused torch kernel instead of a teacher softmax, a log and
+    kl_div's elementwise graph every step (benchmarks/scale.py: the SCRUB step's extra cost is this loss)."""
+
+    probs: torch.Tensor  # [n, C] softmax(logits / temperature)
+    neg_entropy: torch.Tensor  # [n] sum p log p
+    temperature: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.probs.shape
+
+    def __getitem__(self, rows: slice) -> TeacherProbs:
+        return TeacherProbs(self.probs[rows], self.neg_entropy[rows], self.temperature)
+
+    def to(self, device) -> TeacherProbs:
+        return TeacherProbs(self.probs.to(device), self.neg_entropy.to(device), self.temperature)
+
+
 def _zero(x: torch.Tensor) -> torch.Tensor:
     # a scalar in the upcast dtype, without upcasting (copying) the whole tensor first
     return x.new_zeros((), dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
@@ -58,6 +80,13 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
 def _kl_rows(student_logits: torch.Tensor, teacher_logits, t: float) -> torch.Tensor:
     if isinstance(teacher_logits, TopKLogits):
         return _kl_rows_topk(student_logits, teacher_logits, t)
+    if isinstance(teacher_logits, TeacherProbs):
+        if teacher_logits.temperature != t:
+            raise ValueError(
+                f"cached teacher outputs are at temperature {teacher_logits.temperature}, not {t}"
+            )
+        soft_ce = F.cross_entropy(_upcast(student_logits) / t, teacher_logits.probs, reduction="sum")
+        return soft_ce + teacher_logits.neg_entropy.sum()
     log_p_student = F.log_softmax(_upcast(student_logits) / t, dim=-1)
     p_teacher = F.softmax(_upcast(teacher_logits) / t, dim=-1)
     return F.kl_div(log_p_student, p_teacher, reduction="sum")

@@ -1,9 +1,9 @@
 """The teacher's outputs computed once (engine/teacher_cache.py): the top-k divergence by hand, lookups equal to
 teacher forwards whatever the batch, and a cached SCRUB run equal to an uncached one.
 
-Stated tolerance: full cached logits are the teacher's own forward on other batch compositions, so they equal
-it up to float reassociation (atol 1e-5 on logits); a whole cached run's weights equal the uncached run's to
-atol 1e-5."""
+Stated tolerance: the full cached distribution is the teacher's own forward on other batch compositions, so
+it equals it up to float reassociation (atol 1e-6 on probabilities); a whole cached run's weights equal the
+uncached run's to atol 1e-5."""
 
 from __future__ import annotations
 
@@ -40,6 +40,21 @@ def test_topk_over_the_whole_vocabulary_is_the_exact_divergence():
     (g_cached,) = torch.autograd.grad(cached, s)
     torch.testing.assert_close(cached, full)
     torch.testing.assert_close(g_cached, g_full)
+
+
+def test_cached_probabilities_give_the_divergence_and_its_gradient():
+    from engine.methods.losses import TeacherProbs
+
+    torch.manual_seed(3)
+    s, t = torch.randn(6, 13, requires_grad=True), torch.randn(6, 13)
+    log_p = torch.log_softmax(t / 2.0, 1)
+    cached = TeacherProbs(log_p.exp(), (log_p.exp() * log_p).sum(1), 2.0)
+    full = distill_kl_sum(s, t, 2.0, chunk_rows=4)
+    (g_full,) = torch.autograd.grad(full, s)
+    got = distill_kl_sum(s, cached, 2.0, chunk_rows=4)  # chunked: the rows of the cache slice with the logits
+    (g_got,) = torch.autograd.grad(got, s)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_full, rtol=1e-5, atol=1e-6)
 
 
 def test_topk_divergence_by_hand_is_the_k_plus_one_bucket_kl():
@@ -91,12 +106,16 @@ def test_classifier_lookups_equal_teacher_forwards_on_any_batch():
     cache = fill_teacher_cache(model, {"retain": stream}, forward, OneProcess(), batch_size=8, temperature=4.0,
                                topk=64, budget_bytes=2**30, progress=False)  # fmt: skip
     assert model.training  # the pass left the student's mode as it found it
-    assert cache.summary()["streams"]["retain"]["kind"] == "logits"
+    assert cache.summary()["streams"]["retain"]["kind"] == "probs"
     rows = torch.tensor([30, 2, 2, 17, 36, 0])
     batch = stream.get(rows)
     with torch.no_grad():
         expected = forward(model.eval(), batch)
-    torch.testing.assert_close(cache.lookup("retain", batch), expected, atol=1e-5, rtol=1e-5)
+    got = cache.lookup("retain", batch)
+    torch.testing.assert_close(got.probs, torch.softmax(expected / 4.0, 1), atol=1e-6, rtol=1e-5)
+    student = torch.randn_like(expected)  # the divergence from the cache is the one from the teacher's logits
+    torch.testing.assert_close(distill_kl_sum(student, got, 4.0), distill_kl_sum(student, expected, 4.0), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
 
 
 def test_causal_lm_lookups_full_and_topk(tiny_lm):
@@ -115,7 +134,8 @@ def test_causal_lm_lookups_full_and_topk(tiny_lm):
     batch = stream.get(torch.tensor([12, 3, 7]))  # another padding width than the pass's batches
     with torch.no_grad():
         expected = token_logits(model.eval(), batch)
-    torch.testing.assert_close(full.lookup("forget", batch), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.lookup("forget", batch).probs, torch.softmax(expected / 2.0, 1), atol=1e-6,
+                               rtol=1e-5)  # fmt: skip
     cached = top.lookup("forget", batch)
     summary = top.summary()["streams"]["forget"]
     assert summary["kind"] == "topk" and 0 < summary["tail_mass_mean"] < 1
@@ -142,7 +162,7 @@ def test_cached_scrub_run_equals_the_uncached_run(tiny_lm, tmp_path):
         outs[mode] = out
     cached = json.loads((outs["auto"] / "report.json").read_text())
     plain = json.loads((outs["off"] / "report.json").read_text())
-    assert cached["teacher_cache"]["streams"]["retain"]["kind"] == "logits"
+    assert cached["teacher_cache"]["streams"]["retain"]["kind"] == "probs"
     assert set(cached["teacher_cache"]["streams"]) == {"forget", "retain"}
     assert plain["teacher_cache"] is None and cached["teacher"] is None  # no teacher model in the cached run
     a, b = _weights(outs["auto"]), _weights(outs["off"])

@@ -75,3 +75,41 @@ def test_a_set_of_one_block_is_tokenized_in_the_driver_without_ray_data(encoded,
     stores = ray_train.write_stores({"forget": rows}, formatter, tmp_path / "run", rows_per_block=30)
     assert stores == {"forget": str(tmp_path / "run.tokens" / "forget")}
     _assert_same_batches(stores["forget"], rows, formatter, pad)
+
+
+def test_rows_written_a_chunk_at_a_time_read_back_as_the_in_memory_stream(encoded, tmp_path):
+    from engine.data.store import write_rows
+
+    rows, formatter, pad = encoded
+    write_rows(tmp_path / "store", rows, formatter.encode_row, chunk_rows=4)
+    store, memory = TokenStore(tmp_path / "store", pad), TextStream(rows, formatter, pad)
+    wanted = torch.tensor([29, 3, 17, 4, 0])
+    a, b = store.get(wanted), memory.get(wanted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_reads_forget_and_retain_rows_from_stores_and_removes_them(tiny_lm, tmp_path, monkeypatch):
+    """`unlearn run` on text: the retain set is never encoded in memory (the task's in-memory retain stream is
+    never asked for), every batch comes from OUTPUT.tokens, and that folder is gone when the run ends."""
+    from engine.cli import main
+    from engine.tasks.causal_lm import CausalLM
+    from tests.conftest import tofu_overrides
+
+    text, get, opened = CausalLM._text, TokenStore.get, []
+
+    def text_but_retain(self, name):
+        assert name != "retain", "the whole retain set was encoded in memory"
+        return text(self, name)
+
+    def recording_get(self, rows, seed=0):
+        opened.append(len(rows))
+        return get(self, rows, seed)
+
+    monkeypatch.setattr(CausalLM, "_text", text_but_retain)
+    monkeypatch.setattr(TokenStore, "get", recording_get)
+    out = tmp_path / "out"
+    assert main(["run", "configs/tofu.yaml", *tofu_overrides(tiny_lm, tmp_path, output_dir=out,
+                                                             **{"eval.reference": "null"})]) == 0  # fmt: skip
+    assert opened  # the training batches came from the stores
+    assert not out.with_name("out.tokens").exists()
+    assert (out / "model").is_dir()

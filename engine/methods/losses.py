@@ -166,6 +166,40 @@ def cross_entropy_sum(
     return total
 
 
+def kl_and_ce_sum(
+    student_logits: torch.Tensor,
+    teacher: TeacherProbs,
+    labels: torch.Tensor,
+    kl_weight: float,
+    ce_weight: float,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``kl_weight * distill_kl_sum + ce_weight * cross_entropy_sum`` at temperature 1 (non-negative weights),
+    in ONE soft-target cross-entropy: both terms are -sum w log q over the student's log-probabilities q, so
+    the sum is -sum (kl_weight p + ce_weight onehot(label)) log q + kl_weight sum p log p. One log-softmax of
+    the vocabulary per row instead of two (benchmarks/scale.py: a SCRUB step then costs about a fine-tuning
+    step). Chunked like ``distill_kl_sum``."""
+    if teacher.temperature != 1:
+        raise ValueError("kl_and_ce_sum fuses the two terms at temperature 1 only")
+
+    def rows(s: torch.Tensor, probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        target = probs * kl_weight
+        target.index_put_(
+            (torch.arange(len(y), device=y.device), y), target.new_tensor(ce_weight), accumulate=True
+        )
+        return F.cross_entropy(_upcast(s), target, reduction="sum")
+
+    n = student_logits.shape[0]
+    step = chunk_rows or max(n, 1)
+    total = _zero(student_logits)
+    for i in range(0, n, step):
+        s, probs, y = student_logits[i : i + step], teacher.probs[i : i + step], labels[i : i + step]
+        total = total + (
+            checkpoint(rows, s, probs, y, use_reentrant=False) if s.requires_grad else rows(s, probs, y)
+        )
+    return total + kl_weight * teacher.neg_entropy.sum()
+
+
 def sequence_nll(logits: torch.Tensor, labels: torch.Tensor, sequence: torch.Tensor, n: int) -> torch.Tensor:
     """Per sequence, the SUM of token NLLs ([n]); ``sequence`` maps each token row to its sequence
     (open-unlearning's ``compute_batch_nll``)."""

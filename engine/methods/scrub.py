@@ -14,7 +14,13 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from engine.methods.base import LossTerms, OptimizerSettings, Phase
-from engine.methods.losses import cross_entropy_sum, distill_kl_sum, parameter_distance
+from engine.methods.losses import (
+    TeacherProbs,
+    cross_entropy_sum,
+    distill_kl_sum,
+    kl_and_ce_sum,
+    parameter_distance,
+)
 
 
 class ScrubConfig(OptimizerSettings):
@@ -124,6 +130,15 @@ class Scrub:
         batch: dict | None = None,
     ) -> LossTerms:
         c = self.config
+        if isinstance(teacher_logits, TeacherProbs) and c.temperature == 1 and phase in ("max", "min"):
+            # cached teacher at T = 1 (the causal-LM recipes): divergence and cross-entropy in one pass
+            if phase == "max":  # -(KL + forget_nll * CE)
+                total = -kl_and_ce_sum(
+                    student_logits, teacher_logits, labels, 1.0, c.forget_nll, c.chunk_rows
+                )
+            else:
+                total = kl_and_ce_sum(student_logits, teacher_logits, labels, c.alpha, c.gamma, c.chunk_rows)
+            return LossTerms(total=total, count=int(student_logits.shape[0]))
         kl = distill_kl_sum(student_logits, teacher_logits, c.temperature, c.chunk_rows)
         if phase == "max":
             total = -kl  # ascent on the divergence; labels unused, weight 1

@@ -57,6 +57,27 @@ def test_cached_probabilities_give_the_divergence_and_its_gradient():
     torch.testing.assert_close(g_got, g_full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("phase", ["min", "max"])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_scrub_loss_on_cached_probabilities_at_t1_equals_the_loss_on_logits(phase, chunk_rows):
+    """At T = 1 SCRUB fuses the divergence and the cross-entropy into one soft-target cross-entropy: the same
+    loss and gradient as the two terms computed from the teacher's logits."""
+    from engine.methods.losses import TeacherProbs
+    from engine.methods.scrub import Scrub, ScrubConfig
+
+    torch.manual_seed(4)
+    scrub = Scrub(ScrubConfig(temperature=1.0, gamma=0.7, alpha=0.3, forget_nll=0.2, chunk_rows=chunk_rows))
+    s, t, y = torch.randn(8, 17, requires_grad=True), torch.randn(8, 17), torch.randint(0, 17, (8,))
+    log_p = torch.log_softmax(t, 1)
+    cached = TeacherProbs(log_p.exp(), (log_p.exp() * log_p).sum(1), 1.0)
+    expected = scrub.loss(phase, s, t, y).total
+    (g_expected,) = torch.autograd.grad(expected, s)
+    got = scrub.loss(phase, s, cached, y).total
+    (g_got,) = torch.autograd.grad(got, s)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-5, atol=1e-6)
+
+
 def test_topk_divergence_by_hand_is_the_k_plus_one_bucket_kl():
     torch.manual_seed(1)
     s, t, temp, k = torch.randn(5, 9), torch.randn(5, 9), 2.0, 3

@@ -1,22 +1,101 @@
 #!/usr/bin/env bash
 # The prepared script for a lent GPU machine (one NVIDIA H100/H200, torch + transformers there, no package
 # index): run it through the device tool as
-#   bash benchmarks/gpu_session.sh          with carry: [".whl"]   (results under $OUT)
-# .whl/ (git-ignored) holds cp312 / py3 manylinux x86_64 wheels of what the machine lacks: deepspeed (built
-# here with `DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`), hjson, pydantic,
-# pydantic-core, annotated-types, typing-inspection (benchmarks/README.md, gpu_scrub_throughput.py).
-# 1. gpu_scrub_throughput.py at its default size: tokens/s and peak memory of SCRUB's steps, the engine's
-#    own backend, losses and forward, ZeRO-3 at world size 1;
-# 2. backend.sync_batchnorm on CUDA: the paper's PreAct-ResNet18 prepared by the DeepSpeed backend has its
-#    BatchNorm layers as SyncBatchNorm, and a training step runs (CPU runs refuse the setting).
-set -euo pipefail
+#   bash benchmarks/gpu_session.sh          with carry: [".whl"], timeout_s 560   (results under $OUT)
+# .whl/ (git-ignored) holds cp312 / py3 manylinux x86_64 wheels of what the machine lacks:
+# - deepspeed, built here with `DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`,
+#   and what DeepSpeed 0.19 imports that the machine lacks: hjson, pydantic, pydantic-core (cp312),
+#   annotated-types, typing-inspection (`pip download --no-deps --python-version 3.12 --only-binary=:all:
+#   --platform manylinux2014_x86_64 -d .whl pydantic-core==2.50.5`; the others are py3-none-any);
+# - peft (the engine's LoRA students, engine/models/lora.py) and accelerate, which peft imports at its top
+#   level and transformers does not require: `pip download peft==0.21.0 accelerate==1.15.0 --no-deps -d .whl`
+#   (both py3-none-any; peft's other needs, numpy, packaging, psutil, pyyaml, safetensors, huggingface_hub,
+#   tqdm, come with torch, transformers and DeepSpeed's needs).
+# Besides, the engine imports on these paths only torch, transformers, safetensors, huggingface_hub, tqdm and
+# yaml (transformers' own requirements); no datasets, no matplotlib. flash_attn is used only if the machine
+# already has it (the switches part records which attention ran).
+# Parts, in this order, each under a wall-clock guard (`timeout`) within one deadline for the whole session
+# (SESSION_SECONDS, default 450 s; a part that cannot get 30 s is skipped), each writing its results as it
+# goes (a part cut short keeps the modes it finished); $OUT/parts.tsv says how each part ended (rc 124/137:
+# cut by its guard: SIGINT, then SIGKILL 15 s later) and $OUT/summary.md gathers the tables:
+# 1. switches: gpu_scrub_throughput.py --config switches at its default size: tokens/s, MFU and peak memory of
+#    fine-tuning and SCRUB steps (teacher forward, or cached teacher logits) on the TinyLlama-1.1B shape with
+#    the engine's one-process backend, bf16 autocast, gradient checkpointing, sdpa (flash_attention_2 if it
+#    imports);
+# 2. lora_memory: gpu_lora_memory.py at its default size: peak memory of SCRUB's min and max steps with a
+#    rank-16 all-linear LoRA student (teacher = adapters disabled) on a 7B-shaped Llama, then without LoRA;
+# 3. sync_batchnorm: backend.sync_batchnorm on CUDA: the paper's PreAct-ResNet18 prepared by the DeepSpeed
+#    backend has its BatchNorm layers as SyncBatchNorm, and a training step runs (CPU runs refuse the setting);
+# 4. zero3: gpu_scrub_throughput.py --config zero3 (the earlier protocol: DeepSpeed ZeRO-3 at world size 1,
+#    bf16, no checkpointing), now with the cached modes and MFU;
+# 5. switches_nockpt: part 1 without gradient checkpointing (what the recompute costs), if time is left.
+# Expected about 4-5 minutes in all (estimated, not measured); the deadline bounds it at SESSION_SECONDS.
+# SESSION_QUICK=1 runs the same script on CPU with --quick (no wheels installed, no sync_batchnorm: CUDA only).
+# PARTS="lora_memory zero3" (say) runs only those parts (a rerun of what a first run did not finish).
+set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
+DEADLINE=${SESSION_SECONDS:-450}
+QUICK=()
+[[ -n "${SESSION_QUICK:-}" ]] && QUICK=(--quick)
+PY=${PYTHON:-python3}
+PARTS=${PARTS:-switches lora_memory sync_batchnorm zero3 switches_nockpt}  # a rerun may name fewer
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 benchmarks/gpu_scrub_throughput.py --out "$OUT/throughput" 2>&1 | tee "$OUT/throughput.log"
-python3 - <<'PY' 2>&1 | tee "$OUT/sync_batchnorm.log"
+T0=$(date +%s)
+printf 'part\trc\tseconds\tguard\n' >"$OUT/parts.tsv"
+
+# begin NAME WANT: GUARD = WANT seconds, capped by what is left of the deadline; false (the part recorded as
+# skipped) when under 30 s are left
+begin() {
+    [[ " install $PARTS " == *" $1 "* ]] || return 1  # not asked for (PARTS)
+    local left=$((DEADLINE - ($(date +%s) - T0)))
+    GUARD=$2
+    ((GUARD > left)) && GUARD=$left
+    if ((left < 30)); then
+        printf '%s\tskipped\t0\t%s\n' "$1" "$2" >>"$OUT/parts.tsv"
+        echo "=== $1: skipped ($left s left of the ${DEADLINE} s deadline)"
+        return 1
+    fi
+    echo "=== $1 (guard ${GUARD} s, $left s left)"
+}
+
+# guarded NAME COMMAND...: COMMAND under `timeout $GUARD`, its output to $OUT/NAME.log, its end in parts.tsv
+guarded() {
+    local name=$1 start rc=0
+    shift
+    start=$(date +%s)
+    # SIGINT first: Python unwinds (finally blocks run, e.g. torch's JIT-build lock is released), then KILL
+    timeout -s INT -k 15 "$GUARD" "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - start))" "$GUARD" >>"$OUT/parts.tsv"
+    echo "=== $name: rc $rc in $(($(date +%s) - start)) s"
+}
+
+if [[ -z "${SESSION_QUICK:-}" ]]; then
+    begin install 90 && guarded install python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
+export PYTHONUNBUFFERED=1
+timeout -s INT -k 10 90 "$PY" - <<'PYEOF' 2>&1 | tee "$OUT/env.txt"  # what the parts will import, versions
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "transformers", "peft", "accelerate", "deepspeed", "pydantic", "safetensors",
+             "huggingface_hub", "tqdm", "yaml", "flash_attn"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as exc:
+        print(name, "MISSING:", type(exc).__name__, str(exc)[:200])
+import torch
+print("cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+PYEOF
+
+# each benchmark gets its guard minus a margin as --max-seconds: it starts no mode it could not finish
+begin switches 120 && guarded switches "$PY" benchmarks/gpu_scrub_throughput.py --config switches \
+    --out "$OUT/switches" --max-seconds $((GUARD - 25)) "${QUICK[@]}"
+begin lora_memory 120 && guarded lora_memory "$PY" benchmarks/gpu_lora_memory.py --out "$OUT/lora_memory" \
+    --max-seconds $((GUARD - 45)) "${QUICK[@]}"
+
+cat >/tmp/sync_batchnorm_check.py <<'PYEOF'
 import torch
 
 from engine.backends.deepspeed import DeepSpeedBackend
@@ -37,4 +116,29 @@ print(f"sync_batchnorm on {torch.cuda.get_device_name()}: {sync} SyncBatchNorm l
       f"step loss {float(loss):.4f} finite={bool(torch.isfinite(loss))}")
 assert sync > 0 and plain == 0 and torch.isfinite(loss)
 backend.close()
-PY
+PYEOF
+[[ -z "${SESSION_QUICK:-}" ]] && begin sync_batchnorm 90 && guarded sync_batchnorm env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+    "$PY" /tmp/sync_batchnorm_check.py
+
+begin zero3 120 && guarded zero3 "$PY" benchmarks/gpu_scrub_throughput.py --config zero3 --out "$OUT/zero3" \
+    --max-seconds $((GUARD - 30)) "${QUICK[@]}"
+begin switches_nockpt 90 && guarded switches_nockpt "$PY" benchmarks/gpu_scrub_throughput.py --config switches \
+    --gradient-checkpointing off --out "$OUT/switches_nockpt" --max-seconds $((GUARD - 25)) "${QUICK[@]}"
+
+{
+    echo "# GPU session $(date -u '+%Y-%m-%d %H:%M UTC'): $(cat "$OUT/gpu.txt" 2>/dev/null || echo no GPU)"
+    echo
+    echo '```'
+    cat "$OUT/parts.tsv"
+    echo '```'
+    for d in switches lora_memory zero3 switches_nockpt; do
+        if [[ -f "$OUT/$d/results.md" ]]; then
+            echo
+            cat "$OUT/$d/results.md"
+        fi
+    done
+    echo
+    tail -n 2 "$OUT/sync_batchnorm.log" 2>/dev/null
+} >"$OUT/summary.md"
+echo "=== done in $(($(date +%s) - T0)) s: $OUT/summary.md"
+cat "$OUT/parts.tsv"

@@ -186,3 +186,13 @@ def test_chain_without_ledger_checks_the_hash_links(chain):
     (chain / "v2" / "receipt.json").write_text(json.dumps(receipt))
     with pytest.raises(VerifyError, match="the chain breaks at v3 .*previous_receipt_sha256"):
         verify_chain(chain)
+
+
+def test_process_with_nothing_pending_and_verify_without_arguments(tmp_path, capsys):
+    args = ["configs/demo.yaml", f"output_dir={tmp_path / 'stream'}", "model.path=m"]
+    assert main(["request", "process", *args]) == 0
+    assert "no pending requests" in capsys.readouterr().out
+    assert main(["verify"]) == 2
+    assert "needs RECEIPT and MODEL_DIR (or --chain" in capsys.readouterr().err
+    assert main(["verify", "--chain", str(tmp_path / "stream")]) == 2
+    assert "holds no version folders" in capsys.readouterr().err

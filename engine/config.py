@@ -229,10 +229,18 @@ class ForgetConfig(StrictModel):
     retain_ids_file: str | None = Field(
         None, description="ids: a file of retain ids, one per line (or a JSON list)."
     )
+    earlier_ids: list[int | str] | None = Field(
+        None,
+        description="ids: example ids forgotten by earlier model versions (`unlearn request process` sets it): "
+        "in neither the forget nor the retain set, so no forgotten example is ever trained on again "
+        "(image_classification).",
+    )
     seed: int = Field(0, description="Seed of the selective / random draw.")
 
     @model_validator(mode="after")
     def _retain_ids_need_kind_ids(self) -> ForgetConfig:
+        if self.kind != "ids" and self.earlier_ids:
+            raise ValueError(f"forget.earlier_ids needs forget.kind=ids (it is {self.kind!r})")
         if self.kind != "ids" and (self.retain_ids is not None or self.retain_ids_file is not None):
             raise ValueError(
                 f"forget.retain_ids / forget.retain_ids_file need forget.kind=ids (it is {self.kind!r}): "
@@ -430,6 +438,23 @@ class OutputConfig(StrictModel):
     private: bool = Field(True, description="push_to_hub: create the repository as private.")
 
 
+class LedgerConfig(StrictModel):
+    """Deletion requests as a stream (`unlearn request add | list | process`, engine/recipes/request.py): the
+    versions v1, v2, ... are folders inside output_dir, the ledger a SQLite file beside them."""
+
+    path: str | None = Field(
+        None,
+        description="The SQLite ledger of deletion requests and model versions (null: OUTPUT_DIR/ledger.sqlite, "
+        "next to the version folders).",
+    )
+    retrain_every: int | None = Field(
+        None,
+        ge=1,
+        description="Serve every N-th version by retraining from scratch (method=retrain, the train section's "
+        "recipe) on the cumulative retain set instead of unlearning; null: always unlearn.",
+    )
+
+
 NEEDS = {
     "teacher": "a frozen teacher",
     "paired": "a paired forget+retain stream",
@@ -471,6 +496,7 @@ class RunConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
 
     @field_validator("task", mode="before")
     @classmethod
@@ -528,6 +554,10 @@ class RunConfig(StrictModel):
                 what = ", ".join(f"data.{k}" for k in text_columns) or f"forget.kind={f.kind}"
                 raise ValueError(f"{what} is for text data: set task=causal_lm")
             return
+        if f.earlier_ids:
+            raise ValueError(
+                "forget.earlier_ids (deletion requests as a stream) serves task=image_classification"
+            )
         if d.preset == "tofu":
             if text_columns:
                 raise ValueError(

@@ -9,7 +9,9 @@
 - ``nan``: the caller's loss becomes NaN (``inject`` returns True).
 
 Points: ``step`` (after a step's backward, before its loss is shared), ``during_save`` (a checkpoint's
-files are written, its manifest not yet), ``after_checkpoint`` (an epoch's checkpoint is complete).
+files are written, its manifest not yet), ``after_checkpoint`` (an epoch's checkpoint is complete);
+`unlearn request process`, with the version number as EPOCH: ``request_after_job`` (the job folder is complete,
+nothing published), ``request_during_publish`` (``vN`` is in place, the ledger does not record it yet).
 ``once=FILE``: only the first time (the file records it), so a restarted run goes on."""
 
 from __future__ import annotations

@@ -323,6 +323,9 @@ def prepare_data(dcfg, fcfg) -> UnlearningData:
                     f"{len(held)} {what} ids are in the validation hold-out (never trained on), e.g. {held[:5]}; "
                     "drop them or set data.val_fraction=0"
                 )
+    if getattr(fcfg, "earlier_ids", None):  # forgotten by earlier versions: never trained on again
+        earlier = set(fcfg.earlier_ids)
+        train = train.subset(np.array([i not in earlier for i in train.ids], dtype=bool))
     mask, forget_classes, description = select_forget(train, class_names, fcfg)
     retain_mask = select_retain(train, mask, fcfg)
     if fcfg.retain_ids is not None or fcfg.retain_ids_file is not None:

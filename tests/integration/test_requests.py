@@ -1,0 +1,145 @@
+"""`unlearn request process` on tiny real CIFAR-10: two requests processed in turn; a SIGKILL during the second
+job, after it, or while it is published leaves the second request not done and no v2 recorded, and running the
+command again finishes it with the weights of the uninterrupted stream; the second job never trains on an id the
+first forgot; every 2nd version retrained when ledger.retrain_every=2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.config import load_config
+from engine.requests.ledger import Ledger
+from tests.conftest import tiny_overrides
+from tests.faults import REPO, clean_env, same_weights
+
+CONFIG = "configs/demo.yaml"
+
+
+class Stream:
+    def __init__(self, root: Path, cifar: Path):
+        self.root, self.cifar = root, cifar
+        self.models = root / "models"
+        assert main(["train", CONFIG, *tiny_overrides(cifar, root, output_dir=self.models,
+                                                     **{"train.batch_size": "16"}), "--only", "original"]) == 0  # fmt: skip
+        from engine.data.vision import prepare_data
+
+        cfg = load_config(
+            CONFIG, self.args(root / "probe", **{"forget.kind": "random", "forget.fraction": "0.1"})[1:]
+        )
+        data = prepare_data(cfg.data, cfg.forget)
+        train = sorted(data.forget.ids + data.retain.ids)
+        self.batches = [train[:12], train[12:24]]
+        for k, ids in enumerate(self.batches):
+            (root / f"ids{k}.txt").write_text("\n".join(map(str, ids)))
+
+    def args(self, out: Path, **extra) -> list[str]:
+        return [CONFIG, *tiny_overrides(self.cifar, out.parent, output_dir=out, **{
+            "model.path": self.models / "original", "eval.reference": "null", **extra})]  # fmt: skip
+
+    def add(self, out: Path, k: int, **extra) -> None:
+        assert (
+            main(["request", "add", *self.args(out, **extra), "--ids", str(self.root / f"ids{k}.txt")]) == 0
+        )
+
+    def process(self, out: Path, fault: str | None = None, **extra) -> subprocess.CompletedProcess:
+        env = clean_env()
+        if fault:
+            env["UNLEARN_FAULT"] = fault
+        cmd = [sys.executable, "-m", "engine.cli", "request", "process", *self.args(out, **extra)]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def states(out: Path) -> tuple[list[str], list[str]]:
+    ledger = Ledger(out / "ledger.sqlite")
+    try:
+        return [r["state"] for r in ledger.requests()], [v["name"] for v in ledger.versions()]
+    finally:
+        ledger.close()
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory, tiny_cifar) -> Stream:
+    return Stream(tmp_path_factory.mktemp("requests"), tiny_cifar)
+
+
+@pytest.fixture(scope="module")
+def reference(stream) -> Path:
+    """The uninterrupted stream: request 1 -> v1, request 2 -> v2; ``after_v1``: its state before request 2 is
+    processed (the starting point of every interrupted run)."""
+    out = stream.root / "reference" / "out"
+    stream.add(out, 0)
+    assert stream.process(out).returncode == 0
+    stream.add(out, 1)
+    shutil.copytree(out.parent, stream.root / "after_v1")
+    p = stream.process(out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.full
+def test_two_requests_in_turn(stream, reference, capsys):
+    assert states(reference) == (["done", "done"], ["v1", "v2"])
+    assert main(["verify", "--chain", str(reference)]) == 0
+    chain = [json.loads((reference / v / "receipt.json").read_text())["chain"] for v in ("v1", "v2")]
+    assert chain[0]["previous_receipt_sha256"] is None and chain[1]["parent"] == "v1"
+    assert chain[1]["previous_receipt_sha256"] is not None
+    # v2 unlearned v1's model, forgot the second batch, and never trained on an id the first batch forgot
+    shards = json.loads((reference / "v2" / "shards.json").read_text())
+    retained = {i for epoch in shards["retain"].values() for ids in epoch.values() for i in ids}
+    forgotten = {i for epoch in shards["forget"].values() for ids in epoch.values() for i in ids}
+    assert retained and not retained & set(stream.batches[0])
+    assert forgotten == set(stream.batches[1]) and not retained & forgotten
+    v2_config = (reference / "v2" / "config.yaml").read_text()
+    assert str(reference / "v1" / "model") in v2_config
+    assert not (reference / ".jobs").exists() or not any((reference / ".jobs").iterdir())
+    assert main(["request", "list", *stream.args(reference)]) == 0
+    listing = capsys.readouterr().out
+    assert "v2    from v1" in listing and "unlearn" in listing
+
+
+@pytest.mark.full
+@pytest.mark.parametrize(
+    "stage, fault",
+    [("during the job", "after_checkpoint:1"), ("after the job", "request_after_job:2"),
+     ("during publishing", "request_during_publish:2")],
+)  # fmt: skip
+def test_kill_then_rerun_completes(stream, reference, stage, fault):
+    out = stream.root / stage.replace(" ", "_") / "out"
+    shutil.copytree(stream.root / "after_v1", out.parent)
+    killed = stream.process(out, fault)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert states(out) == (["done", "running"], ["v1"])  # request 2 not done, no v2 recorded
+    if stage != "during publishing":
+        assert not (out / "v2").exists()
+    else:  # the folder is in place but not recorded: the chain does not accept it
+        assert main(["verify", "--chain", str(out)]) == 1
+    rerun = stream.process(out)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert states(out) == (["done", "done"], ["v1", "v2"])
+    assert same_weights(out / "v2", reference / "v2", folder="model")
+    assert main(["verify", "--chain", str(out)]) == 0
+    if stage == "during the job":
+        assert json.loads((out / "v2" / "report.json").read_text())["resumed_from_epoch"] == 1
+
+
+@pytest.mark.full
+def test_retrain_every(stream):
+    out = stream.root / "retrain" / "out"
+    extra = {"ledger.retrain_every": "2"}
+    for k in (0, 1):
+        stream.add(out, k, **extra)
+        p = stream.process(out, **extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+    ledger = Ledger(out / "ledger.sqlite")
+    assert [v["made_by"] for v in ledger.versions()] == ["unlearn", "retrain"]
+    ledger.close()
+    assert json.loads((out / "v2" / "receipt.json").read_text())["chain"]["made_by"] == "retrain"
+    assert json.loads((out / "v2" / "report.json").read_text())["method"]["name"] == "retrain"
+    assert main(["verify", "--chain", str(out)]) == 0

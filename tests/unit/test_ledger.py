@@ -1,0 +1,198 @@
+"""Deletion requests as a stream: the SQLite ledger's transactions (add, claim, publish, the union of what is
+forgotten), the retain set that never holds an id forgotten earlier, and the chain of receipts that `unlearn verify
+--chain` walks (one flipped byte fails it at that link)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.checkpoint.receipt import VerifyError, sha256_file, write_receipt
+from engine.cli import main
+from engine.config import load_config
+from engine.data.selection import ids_sha256
+from engine.errors import ConfigError
+from engine.recipes.request import job_config
+from engine.requests.chain import chain_section, verify_chain
+from engine.requests.ledger import Ledger, LedgerError
+from tests.conftest import tiny_overrides
+
+
+def test_add_claim_publish(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    assert ledger.claim() is None  # nothing pending
+    a, b = ledger.add([3, 1, 2], "first"), ledger.add(["x", 4])
+    assert [r["state"] for r in ledger.requests()] == ["pending", "pending"]
+    assert (
+        ledger.requests()[0]["ids_hash"] == ids_sha256([1, 2, 3]) and ledger.requests()[0]["note"] == "first"
+    )
+    name, batch = ledger.claim()
+    assert name == "v1" and [r["id"] for r in batch] == [a, b]
+    c = ledger.add([5])  # arrives while v1 runs: not part of its batch
+    assert ledger.claim()[0] == "v1"  # a run that did not finish is claimed again, with the same batch
+    assert [r["id"] for r in ledger.claim()[1]] == [a, b]
+    assert ledger.forgotten_ids() == []
+    ledger.publish("v1", parent="original", made_by="unlearn", forget_hash_batch="h", forget_hash_cumulative="h",
+                   receipt_sha256="r", folder="f")  # fmt: skip
+    assert {r["id"]: r["state"] for r in ledger.requests()} == {a: "done", b: "done", c: "pending"}
+    assert ledger.forgotten_ids() == [3, 1, 2, "x", 4]
+    name, batch = ledger.claim()
+    assert name == "v2" and [r["id"] for r in batch] == [c]
+    ledger.close()
+    # the file is a real SQLite database another client reads
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        assert db.execute("SELECT name, made_by FROM versions").fetchall() == [("v1", "unlearn")]
+
+
+def test_publish_is_one_transaction(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.add([1, 2])
+    ledger.claim()
+    ledger.publish("v1", parent="original", made_by="unlearn", forget_hash_batch="h", forget_hash_cumulative="h",
+                   receipt_sha256="r", folder="f")  # fmt: skip
+    ledger.add([3])
+    ledger.claim()
+    with pytest.raises(sqlite3.IntegrityError):  # v1 again: the insert fails, so the requests stay running
+        ledger.publish("v1", parent="original", made_by="unlearn", forget_hash_batch="h",
+                       forget_hash_cumulative="h", receipt_sha256="r", folder="f")  # fmt: skip
+    assert [r["state"] for r in ledger.requests()] == ["done", "running"]
+    assert len(ledger.versions()) == 1
+    with pytest.raises(LedgerError, match="more than once"):
+        ledger.add([7, 7])
+    with pytest.raises(LedgerError, match="at least one id"):
+        ledger.add([])
+
+
+def test_not_a_ledger(tmp_path):
+    bad = tmp_path / "ledger.sqlite"
+    bad.write_text("not a database" * 100)
+    with pytest.raises(LedgerError, match="not a readable ledger"):
+        Ledger(bad).requests()
+
+
+def test_request_add_and_list_commands(tmp_path, capsys):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("5\n7\n9\n")
+    args = ["configs/demo.yaml", f"output_dir={tmp_path / 'stream'}"]
+    assert main(["request", "add", *args, "--ids", str(ids), "--note", "ticket 12"]) == 0
+    assert main(["request", "list", *args]) == 0
+    out = capsys.readouterr().out
+    assert "pending" in out and "ticket 12" in out and "3 ids" in out
+    assert (tmp_path / "stream" / "ledger.sqlite").is_file()  # beside the versions by default
+    other = tmp_path / "elsewhere" / "l.sqlite"
+    assert main(["request", "add", *args, f"ledger.path={other}", "--ids", str(ids)]) == 0
+    assert other.is_file()
+    assert main(["request", "add", *args]) == 2  # no --ids: one line
+    assert "needs --ids" in capsys.readouterr().err
+
+
+def test_earlier_ids_is_for_kind_ids_and_images():
+    with pytest.raises(ConfigError, match="earlier_ids needs forget.kind=ids"):
+        load_config("configs/demo.yaml", ["forget.earlier_ids=[1]"])
+    with pytest.raises(ConfigError, match="serves task=image_classification"):
+        load_config("configs/tofu.yaml", ["forget.kind=ids", "forget.ids=[1]", "forget.earlier_ids=[2]"])
+
+
+def test_forgotten_ids_never_in_a_later_retain_set(tiny_cifar, tmp_path):
+    """The job of version 2: forget = its batch, retain = training data minus every id ever forgotten."""
+    from engine.data.vision import prepare_data
+
+    cfg = load_config("configs/demo.yaml", tiny_overrides(tiny_cifar, tmp_path, **{"model.path": "m"}))
+    everything = prepare_data(cfg.data, cfg.model_copy(update={"forget": cfg.forget.model_copy(
+        update={"kind": "random", "fraction": 0.1})}).forget)  # fmt: skip
+    train = sorted(everything.forget.ids + everything.retain.ids)
+    earlier, batch = train[:12], train[12:24]
+    job = job_config(cfg, tmp_path / "v2", "m", batch, earlier, retrain=False)
+    data = prepare_data(job.data, job.forget)
+    assert sorted(data.forget.ids) == batch
+    assert not set(data.retain.ids) & set(earlier)
+    assert sorted(data.retain.ids) == train[24:]
+    retrain = job_config(cfg, tmp_path / "v2", "m", batch, earlier, retrain=True)
+    assert retrain.method.name == "retrain" and retrain.method.epochs == cfg.train.epochs
+    assert sorted(prepare_data(retrain.data, retrain.forget).retain.ids) == train[24:]
+    with pytest.raises(Exception, match="not in the training data"):  # an id forgotten before cannot be again
+        prepare_data(*(lambda j: (j.data, j.forget))(job_config(cfg, tmp_path / "v3", "m", earlier[:1], earlier,
+                                                                 retrain=False)))  # fmt: skip
+
+
+def _version(folder, name, parent, value, ledger, batch, cumulative):
+    """A version folder as `request process` publishes it (a one-tensor model), recorded in ``ledger``."""
+    stage = folder / name
+    (stage / "model").mkdir(parents=True)
+    save_file({"w": torch.full((3,), value)}, stage / "model" / "model.safetensors")
+    (stage / "config.yaml").write_text("seed: 0\n")
+    source = folder / parent / "model" if parent != "original" else folder / "original"
+    write_receipt(stage, forget={"kind": "ids"}, input_model=str(source), revision=None, outputs={"model": "model"},
+                  method={"name": "scrub"}, metrics={}, started_at="t")  # fmt: skip
+    receipt = json.loads((stage / "receipt.json").read_text())
+    previous = folder / parent / "receipt.json" if parent != "original" else None
+    receipt["chain"] = chain_section(name, parent, "unlearn", previous, batch, cumulative)
+    (stage / "receipt.json").write_text(json.dumps(receipt, indent=2))
+    ledger.add(batch)
+    ledger.claim()
+    ledger.publish(name, parent=parent, made_by="unlearn", forget_hash_batch=ids_sha256(batch),
+                   forget_hash_cumulative=ids_sha256(cumulative), receipt_sha256=sha256_file(stage / "receipt.json"),
+                   folder=str(stage))  # fmt: skip
+
+
+@pytest.fixture
+def chain(tmp_path):
+    folder = tmp_path / "stream"
+    (folder / "original").mkdir(parents=True)
+    save_file({"w": torch.zeros(3)}, folder / "original" / "model.safetensors")
+    ledger = Ledger(folder / "ledger.sqlite")
+    _version(folder, "v1", "original", 1.0, ledger, [1, 2], [1, 2])
+    _version(folder, "v2", "v1", 2.0, ledger, [3], [1, 2, 3])
+    _version(folder, "v3", "v2", 3.0, ledger, [4, 5], [1, 2, 3, 4, 5])
+    ledger.close()
+    return folder
+
+
+def test_chain_holds(chain, capsys):
+    assert len(verify_chain(chain)) == 3
+    assert len(verify_chain(chain, "v2")) == 2
+    assert main(["verify", "--chain", str(chain), "v3"]) == 0
+    assert "the chain of" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("at", [len("{\n  "), -3])  # a byte of the JSON's syntax; a byte inside a value
+def test_one_flipped_byte_fails_at_that_link(chain, capsys, at):
+    path = chain / "v1" / "receipt.json"
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match="the chain breaks at v1 "):
+        verify_chain(chain)
+    assert main(["verify", "--chain", str(chain)]) == 1
+    assert "the chain breaks at v1 " in capsys.readouterr().err
+
+
+def test_changed_model_or_link_fails_there(chain):
+    save_file({"w": torch.full((3,), 9.0)}, chain / "v2" / "model" / "model.safetensors")
+    with pytest.raises(VerifyError, match="the chain breaks at v2 .*not a model this receipt names"):
+        verify_chain(chain)
+    assert len(verify_chain(chain, "v1")) == 1  # the links before it still hold
+
+
+def test_chain_without_ledger_checks_the_hash_links(chain):
+    (chain / "ledger.sqlite").unlink()
+    assert len(verify_chain(chain)) == 3
+    receipt = json.loads((chain / "v2" / "receipt.json").read_text())
+    receipt["metrics"] = {"forget_error": 1.0}  # the receipt rewritten: v3's previous hash no longer holds
+    (chain / "v2" / "receipt.json").write_text(json.dumps(receipt))
+    with pytest.raises(VerifyError, match="the chain breaks at v3 .*previous_receipt_sha256"):
+        verify_chain(chain)
+
+
+def test_process_with_nothing_pending_and_verify_without_arguments(tmp_path, capsys):
+    args = ["configs/demo.yaml", f"output_dir={tmp_path / 'stream'}", "model.path=m"]
+    assert main(["request", "process", *args]) == 0
+    assert "no pending requests" in capsys.readouterr().out
+    assert main(["verify"]) == 2
+    assert "needs RECEIPT and MODEL_DIR (or --chain" in capsys.readouterr().err
+    assert main(["verify", "--chain", str(tmp_path / "stream")]) == 2
+    assert "holds no version folders" in capsys.readouterr().err

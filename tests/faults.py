@@ -359,7 +359,13 @@ def disk_full(ctx: Context) -> tuple[bool, str]:
     mount, saved = out.parent / "mnt", out.parent / "saved"
     mount.mkdir()
     out = mount / "out"
-    limit = int(size * 1.5)  # room for epoch 1 (and the config), not for epoch 2 beside it
+    # the run's token stores (OUTPUT.tokens, beside the run folder on the same tmpfs) take room too: the killed
+    # probe left its own behind (a SIGKILL runs no clean-up; the next complete run removes them)
+    stores = RunFolder(probe).tokens
+    tokens = sum(p.stat().st_size for p in stores.rglob("*") if p.is_file()) if stores.is_dir() else 0
+    limit = (
+        int(size * 1.5) + tokens
+    )  # room for the stores and epoch 1 (and the config), not for epoch 2 beside it
     inner = " ".join(["exec", sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml", *ctx.args(out)])
     script = (
         f"mount -t tmpfs -o size={limit} tmpfs {mount} || exit 97; ( {inner} ); rc=$?; "
@@ -385,7 +391,8 @@ def disk_full(ctx: Context) -> tuple[bool, str]:
         and identical
     )
     return ok, (
-        f"tmpfs of {limit:,} B (a checkpoint is {size:,} B): exit {p.returncode} after {seconds:.0f} s: "
+        f"tmpfs of {limit:,} B (a checkpoint is {size:,} B, the token stores {tokens:,} B): exit {p.returncode} after "
+        f"{seconds:.0f} s: "
         f"{error[:300]}; complete checkpoints left: {tags}; restart exit {second.code}; bit-identical: {identical}"
     )
 
@@ -505,7 +512,8 @@ def vision_kill(ctx: Context) -> tuple[bool, str]:
     identical = second.code == 0 and same_weights(out, ref)
     resumed = report(out)["resume"]["position"] if second.code == 0 else None
     said = "resuming from the checkpoint of epoch 1" in second.output
-    ok = first.code == -9 and tags == ["epoch_1"] and identical and resumed == "epoch 1" and said
+    # SCRUB+R keeps epoch 0 (the original) and every epoch's checkpoint until the run ends: it rewinds to one
+    ok = first.code == -9 and tags == ["epoch_0", "epoch_1"] and identical and resumed == "epoch 1" and said
     return (
         ok,
         f"exit {first.code}, checkpoints {tags}; restart exit {second.code} from {resumed}; bit-identical: {identical}",

@@ -346,6 +346,19 @@ def other_world_size(ctx: Context) -> tuple[bool, str]:
     )
 
 
+def token_store_bytes(args: list[str]) -> int:
+    """Bytes of the token stores `unlearn run configs/tofu.yaml ARGS` writes into OUTPUT.tokens."""
+    import tempfile
+
+    from engine.config import load_config
+    from engine.tasks import build_task
+
+    cfg = load_config("configs/tofu.yaml", args, command="run")
+    with tempfile.TemporaryDirectory() as tmp:
+        build_task(cfg, cfg.model.path).streams(folder=Path(tmp))
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+
 @case(
     "disk full during a save",
     "the run folder on a tmpfs with room for 1.5 checkpoints: epoch 2's save fails (ENOSPC) with an error "
@@ -359,13 +372,10 @@ def disk_full(ctx: Context) -> tuple[bool, str]:
     mount, saved = out.parent / "mnt", out.parent / "saved"
     mount.mkdir()
     out = mount / "out"
-    # the run's token stores (OUTPUT.tokens, beside the run folder on the same tmpfs) take room too: the killed
-    # probe left its own behind (a SIGKILL runs no clean-up; the next complete run removes them)
-    stores = RunFolder(probe).tokens
-    tokens = sum(p.stat().st_size for p in stores.rglob("*") if p.is_file()) if stores.is_dir() else 0
-    limit = (
-        int(size * 1.5) + tokens
-    )  # room for the stores and epoch 1 (and the config), not for epoch 2 beside it
+    # the run's token stores (OUTPUT.tokens, beside the run folder on the same tmpfs) take room too: written here
+    # the way the run writes them, to measure them
+    tokens = token_store_bytes(ctx.args(out))
+    limit = int(size * 1.5) + tokens  # room for the stores and epoch 1, not for epoch 2 beside it
     inner = " ".join(["exec", sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml", *ctx.args(out)])
     script = (
         f"mount -t tmpfs -o size={limit} tmpfs {mount} || exit 97; ( {inner} ); rc=$?; "

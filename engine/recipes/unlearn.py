@@ -148,10 +148,8 @@ def run_unlearning(
             method.prepare(student, task.method_context(backend))
         student, teacher = backend.prepare(student, teacher, cfg.method.build_optimizer)
         model = backend.unwrap(student)  # the Hugging Face module, for evaluation and export
-        if (
-            m.lora is not None and needs_teacher
-        ):  # the base weights, adapters disabled: never in the optimizer
-            teacher = AdapterDisabled(model)
+        if m.lora is not None and needs_teacher:
+            teacher = AdapterDisabled(model)  # the base weights, adapters disabled: never in the optimizer
         prepare_seconds = time.perf_counter() - t_prepare
         teacher_before = backend.fingerprint(teacher) if teacher is not None else None
         if not resume and original is None:  # ZeRO-3: now that forwards can gather the shards
@@ -173,9 +171,7 @@ def run_unlearning(
             if (
                 rewind
             ):  # SCRUB+R's epoch 0 is the original: a checkpoint of the start (resuming it = starting)
-                ckpt.save(
-                    "epoch_0", {"epoch": 1, "phase": None, "phase_index": 0, "step": 0, "epoch_losses": {}}
-                )
+                ckpt.end_of_epoch(0)
         log(f"original: {task.describe(original)}")
 
         first_step = []
@@ -249,12 +245,12 @@ def run_unlearning(
             # SCRUB+R: the epoch (0 = original) whose forget series is closest to the target (ties: earliest), the
             # task saying what the series and target are; its weights come back from that epoch's checkpoint on
             # every rank (under ZeRO-3 each its partition), then it is scored and exported as the final model was
-            series, target, record = task.rewind_series(history, final)
+            series, target, steering = task.rewind_series(history, final)
             j = select_rewind_epoch(series, target)
             ckpt.store.check(f"epoch_{j}")  # verified against its manifest before it is read
             backend.load_checkpoint(ckpt.folder, f"epoch_{j}", student, weights_only=False)
             rewound_metrics = task.evaluate(model, device, reference, backend=backend)
-            rewound = {"epoch": j, **record, "metrics": rewound_metrics}
+            rewound = {"epoch": j, **steering, "metrics": rewound_metrics}
             rsettings = {**settings, "rewound_to_epoch": j}
             weights = backend.full_state_dict(student)
             if backend.is_main:

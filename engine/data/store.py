@@ -60,13 +60,20 @@ def write_rows(folder: str | Path, rows: list[dict], encode_row, chunk_rows: int
     """A store of ``rows`` encoded by ``encode_row`` (a formatter's: ``{"input_ids", "labels"}``),
     ``chunk_rows`` rows at a time, so the whole set's tokens are never in memory at once."""
 
-    def batches():
-        for start in range(0, len(rows), chunk_rows):
-            encoded = [encode_row(r) for r in rows[start : start + chunk_rows]]
-            yield {"row": range(start, start + len(encoded)), "input_ids": [e["input_ids"] for e in encoded],
-                   "labels": [e["labels"] for e in encoded]}  # fmt: skip
+    batches = (
+        encode_rows(
+            encode_row, range(start, min(start + chunk_rows, len(rows))), rows[start : start + chunk_rows]
+        )
+        for start in range(0, len(rows), chunk_rows)
+    )
+    return write_token_store(folder, len(rows), batches)
 
-    return write_token_store(folder, len(rows), batches())
+
+def encode_rows(encode_row, numbers, rows: list[dict]) -> dict:
+    """A batch for ``write_token_store``: row numbers and the tokens of their rows, each encoded by
+    ``encode_row`` as ``TextStream`` encodes it (here, or in a Ray Data task: engine/launchers/ray_train.py)."""
+    out = [encode_row(r) for r in rows]
+    return {"row": numbers, "input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
 
 
 class TokenStore:

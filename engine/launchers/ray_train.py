@@ -103,13 +103,6 @@ def write_stores(
     return stores
 
 
-def encode_rows(formatter, numbers, rows: list[dict]) -> dict:
-    """A batch for ``write_token_store``: row numbers and the tokens of their rows, encoded as ``TextStream``
-    encodes them (in the driver, or in a Ray Data task)."""
-    out = [formatter.encode_row(r) for r in rows]
-    return {"row": numbers, "input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
-
-
 def tokenize_to_store(
     rows: list[dict], formatter, folder: Path, rows_per_block: int = ROWS_PER_BLOCK
 ) -> Path:
@@ -122,10 +115,10 @@ def tokenize_to_store(
     tokenizing tasks take a CPU each, so at most one per CPU runs at once."""
     import ray.data
 
-    from engine.data.store import write_token_store
+    from engine.data.store import encode_rows, write_token_store
 
     def encode(batch: dict) -> dict:
-        return encode_rows(formatter, batch["row"], [json.loads(r) for r in batch["row_json"]])
+        return encode_rows(formatter.encode_row, batch["row"], [json.loads(r) for r in batch["row_json"]])
 
     # each row travels as JSON: a block's columns then need no common schema (pairs, windows of token ids)
     keep = ("question", "answer", "input_ids")

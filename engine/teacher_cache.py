@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +110,6 @@ def fill_teacher_cache(
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    autocast = getattr(backend, "autocast", nullcontext)
     out = {}
     try:
         for name, stream in streams.items():
@@ -129,7 +127,7 @@ def fill_teacher_cache(
                     rows if real else torch.zeros(1, dtype=torch.long)
                 )  # a stand-in: discarded
                 batch = {key: v.to(backend.device) if torch.is_tensor(v) else v for key, v in batch.items()}
-                with autocast():
+                with backend.autocast():
                     logits = forward(model, batch)
                 if not real:
                     continue

@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.backends.base import Backend
 from engine.methods.losses import TopKLogits, distill_kl_sum
 from engine.teacher_cache import fill_teacher_cache
 from tests.conftest import tofu_overrides
 
 
-class OneProcess:
-    rank, world_size, is_main, device = 0, 1, True, torch.device("cpu")
+class OneProcess(Backend):
+    """The base backend's one process (rank 0 of 1, no autocast) with the gather a real backend has."""
 
     def gather_object(self, obj):
         return [obj]

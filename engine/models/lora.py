@@ -260,16 +260,6 @@ class _Delta(torch.nn.Module):
         return self.layer.get_delta_weight(self.adapter)
 
 
-def lora_parameter_distance(model: torch.nn.Module) -> torch.Tensor:
-    """``engine.methods.losses.parameter_distance`` between a LoRA student's effective weights and its base
-    (the teacher): the sum over adapted weights of ``||scaling * B @ A||_F`` (differentiable), the only weights
-    in which the two differ. The plain form cannot be used: the student's and the teacher's parameter lists do
-    not pair up (the student has the adapters on top of the same base weights)."""
-    adapter = model.active_adapter
-    terms = [torch.linalg.vector_norm(layer.get_delta_weight(adapter)) for _, layer in lora_layers(model)]
-    return torch.stack(terms).sum()
-
-
 class AdapterDisabled(torch.nn.Module):
     """The teacher of a LoRA student: calls the student's base model with its adapters disabled and in eval
     mode (no dropout; BatchNorm's original running statistics), under no_grad by the loop. It holds no module

@@ -1,5 +1,5 @@
 """`unlearn train | run | audit | eval CONFIG [key=value ...]`, `unlearn verify RECEIPT MODEL_DIR`,
-`unlearn verify --chain FOLDER [VERSION]`, `unlearn request add | list | process CONFIG`,
+`unlearn verify --chain FOLDER [VERSION]`, `unlearn request add | list | process | release CONFIG`,
 `unlearn convert-gguf GGUF OUT_DIR` and `unlearn configs [ls | cp NAME DEST]`."""
 
 from __future__ import annotations
@@ -50,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chain", metavar="FOLDER", help="a request stream's output_dir (v1, v2, ... and ledger.sqlite)"
     )
     p.add_argument("--ledger", help="--chain: the ledger file when not FOLDER/ledger.sqlite")
-    text = "deletion requests as a stream: add one (its ids), list them and the versions, process the pending ones"
+    text = (
+        "deletion requests as a stream: add one (its ids), list them and the versions, process the pending ones, "
+        "release a batch whose job failed (back to pending)"
+    )
     p = sub.add_parser("request", help=text, description=text)
-    p.add_argument("action", choices=["add", "list", "process"])
+    p.add_argument("action", choices=["add", "list", "process", "release"])
     p.add_argument("config", help="YAML config: a path or a shipped config's name (`unlearn configs`)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--ids", help="add: a file of the ids to forget, one per line (or a JSON list)")
@@ -168,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 request.add_request(cfg, args.ids, args.note)
             elif args.action == "list":
                 print(request.list_requests(cfg))
+            elif args.action == "release":
+                request.release_requests(cfg)
             else:
                 request.process_requests(cfg)
             return 0

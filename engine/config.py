@@ -453,6 +453,14 @@ class LedgerConfig(StrictModel):
         description="Serve every N-th version by retraining from scratch (method=retrain, the train section's "
         "recipe) on the cumulative retain set instead of unlearning; null: always unlearn.",
     )
+    retrain_bound: float | None = Field(
+        None,
+        ge=0,
+        description="Audit drift bound, in points of error (image_classification): when an unlearned version's "
+        "error on every example forgotten so far differs from the error unseen examples of the same classes have "
+        "(report.json forgotten_error vs forgotten_val_error) by more than this, the batch is served by "
+        "retraining instead and the unlearned candidate is discarded; null: no bound.",
+    )
 
 
 NEEDS = {

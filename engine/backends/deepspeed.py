@@ -183,37 +183,42 @@ def ds_optimizer(settings) -> dict:
     }
 
 
+def init_process_group(cfg) -> None:
+    """Join the launcher's process group (a world of one when started plainly) through DeepSpeed's comm layer,
+    which adopts one that exists already (Ray Train's, or `unlearn request process`'s, made here before its job)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    # DeepSpeed 0.19 calls collectives torch 2.13 deprecated: one warning per call, every step, every rank
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings(
+            "ignore", message=f".*torch.distributed.{name}.* is deprecated", category=FutureWarning
+        )
+    backend = (
+        cfg.dist_backend if cfg.dist_backend != "auto" else "nccl" if torch.cuda.is_available() else "gloo"
+    )
+    _accelerate_settings(cfg, build_ds_config(cfg, world_size=1))  # before any rank waits for another
+    if not dist.is_initialized():
+        _launcher_env()
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=cfg.timeout_s),
+        verbose=False,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def __init__(self, cfg):
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
         import torch.distributed as dist
 
-        # DeepSpeed 0.19 calls collectives torch 2.13 deprecated: one warning per call, every step, every rank
-        for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-            warnings.filterwarnings(
-                "ignore", message=f".*torch.distributed.{name}.* is deprecated", category=FutureWarning
-            )
-        backend = (
-            cfg.dist_backend
-            if cfg.dist_backend != "auto"
-            else "nccl"
-            if torch.cuda.is_available()
-            else "gloo"
-        )
-        _accelerate_settings(cfg, build_ds_config(cfg, world_size=1))  # before any rank waits for another
-        if not dist.is_initialized():  # Ray Train workers come with their process group
-            _launcher_env()
-        # DeepSpeed's comm layer adopts an existing torch process group (Ray Train's)
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            timeout=timedelta(seconds=cfg.timeout_s),
-            verbose=False,
-        )
+        init_process_group(cfg)
         self.dist = dist
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if torch.cuda.is_available():

@@ -115,6 +115,9 @@ class UnlearningData:
     forget_kind: str
     description: str
     extra: dict = field(default_factory=dict)
+    # every example forgotten up to this version (forget.earlier_ids in the data + this forget set): the set a
+    # stream of deletion requests is audited on; None without earlier ids
+    forgotten: ImageSet | None = None
 
     @property
     def num_labels(self) -> int:
@@ -323,9 +326,13 @@ def prepare_data(dcfg, fcfg) -> UnlearningData:
                     f"{len(held)} {what} ids are in the validation hold-out (never trained on), e.g. {held[:5]}; "
                     "drop them or set data.val_fraction=0"
                 )
-    if getattr(fcfg, "earlier_ids", None):  # forgotten by earlier versions: never trained on again
+    earlier_rows = None
+    if (
+        getattr(fcfg, "earlier_ids", None) is not None
+    ):  # forgotten by earlier versions: never trained on again
         earlier = set(fcfg.earlier_ids)
-        train = train.subset(np.array([i not in earlier for i in train.ids], dtype=bool))
+        is_earlier = np.array([i in earlier for i in train.ids], dtype=bool)
+        earlier_rows, train = train.subset(is_earlier), train.subset(~is_earlier)
     mask, forget_classes, description = select_forget(train, class_names, fcfg)
     retain_mask = select_retain(train, mask, fcfg)
     if fcfg.retain_ids is not None or fcfg.retain_ids_file is not None:
@@ -347,6 +354,7 @@ def prepare_data(dcfg, fcfg) -> UnlearningData:
         forget_kind=fcfg.kind,
         description=description,
         extra={"retain_by_id": fcfg.retain_ids is not None or fcfg.retain_ids_file is not None},
+        forgotten=None if earlier_rows is None else earlier_rows.concat(forget),
     )
 
 

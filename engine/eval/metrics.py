@@ -61,9 +61,10 @@ def evaluate(
     """
     test_labels = data.test.labels.numpy()
     in_forget_classes = np.isin(test_labels, data.forget_classes)
+    names = ("forget", "retain", "val", "forget_val", "test")
+    names += ("forgotten",) if getattr(data, "forgotten", None) is not None else ()
     p = predictions or {
-        name: predict(model, getattr(data, name), transform, batch_size, device)
-        for name in ("forget", "retain", "val", "forget_val", "test")
+        name: predict(model, getattr(data, name), transform, batch_size, device) for name in names
     }
     test_kept = ~in_forget_classes if data.forget_kind == "class" else np.ones_like(in_forget_classes)
     sel = lambda pred, m: {k: v[m] for k, v in pred.items()}  # noqa: E731
@@ -75,6 +76,8 @@ def evaluate(
         "forget_val_error": _error(p["forget_val"]),
         "forget_test_error": _error(sel(p["test"], in_forget_classes)),
     }
+    if "forgotten" in names:
+        out.update(forgotten_scores(p, data, test_labels, attacks, seed))
     if attacks:
         # Basic MIA: members = forget examples, non-members = test examples of the forget set's classes.
         # MIA-efficacy (SalUn): an attack fit on retain vs the whole test set, applied to the forget set.
@@ -82,4 +85,24 @@ def evaluate(
         out["mia_efficacy"] = 100.0 * mia_efficacy(
             p["retain"]["conf"], p["test"]["conf"], p["forget"]["conf"], seed=seed
         )
+    return out
+
+
+def forgotten_scores(p: dict, data, test_labels: np.ndarray, attacks: bool, seed: int) -> dict:
+    """A stream of deletion requests (``data.forgotten``: every example forgotten up to this version).
+    ``forgotten_error``: the error on them; ``forgotten_val_error``: the error unseen examples of the same class mix
+    have (validation error per class, weighted by the forgotten set's class counts): what a model that never saw
+    them would show, the reference `ledger.retrain_bound` measures drift from; ``forgotten_mia``: the basic attack,
+    forgotten examples vs test examples of their classes."""
+    labels, val_labels = data.forgotten.labels.numpy(), data.val.labels.numpy()
+    classes, counts = np.unique(labels, return_counts=True)
+    val_wrong = 1.0 - p["val"]["correct"]
+    per_class = [val_wrong[val_labels == c].mean() if (val_labels == c).any() else np.nan for c in classes]
+    out = {
+        "forgotten_error": _error(p["forgotten"]),
+        "forgotten_val_error": float(100.0 * np.dot(counts / counts.sum(), per_class)),
+    }
+    if attacks:
+        test_loss = p["test"]["loss"][np.isin(test_labels, classes)]
+        out["forgotten_mia"] = 100.0 * basic_mia(p["forgotten"]["loss"], test_loss, seed=seed)
     return out

@@ -91,7 +91,7 @@ def job_config(
     if input_model != cfg.model.path:
         data["model"] = {**data["model"], "path": input_model, "revision": None}
     data["forget"] = {**data["forget"], "kind": "ids", "ids": sorted_ids(batch), "ids_file": None,
-                      "retain_ids": None, "retain_ids_file": None, "earlier_ids": sorted_ids(earlier) or None}  # fmt: skip
+                      "retain_ids": None, "retain_ids_file": None, "earlier_ids": sorted_ids(earlier)}  # fmt: skip
     if retrain:
         t = cfg.train
         data["method"] = {"name": "retrain", "epochs": t.epochs, "lr": t.lr, "lr_decay_epochs": t.lr_decay_epochs,
@@ -112,49 +112,160 @@ def run_job(job: RunConfig) -> None:
         recipe.run(job)
 
 
+def audit_drift(report_path: Path) -> dict:
+    """How far an unlearned version's error on every example forgotten so far is from the error unseen examples
+    of the same classes have (engine/eval/metrics.py ``forgotten_scores``), in points."""
+    m = json.loads(report_path.read_text())["metrics"]
+    error, reference = m.get("forgotten_error", m["forget_error"]), m.get("forgotten_val_error")
+    if reference is None:
+        raise LedgerError(
+            f"{report_path} has no forgotten_val_error: ledger.retrain_bound needs task=image_classification"
+        )
+    return {"forgotten_error": error, "forgotten_val_error": reference, "drift": abs(error - reference)}
+
+
+def make_version(cfg: RunConfig, name: str, input_model: str, batch: list, earlier: list, log=print) -> tuple:
+    """Run the job(s) of version ``name`` on every rank (each skipped when its folder is complete: a rerun after a
+    crash resumes); returns the finished job folder, how it was made and why (the ``policy`` of the chain)."""
+    number, jobs = int(name[1:]), Path(cfg.output_dir) / ".jobs"
+    every, bound = cfg.ledger.retrain_every, cfg.ledger.retrain_bound
+    if every and number % every == 0:
+        policy = {"reason": "retrain_every", "every": every}
+        source = jobs / name
+        if not source.exists():
+            run_job(job_config(cfg, source, input_model, batch, earlier, retrain=True))
+        return source, "retrain", policy
+    candidate = jobs / name
+    if not candidate.exists():  # else: the job completed before a crash
+        run_job(job_config(cfg, candidate, input_model, batch, earlier, retrain=False))
+    if bound is None:
+        return candidate, "unlearn", None
+    drift = audit_drift(candidate / "report.json")
+    policy = {"reason": None, "bound": bound, "candidate": drift}
+    if drift["drift"] <= bound:
+        return candidate, "unlearn", policy
+    log(f"{name}: the unlearned candidate's forgotten error {drift['forgotten_error']:.2f} is {drift['drift']:.2f} "
+        f"points from unseen data's {drift['forgotten_val_error']:.2f} (bound {bound}): retraining instead")  # fmt: skip
+    source = jobs / f"{name}-retrain"
+    if not source.exists():
+        run_job(job_config(cfg, source, input_model, batch, earlier, retrain=True))
+    return source, "retrain", {**policy, "reason": "retrain_bound"}
+
+
+def release_requests(cfg: RunConfig, log=print) -> list[int]:
+    """Put the running requests back to pending (after their job failed with an error a rerun would repeat) and
+    delete the unpublished job folders of their version, so the next `process` starts them afresh with whatever
+    else is pending. A version already published is never touched."""
+    import shutil
+
+    ledger = Ledger(ledger_path(cfg))
+    try:
+        running = ledger.requests("running")
+        if running and (Path(cfg.output_dir) / running[0]["version"]).exists():
+            raise LedgerError(f"{running[0]['version']} is published but not yet recorded: run `unlearn request "
+                              "process` to record it")  # fmt: skip
+        name, ids = ledger.release()
+    finally:
+        ledger.close()
+    if name is None:
+        log("no running requests")
+        return []
+    jobs = Path(cfg.output_dir) / ".jobs"
+    for stale in sorted(jobs.glob(f"{name}*")) if jobs.is_dir() else []:
+        if stale.name.split(".")[0] in (name, f"{name}-retrain"):
+            shutil.rmtree(stale, ignore_errors=True)
+    log(f"released requests {', '.join(map(str, ids))} (were {name}): pending again")
+    return ids
+
+
 def process_requests(cfg: RunConfig, log=print) -> Path | None:
-    """Serve every pending request with one new version; the published version folder (None: nothing pending)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("`unlearn request process` runs as one process: it starts its job on backend.name "
-                          "(ray for several workers), not under a multi-process launcher")  # fmt: skip
+    """Serve every pending request with one new version; the published version folder (None: nothing pending).
+
+    Under a multi-process launcher (deepspeed, torchrun, Slurm) with backend.name=deepspeed every rank calls this:
+    the main rank claims the batch and tells the others (one broadcast), all run the version's job together, and
+    the main rank alone publishes it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.backend.name != "deepspeed":
+        raise ConfigError("under a multi-process launcher `unlearn request process` needs backend.name=deepspeed "
+                          "(every rank runs the version's job); for Ray workers start it as one process with "
+                          "backend.name=ray")  # fmt: skip
     if cfg.model.path is None:
         raise ConfigError(
             "`unlearn request process` needs model.path: the Original the first version unlearns"
         )
+    if cfg.ledger.retrain_bound is not None and cfg.task != "image_classification":
+        raise ConfigError("ledger.retrain_bound measures drift on image_classification (forgotten_val_error); "
+                          "use ledger.retrain_every for other tasks")  # fmt: skip
+    main = True
+    if world > 1:
+        import torch.distributed as dist
+
+        from engine.backends.deepspeed import init_process_group
+
+        init_process_group(cfg.backend)  # the version's DeepSpeed backend adopts this group
+        main = dist.get_rank() == 0
     folder = Path(cfg.output_dir)
-    ledger = Ledger(ledger_path(cfg))
+    ledger = Ledger(ledger_path(cfg)) if main else None
     try:
-        claim = ledger.claim()
-        if claim is None:
+        plan = claim_batch(ledger) if main else None
+        if world > 1:
+            box = [plan]
+            dist.broadcast_object_list(box, src=0)
+            plan = box[0]
+        if plan is None:
             log("no pending requests")
+            if world > 1:
+                dist.destroy_process_group()
             return None
-        name, batch_requests = claim
+        name, request_ids, batch, earlier = plan
         number = int(name[1:])
-        batch = list(dict.fromkeys(i for r in batch_requests for i in r["ids"]))
-        earlier = ledger.forgotten_ids()
         cumulative = earlier + [i for i in batch if i not in set(earlier)]
         parent = version_name(number - 1) if number > 1 else "original"
         input_model = str(folder / parent / "model") if number > 1 else cfg.model.path
-        retrain = bool(cfg.ledger.retrain_every) and number % cfg.ledger.retrain_every == 0
-        made_by = "retrain" if retrain else "unlearn"
-        job_out, final = folder / ".jobs" / name, folder / name
-        log(f"{name}: {len(batch_requests)} requests, {len(batch)} ids ({len(cumulative)} forgotten in all), "
-            f"{made_by} from {parent}")  # fmt: skip
+        final = folder / name
+        log(
+            f"{name}: {len(request_ids)} requests, {len(batch)} ids ({len(cumulative)} forgotten in all), from {parent}"
+        )
         if not final.exists():
-            if not job_out.exists():  # else: the job completed before a crash
-                run_job(job_config(cfg, job_out, input_model, batch, earlier, retrain))
+            source, made_by, policy = make_version(cfg, name, input_model, batch, earlier, log)
+            if not main:
+                return final
             faults.inject("request_after_job", number)
-            receipt_path = job_out / "receipt.json"
+            receipt_path = source / "receipt.json"
             receipt = json.loads(receipt_path.read_text())
             previous = folder / parent / "receipt.json" if number > 1 else None
-            receipt["chain"] = chain_section(name, parent, made_by, previous, batch, cumulative)
+            receipt["chain"] = chain_section(name, parent, made_by, previous, batch, cumulative, policy)
             write_text_atomic(receipt_path, json.dumps(receipt, indent=2))
-            os.replace(job_out, final)
+            os.replace(source, final)
+        if not main:
+            return final
         faults.inject("request_during_publish", number)
+        made_by = json.loads((final / "receipt.json").read_text())["chain"]["made_by"]
         ledger.publish(name, parent=parent, made_by=made_by, forget_hash_batch=ids_sha256(batch),
                        forget_hash_cumulative=ids_sha256(cumulative),
                        receipt_sha256=sha256_file(final / "receipt.json"), folder=str(final))  # fmt: skip
     finally:
-        ledger.close()
-    log(f"published {final}: requests {', '.join(str(r['id']) for r in batch_requests)} done")
+        if ledger is not None:
+            ledger.close()
+    discard_jobs(folder / ".jobs", name)
+    log(f"published {final} ({made_by}): requests {', '.join(map(str, request_ids))} done")
     return final
+
+
+def claim_batch(ledger: Ledger) -> tuple | None:
+    """(version name, request numbers, this batch's ids, every id forgotten before) of the next version."""
+    claim = ledger.claim()
+    if claim is None:
+        return None
+    name, batch_requests = claim
+    batch = list(dict.fromkeys(i for r in batch_requests for i in r["ids"]))
+    return name, [r["id"] for r in batch_requests], batch, ledger.forgotten_ids()
+
+
+def discard_jobs(jobs: Path, name: str) -> None:
+    """A published version's leftovers: an unlearned candidate the drift bound replaced."""
+    import shutil
+
+    for leftover in (jobs / name, jobs / f"{name}-retrain"):
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)

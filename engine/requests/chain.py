@@ -19,12 +19,21 @@ from engine.errors import EngineError
 
 
 def chain_section(
-    version: str, parent: str, made_by: str, previous: Path | None, batch: list, cumulative: list
+    version: str,
+    parent: str,
+    made_by: str,
+    previous: Path | None,
+    batch: list,
+    cumulative: list,
+    policy: dict | None = None,
 ) -> dict:
+    """``policy``: why the version was made the way it was (ledger.retrain_every / retrain_bound, with the
+    unlearned candidate's drift); null when no retraining policy is set."""
     return {
         "version": version,
         "parent": parent,
         "made_by": made_by,
+        "policy": policy,
         "previous_receipt_sha256": sha256_file(previous) if previous is not None else None,
         "forget_ids_sha256_batch": ids_sha256(batch),
         "forget_ids_sha256_cumulative": ids_sha256(cumulative),

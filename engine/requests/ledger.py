@@ -113,6 +113,21 @@ class Ledger:
                 )
         return name, self.requests_of(name)
 
+    def release(self) -> tuple[str | None, list[int]]:
+        """Running requests back to pending, unless their version is already recorded; (their version, their
+        numbers), (None, []) when none is running."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, version FROM requests WHERE state = 'running' ORDER BY id"
+            ).fetchall()
+            if not rows:
+                return None, []
+            name = rows[0]["version"]
+            if db.execute("SELECT 1 FROM versions WHERE name = ?", (name,)).fetchone():
+                raise LedgerError(f"{name} is already recorded; run `unlearn request process` to finish it")
+            db.execute("UPDATE requests SET state = 'pending', version = NULL WHERE state = 'running'")
+        return name, [r["id"] for r in rows]
+
     def requests_of(self, name: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM requests WHERE version = ? ORDER BY id", (name,)).fetchall()
         return [{**dict(r), "ids": json.loads(r["ids_json"])} for r in rows]

@@ -29,8 +29,21 @@ from engine.models.loading import (
 if TYPE_CHECKING:
     from engine.backends.base import Backend
 
-HEADLINE = ("forget_error", "retain_error", "test_error", "val_error", "mia", "mia_efficacy")
+HEADLINE = (
+    "forget_error",
+    "retain_error",
+    "test_error",
+    "val_error",
+    "mia",
+    "mia_efficacy",
+    "forgotten_error",
+)
 SPLITS = ("forget", "retain", "val", "forget_val", "test")  # what engine/eval/metrics.py evaluates on
+
+
+def splits(data: UnlearningData) -> tuple[str, ...]:
+    """SPLITS, and ``forgotten`` (every id forgotten up to this version) when a request stream gave earlier ids."""
+    return SPLITS + (("forgotten",) if data.forgotten is not None else ())
 
 
 def load_data_and_transform(cfg, model_path: str | None):
@@ -52,7 +65,7 @@ def shared_predictions(
     """``predict`` on every split, each rank on its share of the rows (engine/eval/shard.py: whole batches,
     so each image is classified in the batch it would be in alone), gathered in row order on every rank."""
     out = {}
-    for name in SPLITS:
+    for name in splits(data):
         split: ImageSet = getattr(data, name)
         mine = share(len(split), batch_size, backend.rank, backend.world_size)
         rows = torch.tensor(mine.rows, dtype=torch.long)

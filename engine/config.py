@@ -233,7 +233,7 @@ class ForgetConfig(StrictModel):
         None,
         description="ids: example ids forgotten by earlier model versions (`unlearn request process` sets it): "
         "in neither the forget nor the retain set, so no forgotten example is ever trained on again "
-        "(image_classification).",
+        "(image_classification, and causal_lm: TOFU and any text data).",
     )
     seed: int = Field(0, description="Seed of the selective / random draw.")
 
@@ -543,6 +543,12 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "model.gradient_checkpointing is for causal LMs (task=causal_lm): unset it for image classifiers"
             )
+        # refused here, not only when `unlearn request process` reaches the N-th version's job
+        if self.task == "causal_lm" and self.ledger.retrain_every:
+            raise ValueError(
+                "ledger.retrain_every makes a version with method=retrain, which serves image classifiers only: "
+                "unset ledger.retrain_every for task=causal_lm"
+            )
         if self.task == "causal_lm" and getattr(self.method, "augment", False):
             raise ValueError(
                 "method.augment (random crops and flips) is for images: set method.augment=false"
@@ -562,10 +568,6 @@ class RunConfig(StrictModel):
                 what = ", ".join(f"data.{k}" for k in text_columns) or f"forget.kind={f.kind}"
                 raise ValueError(f"{what} is for text data: set task=causal_lm")
             return
-        if f.earlier_ids:
-            raise ValueError(
-                "forget.earlier_ids (deletion requests as a stream) serves task=image_classification"
-            )
         if d.preset == "tofu":
             if text_columns:
                 raise ValueError(

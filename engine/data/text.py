@@ -112,6 +112,24 @@ class TofuData:
         }
 
 
+def earlier_keys(fcfg, key=lambda i: i) -> set:
+    """``forget.earlier_ids`` (the ids forgotten by earlier versions: `unlearn request process`), as ``key`` makes
+    them: the rows they name are in neither the forget nor the retain set, so no forgotten row is trained on again.
+    They are matched as the forget ids are (``key``), and one that names no row is ignored, as for images: no row
+    of it is trained on, and the data may since have dropped the row it named."""
+    return {key(i) for i in (getattr(fcfg, "earlier_ids", None) or [])} if fcfg is not None else set()
+
+
+def refuse_forgotten_again(wanted: list, earlier: set, key=lambda i: i) -> None:
+    """Refuse forget ids that an earlier version forgot already (``earlier``: ``earlier_keys``)."""
+    again = [i for i in wanted if key(i) in earlier]
+    if again:
+        raise DataError(
+            f"{len(again)} forget ids were forgotten by an earlier version (forget.earlier_ids), e.g. {again[:5]}: "
+            "an example is forgotten once; drop them from forget.ids"
+        )
+
+
 def prepare_tofu(cfg, fcfg=None) -> TofuData:
     """Resolve the forget/retain/holdout/utility sets of ``cfg`` (a ``TofuConfig``).
 
@@ -120,7 +138,8 @@ def prepare_tofu(cfg, fcfg=None) -> TofuData:
     first N - k authors, the holdout (non-members) the first k authors of the matching holdout split.
 
     ``fcfg`` (a ``ForgetConfig``) with ``kind=ids``: the same N authors are the training data, and the forget
-    set is the rows named by id (row indices of ``full``), the retain set every other row of them. TOFU
+    set is the rows named by id (row indices of ``full``), the retain set every other row of them but those of
+    ``forget.earlier_ids`` (forgotten by earlier versions: in neither set, nor in the model-utility rows). TOFU
     has perturbed answers (truth ratio, forget quality) for its first 20 authors and its forget-split
     authors only: the forget metrics are computed over the named rows that have them.
     """
@@ -164,6 +183,8 @@ def prepare_tofu(cfg, fcfg=None) -> TofuData:
 
         training = retain + forget
         wanted = requested_ids(fcfg.ids, fcfg.ids_file, "forget")
+        earlier = earlier_keys(fcfg)  # row indices of full, matched as the forget ids are
+        refuse_forgotten_again(wanted, earlier)
         known = {r["id"] for r in training}
         missing = [i for i in wanted if not isinstance(i, int) or i not in known]
         if not wanted or missing:
@@ -174,7 +195,11 @@ def prepare_tofu(cfg, fcfg=None) -> TofuData:
             )
         keys = set(wanted)
         forget = [r for r in training if r["id"] in keys]
-        retain = [r for r in training if r["id"] not in keys]
+        retain = [r for r in training if r["id"] not in keys and r["id"] not in earlier]
+        if not retain:
+            raise DataError(
+                "the retain set is empty: forget.ids and forget.earlier_ids cover every row tofu.num_authors keeps"
+            )
         perturbed = {r["question"]: r for r in load_tofu_split(cfg.dataset, "retain_perturbed")}
         perturbed.update({r["question"]: r for r in forget_eval})
         forget_eval = [
@@ -185,7 +210,8 @@ def prepare_tofu(cfg, fcfg=None) -> TofuData:
                 "none of forget.ids has TOFU's perturbed answers (its first 20 authors and the forget-split "
                 "authors have them): name at least one such row, so that forgetting can be scored"
             )
-        forgotten = {r["question"] for r in forget}
+        # model utility is scored on retain rows: neither this batch nor any row an earlier version forgot
+        forgotten = {r["question"] for r in training if r["id"] in keys or r["id"] in earlier}
         retain_eval = [r for r in retain_eval if r["question"] not in forgotten]
         holdout = holdout[: max(1, len(forget))]
         description = (
@@ -394,6 +420,7 @@ def _select(train: list[dict], fcfg, id_column: str | None) -> tuple[list[bool],
             raise DataError(
                 "forget.kind=ids needs forget.ids or forget.ids_file (the ids of the rows to forget)"
             )
+        refuse_forgotten_again(wanted, earlier_keys(fcfg, str), str)
         known = {str(r["source_id"]) for r in train}
         missing = [i for i in wanted if str(i) not in known]
         if missing:
@@ -427,7 +454,8 @@ def _select(train: list[dict], fcfg, id_column: str | None) -> tuple[list[bool],
 
 def prepare_text(dcfg, fcfg, hcfg, formatter) -> TextData:
     """Rows of ``data.dataset`` (any file, folder or hub id ``datasets`` reads) as prompt/answer pairs or
-    document windows, split into forget and retain by ``forget.kind``, plus the holdout corpus."""
+    document windows, split into forget and retain by ``forget.kind`` (the rows of ``forget.earlier_ids`` in
+    neither), plus the holdout corpus."""
     from engine.data.sources import load_rows
 
     documents = dcfg.text_column is not None
@@ -454,6 +482,9 @@ def prepare_text(dcfg, fcfg, hcfg, formatter) -> TextData:
         return out
 
     train = rows_of(dcfg.dataset, "data.dataset")
+    earlier = earlier_keys(fcfg, str)  # ids matched as the forget ids are: as strings (_select)
+    if earlier:  # forgotten by earlier versions: neither forgotten nor retained here, never trained on again
+        train = [r for r in train if str(r["source_id"]) not in earlier]
     if fcfg.kind == "dataset":
         forget_rows, retain_rows = rows_of(fcfg.dataset, "forget.dataset", "forget:"), train
         key = (lambda r: r[dcfg.text_column]) if documents else (lambda r: (r["question"], r["answer"]))

@@ -15,11 +15,11 @@ from engine.checkpoint.receipt import VerifyError, sha256_file, write_receipt
 from engine.cli import main
 from engine.config import load_config
 from engine.data.selection import ids_sha256
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.recipes.request import job_config
 from engine.requests.chain import chain_section, verify_chain
 from engine.requests.ledger import Ledger, LedgerError
-from tests.conftest import tiny_overrides
+from tests.conftest import TOFU, text_overrides, tiny_overrides, tofu_overrides, write_author_documents
 
 
 def test_add_claim_publish(tmp_path):
@@ -90,11 +90,21 @@ def test_request_add_and_list_commands(tmp_path, capsys):
     assert "needs --ids" in capsys.readouterr().err
 
 
-def test_earlier_ids_is_for_kind_ids_and_images():
+def test_earlier_ids_is_for_kind_ids_on_both_tasks():
     with pytest.raises(ConfigError, match="earlier_ids needs forget.kind=ids"):
         load_config("configs/demo.yaml", ["forget.earlier_ids=[1]"])
-    with pytest.raises(ConfigError, match="serves task=image_classification"):
-        load_config("configs/tofu.yaml", ["forget.kind=ids", "forget.ids=[1]", "forget.earlier_ids=[2]"])
+    with pytest.raises(ConfigError, match="earlier_ids needs forget.kind=ids"):  # text.yaml forgets by where
+        load_config("configs/text.yaml", ["forget.earlier_ids=[1]"])
+    # task=causal_lm serves it: TOFU and any text data
+    tofu = load_config("configs/tofu.yaml", ["forget.kind=ids", "forget.ids=[1]", "forget.earlier_ids=[2]"])
+    assert tofu.task == "causal_lm" and tofu.data.preset == "tofu" and tofu.forget.earlier_ids == [2]
+    text = load_config(
+        "configs/text.yaml", ["forget.kind=ids", "forget.ids=[1]", "forget.earlier_ids=[0, a]"]
+    )
+    assert text.task == "causal_lm" and text.data.preset is None and text.forget.earlier_ids == [0, "a"]
+    # no method=retrain for causal LMs: ledger.retrain_every is refused with the config, not at version N
+    with pytest.raises(ConfigError, match="retrain_every makes a version with method=retrain"):
+        load_config("configs/tofu.yaml", ["ledger.retrain_every=2"])
 
 
 def test_forgotten_ids_never_in_a_later_retain_set(tiny_cifar, tmp_path):
@@ -117,6 +127,87 @@ def test_forgotten_ids_never_in_a_later_retain_set(tiny_cifar, tmp_path):
     with pytest.raises(Exception, match="not in the training data"):  # an id forgotten before cannot be again
         prepare_data(*(lambda j: (j.data, j.forget))(job_config(cfg, tmp_path / "v3", "m", earlier[:1], earlier,
                                                                  retrain=False)))  # fmt: skip
+
+
+def test_forgotten_tofu_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
+    """TOFU (the mirror's copy), 10 authors: the job of version 2 forgets its batch, and the rows earlier versions
+    forgot are in no set it trains on (retain rows, their token stores, the Ray driver's rows) nor in the retain
+    rows that model utility is scored on; an earlier id naming no kept row (5000) is ignored, as for images."""
+    from engine.data.text import load_tofu_split, prepare_tofu
+    from engine.tasks.causal_lm import CausalLM, token_rows
+
+    cfg = load_config(
+        "configs/tofu.yaml", tofu_overrides(tiny_lm, tmp_path, **{"tofu.utility_examples": None})
+    )
+    # forget10 of 10 authors: the first 9 authors and TOFU's last one are the training data (ids: rows of full)
+    training = set(range(9 * 20)) | set(range(3600, 3620))
+    earlier, batch = [0, 1, 2, 30, 3601, 5000], [3, 25, 3605]
+    job = job_config(cfg, tmp_path / "v2", str(tiny_lm), batch, earlier, retrain=False)
+    data = prepare_tofu(job.tofu, job.forget)
+    assert [r["id"] for r in data.forget] == batch
+    retain = [r["id"] for r in data.retain]
+    assert not set(retain) & set(earlier)
+    assert sorted(retain) == sorted(training - set(batch) - set(earlier)) and len(retain) == 200 - 3 - 5
+    assert [r["id"] for r in data.full] == retain + batch  # what a job could ever train on
+    # the evaluation splits: forget metrics over the batch; model utility over the first 40 retain rows it keeps
+    assert [r["id"] for r in data.forget_eval] == batch
+    question_id = {r["question"]: i for i, r in enumerate(load_tofu_split(job.tofu.dataset, "full"))}
+    assert [question_id[r["question"]] for r in data.retain_eval] == [i for i in range(40) if i not in
+                                                                        {0, 1, 2, 3, 25, 30}]  # fmt: skip
+    # every place the retain stream comes from: the task's rows, its token stores, the Ray driver's rows
+    task = CausalLM(job, job.model.path)
+    stores = task.streams(folder=tmp_path / "tokens")
+    assert task.row_ids("retain") == retain and len(stores["retain"]) == len(retain)
+    assert stores["retain"].example(len(retain) - 1) == task.formatter.encode_row(data.retain[-1])
+    assert [r["id"] for r in token_rows(job)[1]["retain"]] == retain
+    # a batch id an earlier version forgot already: one line
+    with pytest.raises(
+        DataError, match=r"^1 forget ids were forgotten by an earlier version .*e\.g\. \[2\]"
+    ) as err:
+        prepare_tofu(job.tofu, job_config(cfg, tmp_path / "v3", "m", [2, 4], earlier, retrain=False).forget)
+    assert "\n" not in str(err.value)
+
+
+def test_forgotten_text_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
+    """Any text data, ids matched as forget.ids are: the data.id_column value (documents of TOFU's authors, cut into
+    windows), or the row index (prompt/answer pairs of TOFU's rows; "38" names row 38, as a forget id would)."""
+    from engine.tasks.causal_lm import CausalLM, token_rows
+
+    corpus, holdout = write_author_documents(tmp_path / "docs", range(6), range(6, 7))
+    over = text_overrides(tiny_lm, corpus, holdout, tmp_path / "out", **{"data.id_column": "author"})
+    cfg = load_config("configs/text.yaml", over)
+    earlier = ["author_0", "author_4", "author_9"]  # author_9: no such row, ignored
+    job = job_config(cfg, tmp_path / "v2", str(tiny_lm), ["author_2"], earlier, retrain=False)
+    task = CausalLM(job, job.model.path)
+    assert {r["source_id"] for r in task.data.forget} == {"author_2"} and len(task.data.forget) > 1  # windows
+    assert {r["source_id"] for r in task.data.retain} == {"author_1", "author_3", "author_5"}
+    assert [r["id"] for r in token_rows(job)[1]["retain"]] == task.row_ids("retain")
+    assert len(task.streams(folder=tmp_path / "tokens")["retain"]) == len(task.data.retain)
+    with pytest.raises(DataError, match=r"^1 forget ids were forgotten by an earlier version") as err:
+        CausalLM(
+            job_config(cfg, tmp_path / "v3", str(tiny_lm), ["author_1", "author_4"], earlier, retrain=False),
+            str(tiny_lm),
+        )
+    assert "\n" not in str(err.value)
+
+    rows = [json.loads(line) for line in (TOFU / "full.jsonl").read_text().splitlines()[:44]]
+    pairs, held = tmp_path / "pairs.jsonl", tmp_path / "held.jsonl"  # rows 0..39 trained on, 40..43 held out
+    for path, part in ((pairs, rows[:40]), (held, rows[40:])):
+        path.write_text("".join(json.dumps({"q": r["question"], "a": r["answer"]}) + "\n" for r in part))
+    cfg = load_config("configs/text.yaml", text_overrides(tiny_lm, pairs, held, tmp_path / "out", **{
+        "data.text_column": "null", "data.prompt_column": "q", "data.answer_column": "a"}))  # fmt: skip
+    earlier = [0, 1, 2, 39, 400, "38"]  # 400: no such row
+    job = job_config(cfg, tmp_path / "v2", str(tiny_lm), [5, 7], earlier, retrain=False)
+    task = CausalLM(job, job.model.path)
+    assert [r["id"] for r in task.data.forget] == [5, 7]
+    assert task.row_ids("retain") == [3, 4, 6, *range(8, 38)]
+    assert [r["question"] for r in task.data.retain] == [rows[i]["question"] for i in task.row_ids("retain")]
+    with pytest.raises(
+        DataError, match=r"^1 forget ids were forgotten by an earlier version .*e\.g\. \['39'\]"
+    ):
+        CausalLM(
+            job_config(cfg, tmp_path / "v3", str(tiny_lm), [5, "39"], earlier, retrain=False), str(tiny_lm)
+        )
 
 
 def _version(folder, name, parent, value, ledger, batch, cumulative):

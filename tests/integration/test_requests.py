@@ -1,7 +1,8 @@
 """`unlearn request process` on tiny real CIFAR-10: two requests processed in turn; a SIGKILL during the second
 job, after it, or while it is published leaves the second request not done and no v2 recorded, and running the
 command again finishes it with the weights of the uninterrupted stream; the second job never trains on an id the
-first forgot; every 2nd version retrained when ledger.retrain_every=2."""
+first forgot; every 2nd version retrained when ledger.retrain_every=2, a version past ledger.retrain_bound retrained
+instead; a failed batch released and served; the stream processed on two DeepSpeed ranks."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from engine.cli import main
 from engine.config import load_config
 from engine.requests.ledger import Ledger
-from tests.conftest import tiny_overrides
+from tests.conftest import free_port, tiny_overrides
 from tests.faults import REPO, clean_env, same_weights
 
 CONFIG = "configs/demo.yaml"
@@ -142,4 +143,78 @@ def test_retrain_every(stream):
     ledger.close()
     assert json.loads((out / "v2" / "receipt.json").read_text())["chain"]["made_by"] == "retrain"
     assert json.loads((out / "v2" / "report.json").read_text())["method"]["name"] == "retrain"
+    assert main(["verify", "--chain", str(out)]) == 0
+
+
+def policy_of(out: Path, version: str = "v1") -> dict:
+    return json.loads((out / version / "receipt.json").read_text())["chain"]["policy"]
+
+
+@pytest.mark.full
+def test_retrain_bound(stream):
+    """Within the bound the unlearned candidate is published (its drift recorded); a bound below that drift
+    serves the same batch by retraining, discards the candidate, and the ledger records it."""
+    loose, tight = stream.root / "bound_loose" / "out", stream.root / "bound_tight" / "out"
+    stream.add(loose, 0)
+    p = stream.process(loose, **{"ledger.retrain_bound": "100"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    policy = policy_of(loose)
+    drift = policy["candidate"]
+    metrics = json.loads((loose / "v1" / "report.json").read_text())["metrics"]
+    assert policy["reason"] is None and drift["forgotten_error"] == metrics["forgotten_error"]
+    assert drift["drift"] == pytest.approx(abs(metrics["forgotten_error"] - metrics["forgotten_val_error"]))
+    assert drift["drift"] > 0  # on these 12 examples the unlearned model is not where unseen data is
+    stream.add(tight, 0)
+    p = stream.process(tight, **{"ledger.retrain_bound": str(drift["drift"] / 2)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "retraining instead" in p.stdout + p.stderr
+    policy = policy_of(tight)
+    assert (
+        policy["reason"] == "retrain_bound" and policy["candidate"] == drift
+    )  # the same candidate, discarded
+    assert json.loads((tight / "v1" / "report.json").read_text())["method"]["name"] == "retrain"
+    assert states(tight) == (["done"], ["v1"])
+    ledger = Ledger(tight / "ledger.sqlite")
+    assert [v["made_by"] for v in ledger.versions()] == ["retrain"]
+    ledger.close()
+    assert not any((tight / ".jobs").iterdir())
+    assert main(["verify", "--chain", str(tight)]) == 0
+
+
+@pytest.mark.full
+def test_failed_job_released_then_served(stream):
+    """A job that fails with an ordinary error leaves its requests running; `release` puts them back and the
+    next `process` (the config mended) serves them together with one that arrived meanwhile."""
+    out = stream.root / "release" / "out"
+    stream.add(out, 0)
+    failed = stream.process(out, **{"model.path": str(stream.root / "no_such_model")})
+    assert failed.returncode != 0 and "no_such_model" in failed.stderr
+    assert states(out) == (["running"], [])
+    stream.add(out, 1)
+    assert main(["request", "release", *stream.args(out)]) == 0
+    assert states(out) == (["pending", "pending"], [])
+    p = stream.process(out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert states(out) == (["done", "done"], ["v1"])
+    assert json.loads((out / "v1" / "report.json").read_text())["forget"]["size"] == 24
+
+
+@pytest.mark.full
+def test_process_on_two_deepspeed_ranks(stream):
+    """`unlearn request process` under torchrun: the main rank claims, both ranks run the job, one version is
+    published and recorded; a second call with nothing pending ends on both ranks."""
+    out = stream.root / "two_ranks" / "out"
+    stream.add(out, 0)
+    ds = {"backend.name": "deepspeed", "backend.zero_stage": "2", "backend.timeout_s": "120"}
+    env = clean_env()
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "engine.cli", "request", "process", *stream.args(out, **ds)]  # fmt: skip
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "no pending requests" in p.stdout
+    assert states(out) == (["done"], ["v1"])
+    report = json.loads((out / "v1" / "report.json").read_text())
+    assert report["backend"]["world_size"] == 2 and report["forget"]["size"] == 12
     assert main(["verify", "--chain", str(out)]) == 0

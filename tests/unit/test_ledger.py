@@ -287,3 +287,75 @@ def test_process_with_nothing_pending_and_verify_without_arguments(tmp_path, cap
     assert "needs RECEIPT and MODEL_DIR (or --chain" in capsys.readouterr().err
     assert main(["verify", "--chain", str(tmp_path / "stream")]) == 2
     assert "holds no version folders" in capsys.readouterr().err
+
+
+def test_release_puts_running_requests_back(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    first, second = ledger.add([1, 2]), ledger.add([3])
+    assert ledger.release() == (None, [])
+    name, _ = ledger.claim()
+    assert ledger.release() == (name, [first, second])
+    assert [r["state"] for r in ledger.requests()] == ["pending", "pending"]
+    assert all(r["version"] is None for r in ledger.requests())
+    name, _ = ledger.claim()  # claimed again, recorded: no longer releasable
+    ledger.publish(name, parent="original", made_by="unlearn", forget_hash_batch="b", forget_hash_cumulative="c",
+                   receipt_sha256="r", folder="f")  # fmt: skip
+    third = ledger.add([4])
+    ledger.claim()
+    ledger.db.execute("INSERT INTO versions VALUES ('v2', 2, 't', 'v1', 'unlearn', 'b', 'c', 'r', 'f')")
+    with pytest.raises(LedgerError, match="v2 is already recorded"):
+        ledger.release()
+    assert ledger.requests("running")[0]["id"] == third
+    ledger.close()
+
+
+def test_release_command_clears_the_failed_job(tiny_cifar, tmp_path, capsys):
+    args = ["configs/demo.yaml", *tiny_overrides(tiny_cifar, tmp_path, output_dir=tmp_path / "out")]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1\n2\n")
+    assert main(["request", "add", *args, "--ids", str(ids)]) == 0
+    Ledger(tmp_path / "out" / "ledger.sqlite").claim()
+    stale = tmp_path / "out" / ".jobs" / "v1.partial"
+    stale.mkdir(parents=True)
+    keep = tmp_path / "out" / ".jobs" / "v10"  # another version's name that starts the same: not touched
+    keep.mkdir()
+    assert main(["request", "release", *args]) == 0
+    assert "released requests 1 (were v1): pending again" in capsys.readouterr().out
+    assert not stale.exists() and keep.exists()
+    assert [r["state"] for r in Ledger(tmp_path / "out" / "ledger.sqlite").requests()] == ["pending"]
+    Ledger(tmp_path / "out" / "ledger.sqlite").claim()
+    (tmp_path / "out" / "v1").mkdir()  # published, not yet recorded: only `process` may finish it
+    assert main(["request", "release", *args]) == 2  # LedgerError's exit status
+    assert "v1 is published but not yet recorded" in capsys.readouterr().err
+
+
+def test_forgotten_scores_by_hand():
+    """The cumulative forget set's error, the class-weighted error of unseen examples of its classes (the
+    drift reference of ledger.retrain_bound), and the attack on it."""
+    import numpy as np
+
+    from engine.data.vision import ImageSet
+    from engine.eval.metrics import forgotten_scores
+
+    def images(labels):
+        return ImageSet(
+            torch.zeros(len(labels), 3, 2, 2, dtype=torch.uint8),
+            torch.tensor(labels),
+            list(range(len(labels))),
+        )
+
+    class Data:
+        forgotten = images([0] * 9 + [1] * 3)  # nine of class 0, three of class 1
+        val = images([0, 0, 1, 1, 2])  # class 0: 50% wrong, class 1: 100%, class 2: 0% (below)
+
+    test_labels = np.array([0, 1] * 10 + [2] * 5)
+    p = {
+        "forgotten": {"correct": np.array([1.0, 0.0, 0.0] * 4), "loss": np.linspace(2.0, 3.0, 12)},  # 8 wrong
+        "val": {"correct": np.array([1.0, 0.0, 0.0, 0.0, 1.0])},
+        "test": {"loss": np.r_[np.linspace(0.0, 1.0, 20), np.full(5, 9.0)]},  # class 2's 9.0 is not compared
+    }
+    out = forgotten_scores(p, Data, test_labels, attacks=True, seed=0)
+    assert out["forgotten_error"] == pytest.approx(100 * 8 / 12)
+    assert out["forgotten_val_error"] == pytest.approx(100 * (0.75 * 0.5 + 0.25 * 1.0))  # class 2 not weighed
+    assert out["forgotten_mia"] == pytest.approx(100.0)  # separable by loss once class 2 is left out
+    assert "forgotten_mia" not in forgotten_scores(p, Data, test_labels, attacks=False, seed=0)

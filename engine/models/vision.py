@@ -42,8 +42,14 @@ __all__ = [
 
 
 def _scaled(base: int, width: float) -> int:
-    # A width multiplier can shrink a layer to nothing; a zero-channel conv is an error, not a tiny model.
-    return max(1, round(base * width))
+    """``base`` channels at ``width``, truncated as the authors' ``int(base * filters_percentage)``.
+
+    Truncating, not rounding, is what makes width 0.4 their network (ResNet-18 stages 25/51/102/204, not
+    26/51/102/205) and lets their x0.4 checkpoints load; widths where ``base * width`` is an integer
+    (0.25, 0.5, 1) are the same either way.
+    """
+    # Only differs from theirs where int() gives 0: a layer with no channels is an error, not a tiny model.
+    return max(1, int(base * width))
 
 
 def _check_width(width: float) -> float:
@@ -61,10 +67,11 @@ def _check_width(width: float) -> float:
 class PreActResNetConfig(PretrainedConfig):
     """Config of :class:`PreActResNetForImageClassification` (``num_labels`` comes from the base class).
 
-    ``width`` scales the stage widths 64/128/256/512 (the authors' ``filters_percentage``); the stem stays
-    at 64 channels as in their code. ``conv_bias`` reproduces their 3x3 convs, which carry a bias because
-    ``models.py`` redefines ``conv3x3`` with ``bias=True`` after the ResNet classes (the later definition
-    is the one called at construction time).
+    ``width`` scales the stage widths 64/128/256/512 (the authors' ``filters_percentage``), truncated as
+    their ``int(64*filters_percentage)`` etc. (x0.4: 25/51/102/204); the linear layer takes the last
+    stage's width, and the stem stays at 64 channels as in their code. ``conv_bias`` reproduces their 3x3
+    convs, which carry a bias because ``models.py`` redefines ``conv3x3`` with ``bias=True`` after the
+    ResNet classes (the later definition is the one called at construction time).
     """
 
     model_type = "unlearn-preact-resnet"
@@ -86,8 +93,9 @@ class PreActResNetConfig(PretrainedConfig):
 class AllCNNConfig(PretrainedConfig):
     """Config of :class:`AllCNNForImageClassification` (``num_labels`` comes from the base class).
 
-    ``width`` scales the 96/192 filter counts. ``dropout`` defaults to False because the authors'
-    ``AllCNN`` does, and their training scripts never turn it on; set True for Springenberg's original.
+    ``width`` scales the 96/192 filter counts, truncated as the authors' ``int(96 * filters_percentage)``.
+    ``dropout`` defaults to False because the authors' ``AllCNN`` does, and their training scripts never
+    turn it on; set True for Springenberg's original.
     """
 
     model_type = "unlearn-allcnn"

@@ -90,7 +90,7 @@ def test_preact_resnet_width_shrinks_model(resnet: PreActResNetForImageClassific
     small = build_vision_model("preact_resnet18", num_labels=10, width=0.25)
     assert _n_params(small) < _n_params(resnet) / 10
     assert small.linear.in_features == 128
-    # Widths never round to zero channels.
+    # Widths never truncate to zero channels.
     tiny = build_vision_model("preact_resnet18", num_labels=3, width=0.001)
     assert tiny.linear.in_features == 1
     assert tiny(_images()).logits.shape == (2, 3)
@@ -126,6 +126,93 @@ def test_preact_resnet_state_dict_keys_match_authors_code(resnet: PreActResNetFo
     assert "layer1.0.shortcut.0.weight" not in keys  # identity shortcut when the shape is unchanged
 
 
+# The authors' state dicts, shape by shape, written out from meghdadk/SCRUB models.py independently of the
+# engine's code: ResNet18 builds stage i with int(base * filters_percentage) channels, base 64/128/256/512,
+# a 64-channel stem, conv3x3 with bias=True (the later definition in the file wins), a 1x1 shortcut only
+# where the shape changes, and Linear(int(512 * filters_percentage), num_classes).
+
+
+def _bn_shapes(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.weight": (channels,),
+        f"{prefix}.bias": (channels,),
+        f"{prefix}.running_mean": (channels,),
+        f"{prefix}.running_var": (channels,),
+        f"{prefix}.num_batches_tracked": (),
+    }
+
+
+def _authors_preact_resnet18_shapes(width: float, num_classes: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"conv1.weight": (64, 3, 3, 3), "conv1.bias": (64,)}
+    shapes |= _bn_shapes("bn1", 64)
+    in_planes = 64
+    for stage, (base, first_stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+        planes = int(base * width)  # the authors' int(64*filters_percentage) etc.
+        for block, stride in enumerate((first_stride, 1)):
+            p = f"layer{stage}.{block}"
+            shapes |= _bn_shapes(f"{p}.bn1", in_planes)
+            shapes[f"{p}.conv1.weight"] = (planes, in_planes, 3, 3)
+            shapes[f"{p}.conv1.bias"] = (planes,)
+            shapes |= _bn_shapes(f"{p}.bn2", planes)
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            shapes[f"{p}.conv2.bias"] = (planes,)
+            if stride != 1 or in_planes != planes:
+                shapes[f"{p}.shortcut.0.weight"] = (planes, in_planes, 1, 1)
+            in_planes = planes
+    shapes["linear.weight"] = (num_classes, int(512 * width))
+    shapes["linear.bias"] = (num_classes,)
+    return shapes
+
+
+def _authors_allcnn_shapes(width: float, num_classes: int) -> dict[str, tuple[int, ...]]:
+    # AllCNN: n_filter1 = int(96 * filters_percentage), n_filter2 = int(192 * ...); each Conv is
+    # Sequential(conv without bias, BN, ReLU); features 3 and 7 are Identity, 10 and 11 pool and flatten.
+    n1, n2 = int(96 * width), int(192 * width)
+    convs = {0: (n1, 3, 3), 1: (n1, n1, 3), 2: (n2, n1, 3), 4: (n2, n2, 3), 5: (n2, n2, 3), 6: (n2, n2, 3)}
+    convs |= {8: (n2, n2, 3), 9: (n2, n2, 1)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (out_c, in_c, k) in convs.items():
+        shapes[f"features.{i}.0.weight"] = (out_c, in_c, k, k)
+        shapes |= _bn_shapes(f"features.{i}.1", out_c)
+    shapes["classifier.0.weight"] = (num_classes, n2)
+    shapes["classifier.0.bias"] = (num_classes,)
+    return shapes
+
+
+def _random_state_dict(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        key: torch.tensor(7) if key.endswith("num_batches_tracked") else torch.rand(shape, generator=g) + 0.5
+        for key, shape in shapes.items()
+    }
+
+
+@pytest.mark.parametrize("width", [0.25, 0.4, 1.0])
+def test_preact_resnet_loads_authors_state_dict_strictly(width: float) -> None:
+    authors = _random_state_dict(_authors_preact_resnet18_shapes(width, num_classes=5))
+    model = build_vision_model("preact_resnet18", num_labels=5, width=width)
+    model.load_state_dict(authors, strict=True)  # raises on a missing/unexpected key or any shape mismatch
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in authors.items())
+    model.eval()
+    with torch.no_grad():
+        assert model(_images()).logits.shape == (2, 5)
+
+
+def test_preact_resnet_stage_widths_are_the_authors() -> None:
+    def stages(width: float) -> list[int]:
+        model = build_vision_model("preact_resnet18", num_labels=10, width=width)
+        return [getattr(model, f"layer{i}")[0].conv1.out_channels for i in (1, 2, 3, 4)] + [
+            model.linear.in_features
+        ]
+
+    # x0.4 truncates as the authors' int(); rounding gave 26/51/102/205 (issue 21).
+    assert stages(0.4) == [25, 51, 102, 204, 204]
+    # x0.25 and x1 are exact products, so their shapes (and checkpoints and figures) are unchanged.
+    assert stages(0.25) == [16, 32, 64, 128, 128]
+    assert stages(1.0) == [64, 128, 256, 512, 512]
+
+
 def test_preact_resnet_round_trip(resnet: PreActResNetForImageClassification, tmp_path: Path) -> None:
     # Non-default BN statistics make the test sensitive to buffers being saved and restored too.
     resnet.train()
@@ -157,6 +244,18 @@ def test_allcnn_param_count_and_width() -> None:
     no_bn = build_vision_model("allcnn", num_labels=10, batch_norm=False)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in no_bn.modules())
     assert no_bn.features[0][0].bias is not None
+
+
+@pytest.mark.parametrize("width", [0.25, 0.4, 1.0])
+def test_allcnn_loads_authors_state_dict_strictly(width: float) -> None:
+    authors = _random_state_dict(_authors_allcnn_shapes(width, num_classes=5))
+    model = build_vision_model("allcnn", num_labels=5, width=width)
+    model.load_state_dict(authors, strict=True)
+    model.eval()
+    with torch.no_grad():
+        assert model(_images()).logits.shape == (2, 5)
+    if width == 0.4:  # int(96 * 0.4), int(192 * 0.4); rounding gave 38/77
+        assert (model.features[0][0].out_channels, model.classifier[0].in_features) == (38, 76)
 
 
 def test_allcnn_dropout_flag_keeps_state_dict_keys() -> None:

@@ -20,6 +20,8 @@ the challenge's starter kit / Kaggle evaluation, functions ``best_threshold_atta
 3. Epsilons are put in bins 0.5 wide (:func:`epsilon_bins`); bin n scores 2 / 2**n, so epsilon < 0.5 scores 1, and
    the forgetting quality F is the mean over the forget set (:func:`forgetting_quality`).
 4. The final score is F times the retain- and test-accuracy ratios, unlearned over retrained.
+5. Diagnostic, not part of the score: :func:`separable_reasons` says, per example with epsilon > 0, whether the
+   unlearned models are too confident, over-forgotten, or only differ near the decision boundary.
 
 Deliberate differences from the starter kit, each a keyword argument away from the original:
 
@@ -69,6 +71,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
+    "SEPARABLE_REASONS",
     "S_CLIP",
     "auc",
     "challenge_score",
@@ -78,6 +81,7 @@ __all__ = [
     "forgetting_quality",
     "lira_audit",
     "lira_scores",
+    "separable_reasons",
     "threshold_rates",
 ]
 
@@ -379,6 +383,74 @@ def challenge_score(
         "n_retrained": int(r.shape[0]),
         "n_examples": int(u.shape[1]),
     }
+
+
+# Why a forget example with epsilon > 0 is still told apart from retraining, in the order the rule checks them.
+SEPARABLE_REASONS = ("near_boundary", "too_confident", "over_forgotten")
+
+
+def separable_reasons(unlearned: ArrayLike, retrained: ArrayLike, epsilons: ArrayLike) -> list[str | None]:
+    """Why each forget example with epsilon > 0 stays distinguishable from retraining, from the margins s alone.
+
+    Per example, with s clipped as everywhere here, mu = median of the unlearned models' s, m = median of the
+    retrained models' s, and [lo, hi] = the retrained models' range; s = 0 is p_y = 1/2 (s > 0 implies the model
+    predicts the true label). The first rule that applies wins:
+
+    1. ``None`` if epsilon == 0: no threshold attack does better than chance allows, nothing is left to forget.
+    2. ``"near_boundary"`` if lo < 0 < hi, min(U) < 0 < max(U) and lo <= mu <= hi: the retrained models disagree
+       about the example (p_y above 1/2 in some, below in others), so do the unlearned ones, and the unlearned
+       median sits inside the retrained spread: the attack exploits a shift smaller than retraining's own
+       seed-to-seed spread, on an example where models flip anyway. Checked first because there the direction of
+       the shift says little.
+    3. ``"too_confident"`` if mu > m (or, when the medians tie, mean(U) > mean(R)): the unlearned models are more
+       confident in the true label than models that never saw the example: the method still remembers it.
+    4. ``"over_forgotten"`` if mu < m (or, on tied medians, mean(U) < mean(R)): less confident than never having
+       seen it, a membership signal of its own (pushed below the level of unseen data).
+    5. ``"near_boundary"`` otherwise (medians and means both equal: the groups differ only in spread, there is no
+       direction to name; it happens only with constructed or heavily tied values).
+
+    Args:
+        unlearned: s of the unlearned models, [K_u, N], K_u >= 2.
+        retrained: s of the retrained models, [K_r, N], K_r >= 2, same example order.
+        epsilons: the examples' epsilons [N] (:func:`challenge_score`'s ``epsilons``; inf allowed).
+
+    Returns:
+        One entry per example: ``None`` where epsilon is 0, else one of :data:`SEPARABLE_REASONS`.
+
+    Raises:
+        ValueError: shapes disagree, too few models, NaN statistics, or an epsilon that is NaN or negative.
+    """
+    u = _stats_2d(unlearned, "unlearned")
+    r = _stats_2d(retrained, "retrained")
+    eps = np.asarray(epsilons, dtype=np.float64).reshape(-1)
+    if not (u.shape[1] == r.shape[1] == eps.size):
+        raise ValueError(
+            "unlearned, retrained and epsilons must cover the same forget examples: "
+            f"{u.shape[1]}, {r.shape[1]} and {eps.size}"
+        )
+    if np.isnan(eps).any() or (eps < 0.0).any():
+        raise ValueError("epsilons must be >= 0 and not NaN (use challenge_score to compute them)")
+    mu, m = np.median(u, axis=0), np.median(r, axis=0)
+    lo, hi = r.min(axis=0), r.max(axis=0)
+    # both groups have models on each side of p_y = 1/2, and the unlearned median is inside the retrained range
+    boundary = (
+        (lo < 0.0) & (hi > 0.0) & (u.min(axis=0) < 0.0) & (u.max(axis=0) > 0.0) & (lo <= mu) & (mu <= hi)
+    )
+    # the direction of the shift: medians, and the means only where the medians tie exactly
+    shift = np.where(mu != m, mu - m, u.mean(axis=0) - r.mean(axis=0))
+    reasons: list[str | None] = []
+    for i in range(eps.size):
+        if eps[i] == 0.0:
+            reasons.append(None)
+        elif boundary[i]:
+            reasons.append("near_boundary")
+        elif shift[i] > 0.0:
+            reasons.append("too_confident")
+        elif shift[i] < 0.0:
+            reasons.append("over_forgotten")
+        else:
+            reasons.append("near_boundary")  # no shift in level at all: only the spread differs
+    return reasons
 
 
 # ------------------------------------------------------------------------------------------------ B: LiRA

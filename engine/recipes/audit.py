@@ -191,7 +191,13 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
 
 def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dict:
     """Everything audit.json reports, from the per-model statistics."""
-    from engine.eval.challenge import challenge_score, lira_audit
+    from engine.eval.challenge import (
+        S_CLIP,
+        SEPARABLE_REASONS,
+        challenge_score,
+        lira_audit,
+        separable_reasons,
+    )
 
     def side(kind):
         return [models[(kind, s)] for s in seeds]
@@ -211,6 +217,22 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dic
         two_sided=a.two_sided,
     )
     eps = np.asarray(c["epsilons"], dtype=float)
+    # why an example with epsilon > 0 is still told apart (None: it is not), and the numbers the rule used: the
+    # margins clipped as the rule clips them, which also keeps them finite for JSON
+    reasons = separable_reasons(U, R, eps)
+    u_clip, r_clip = np.clip(U, -S_CLIP, S_CLIP), np.clip(R, -S_CLIP, S_CLIP)
+    u_med, r_med = np.median(u_clip, 0), np.median(r_clip, 0)
+    r_min, r_max = r_clip.min(0), r_clip.max(0)
+
+    def diagnosis(i: int) -> dict:
+        return {
+            "reason": reasons[i],
+            "u_margin_median": float(u_med[i]),
+            "r_margin_median": float(r_med[i]),
+            "r_margin_min": float(r_min[i]),
+            "r_margin_max": float(r_max[i]),
+        }
+
     gap = np.abs(U.mean(0) - R.mean(0))  # among equal epsilons (e.g. all separable), the farthest apart first
     order = sorted(range(len(ids)), key=lambda i: (-eps[i], -gap[i], i))[: a.worst]
     lira = None
@@ -227,6 +249,7 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dic
             "s_unlearned_mean": float(U[:, i].mean()),
             "s_retrained_mean": float(R[:, i].mean()),
             "lira_unlearned_mean": None if per_example_lira is None else float(per_example_lira[i]),
+            **diagnosis(i),
         }
         for i in order
     ]
@@ -250,9 +273,17 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dic
                 "epsilon": float(eps[i]),
                 "separable": bool(np.isinf(eps[i])),
                 "bin": int(c["bins"][i]),
+                **diagnosis(i),
             }
             for i in range(len(ids))
         ],
+        # epsilon > 0: some threshold attack tells the unlearned models from the retrained ones on the example
+        # ("perfectly_separable" counts the examples[].separable ones, epsilon infinite, a subset)
+        "distinguishable": {
+            "count": int(np.sum(eps > 0)),
+            "perfectly_separable": int(np.sum(np.isinf(eps))),
+            "by_reason": {name: reasons.count(name) for name in SEPARABLE_REASONS},
+        },
         "worst": worst,
         "utility": utility,
         "null_forgetting_quality": null_forgetting_quality(len(seeds), len(seeds), a.delta, a.two_sided),
@@ -300,8 +331,19 @@ def plot_epsilons(path: Path, result: dict) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
+# audit.md's one-line reading of each separable_reasons() reason (engine/eval/challenge.py has the rule)
+REASON_MEANINGS = {
+    "near_boundary": "retrained and unlearned models both put it on either side of p_y = 1/2 and the shift is "
+    "within retraining's spread: a hard example, often attack noise at small K",
+    "too_confident": "unlearned models more confident than retrained ones: still remembered, unlearn harder",
+    "over_forgotten": "unlearned models less confident than retrained ones: forgotten too far, itself a "
+    "membership signal; unlearn more gently",
+}
+
+
 def render(r: dict) -> str:
     u, rt, s = r["utility"]["unlearned"], r["utility"]["retrained"], r["seconds"]
+    d = r["distinguishable"]
     out = [
         f"# Audit: {r['method']['name']} on {r['forget']['description']}",
         "",
@@ -346,14 +388,37 @@ def render(r: dict) -> str:
         "",
         *md_table(["epsilon bin", "examples"], [[b, n] for b, n in r["epsilon_histogram"].items()]),
         "",
+        "### What is left to forget",
+        "",
+        f"{d['count']} of {len(r['examples'])} forget examples have epsilon > 0 (some threshold attack tells the "
+        f"unlearned models from the retrained ones; {d['perfectly_separable']} perfectly). Why, from the medians of "
+        "s over each side's K models:",
+        "",
+        *md_table(
+            ["reason", "examples", "meaning"],
+            [[name, n, REASON_MEANINGS[name]] for name, n in d["by_reason"].items()],
+        ),  # fmt: skip
+        "",
         f"### The {len(r['worst'])} worst examples",
         "",
         *md_table(
-            ["id", "epsilon", "mean s unlearned", "mean s retrained", "LiRA (mean log-ratio, unlearned)"],
+            [
+                "id",
+                "epsilon",
+                "reason",
+                "median s unlearned",
+                "median s retrained",
+                "mean s unlearned",
+                "mean s retrained",
+                "LiRA (mean log-ratio, unlearned)",
+            ],
             [
                 [
                     w["id"],
-                    fmt(w["epsilon"]),
+                    "inf" if w["separable"] else fmt(w["epsilon"]),  # fmt() dashes infinities
+                    w["reason"] or "-",
+                    fmt(w["u_margin_median"]),
+                    fmt(w["r_margin_median"]),
                     fmt(w["s_unlearned_mean"]),
                     fmt(w["s_retrained_mean"]),
                     fmt(w["lira_unlearned_mean"]),

@@ -16,6 +16,7 @@ from engine.eval.challenge import (
     forgetting_quality,
     lira_audit,
     lira_scores,
+    separable_reasons,
     threshold_rates,
 )
 
@@ -493,3 +494,134 @@ def test_null_level_is_below_one_and_lower_when_two_sided() -> None:
     two = challenge_score(u, r, 1.0, 1.0, 1.0, 1.0)["F"]
     assert 0.4 < one < 0.65
     assert 0.2 < two < 0.35
+
+
+# ------------------------------------------------------------------------------- why an example stays separable
+
+# One forget example per column, K = 4 models per side (columns of U and R). Medians, R's range, and the epsilon
+# (two-sided, delta 1e-5) each column gets:
+SEP_COLUMNS = [
+    # 0: U above R, R all confident (no boundary): median 4.5 > 2.5, eps = log 3 -> too_confident
+    ([3, 4, 5, 6], [1, 2, 3, 4]),
+    # 1: U entirely below R: the perfectly reversed case, eps = inf -> over_forgotten
+    ([-6, -5, -4, -3], [1, 2, 3, 4]),
+    # 2: R straddles 0 (-1 < 0 < 2), so does U, and median U = 0 lies inside [-1, 2]; eps = log 2 > 0 from the
+    #    narrower U -> near_boundary (checked before the direction: median U 0 = median R 0 here anyway)
+    ([-0.9, -0.6, 0.6, 0.7], [-1, -0.5, 0.5, 2]),
+    # 3: identical groups: eps = 0 -> None
+    ([1, 2, 3, 4], [1, 2, 3, 4]),
+    # 4: R straddles 0 but every unlearned model is confidently right: not near_boundary (U does not straddle);
+    #    median 1.95 > 0 -> too_confident (the method keeps the label of a hard example)
+    ([1.9, 1.9, 2, 2], [-1, -0.5, 0.5, 2.1]),
+    # 5: both straddle 0, median U 1 inside R's range [-1, 2] -> near_boundary, although median U > median R 0.5
+    ([-0.5, 1, 1, 1.5], [-1, 0.5, 0.5, 2]),
+]
+
+
+def _sep_margins() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    u = np.array([c[0] for c in SEP_COLUMNS], dtype=float).T  # [K = 4, N = 6]
+    r = np.array([c[1] for c in SEP_COLUMNS], dtype=float).T
+    eps = np.array([example_epsilon(u[:, i], r[:, i]) for i in range(u.shape[1])])
+    return u, r, eps
+
+
+def test_separable_reasons_one_example_per_reason_and_an_inseparable_one() -> None:
+    u, r, eps = _sep_margins()
+    assert eps[3] == 0.0 and math.isinf(eps[1])
+    assert eps[0] == pytest.approx(math.log(3.0), abs=1e-4) and eps[2] == pytest.approx(
+        math.log(2.0), abs=1e-4
+    )
+    assert (eps[[0, 2, 4, 5]] > 0).all()
+    reasons = separable_reasons(u, r, eps)
+    assert reasons == [
+        "too_confident",
+        "over_forgotten",
+        "near_boundary",
+        None,
+        "too_confident",
+        "near_boundary",
+    ]
+    assert {k: reasons.count(k) for k in ("too_confident", "over_forgotten", "near_boundary")} == {
+        "too_confident": 2,
+        "over_forgotten": 1,
+        "near_boundary": 2,
+    }
+    # the reason follows epsilon, not the margins: the same margins with epsilon 0 everywhere get no reason
+    assert separable_reasons(u, r, np.zeros(6)) == [None] * 6
+
+
+def test_separable_reasons_tie_breaks_and_bad_inputs() -> None:
+    # Medians tie (1 = 1): the means decide. U mean 1, R mean 0.05 -> too_confident; mirrored -> over_forgotten.
+    # R straddles 0 but U does not, so not near_boundary. Medians and means both tie: near_boundary (spread only).
+    # Threshold attacks rarely give such ties epsilon > 0, so epsilon is passed by hand here.
+    u = np.array([[0.9, -1.1, 7], [1, -1, 8], [1, -1, 12], [1.1, -0.9, 13]])
+    r = np.array([[-3, -1.2, 9.5], [1, -1, 9.9], [1, -1, 10.1], [1.2, 3, 10.5]])
+    assert separable_reasons(u, r, [1.0, 1.0, 1.0]) == ["too_confident", "over_forgotten", "near_boundary"]
+    # +-inf margins (p_y rounded to 1 or 0) are clipped, as for the epsilons
+    assert separable_reasons([[np.inf], [np.inf]], [[1.0], [2.0]], [np.inf]) == ["too_confident"]
+    with pytest.raises(ValueError, match="same forget examples"):
+        separable_reasons(u, r, [1.0, 1.0])
+    with pytest.raises(ValueError, match=">= 0 and not NaN"):
+        separable_reasons(u, r, [1.0, np.nan, 0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        separable_reasons(np.full((2, 3), np.nan), r[:2], [0.0, 0.0, 0.0])
+
+
+def test_audit_json_and_report_carry_the_reasons() -> None:
+    # The recipe's score() -> audit.json and render() -> audit.md, from synthetic per-model statistics (no model).
+    import json
+    from types import SimpleNamespace
+
+    from engine.eval.report import json_safe
+    from engine.recipes.audit import render, score
+
+    u, r, eps = _sep_margins()
+    seeds, ids = [1, 2, 3, 4], [f"x{i}" for i in range(u.shape[1])]
+
+    def model(margin: np.ndarray) -> dict:
+        return {
+            "margin": margin.tolist(),
+            "forget_acc": 0.5,
+            "retain_acc": 0.9,
+            "test_acc": 0.8,
+            "seconds": 1.0,
+        }
+
+    models = {("unlearn", s): model(u[k]) for k, s in enumerate(seeds)}
+    models |= {("retrain", s): model(r[k]) for k, s in enumerate(seeds)}
+    a = SimpleNamespace(delta=1e-5, two_sided=True, worst=3)
+    result = score(models, seeds, ["retrain"], ids, a)
+    result.update(
+        method={"name": "synthetic"},
+        forget={"description": "6 hand-built examples", "size": 6, "ids_sha256": "0" * 64},
+        model_path="nowhere",
+        cache={"dir": "nowhere", "reused": 4, "trained": 0},
+        seconds={"tasks_wall": 1.0, "total": 1.0, **result["seconds"]},
+    )
+    out = json.loads(json.dumps(json_safe(result)))
+
+    ex = out["examples"]
+    assert [e["reason"] for e in ex] == separable_reasons(u, r, eps)
+    # the existing keys are unchanged: epsilon (null when infinite), separable (= infinite), bin
+    assert [e["separable"] for e in ex] == [False, True, False, False, False, False]
+    assert ex[1]["epsilon"] is None
+    assert ex[0]["epsilon"] == pytest.approx(eps[0]) and ex[0]["bin"] == 3
+    # the numbers the rule used
+    assert (ex[0]["u_margin_median"], ex[0]["r_margin_median"]) == (4.5, 2.5)
+    assert (ex[4]["r_margin_min"], ex[4]["r_margin_max"], ex[4]["u_margin_median"]) == (-1.0, 2.1, 1.95)
+    assert out["distinguishable"] == {
+        "count": 5,
+        "perfectly_separable": 1,
+        "by_reason": {"near_boundary": 2, "too_confident": 2, "over_forgotten": 1},
+    }
+    # worst first (inf, then log 3 with the larger mean gap, ...), each with its reason
+    assert [(w["id"], w["reason"]) for w in out["worst"]] == [
+        ("x1", "over_forgotten"),
+        ("x0", "too_confident"),
+        ("x5", "near_boundary"),
+    ]
+
+    md = render(result)
+    assert "### What is left to forget" in md and "5 of 6 forget examples have epsilon > 0" in md
+    assert "| too_confident | 2 |" in md and "| over_forgotten | 1 |" in md and "| near_boundary | 2 |" in md
+    assert "| x1 | inf | over_forgotten |" in md

@@ -15,6 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,19 @@ def header_markdown(header: dict) -> list[str]:
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON (strict: no NaN) to ``path`` atomically."""
     write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def quiet_log(t_start: float):
+    """Silence the progress bars `logging.progress=false` does not reach ("Generating ... split" from datasets on
+    every data load, "Writing model shards" from transformers on every save); returns a ``log(msg)`` that stamps
+    each line with the seconds since ``t_start``."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    return log

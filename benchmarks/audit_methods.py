@@ -27,9 +27,18 @@ from pathlib import Path
 import torch
 
 try:
-    from _common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+    from _common import REPO, fmt, header_markdown, md_table, quiet_log, run_header, write_json, write_text
 except ImportError:  # pragma: no cover
-    from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+    from benchmarks._common import (
+        REPO,
+        fmt,
+        header_markdown,
+        md_table,
+        quiet_log,
+        run_header,
+        write_json,
+        write_text,
+    )
 
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -87,18 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     header = run_header(sys.argv[1:] if argv is None else argv)
 
-    import datasets
-    from transformers.utils import logging as hf_logging
-
     from engine.config import load_config
     from engine.recipes.audit import run_audit
     from engine.recipes.train import run_training
 
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+    log = quiet_log(t_start)
 
     out = args.out.expanduser().resolve()
     spec = args.dataset

@@ -36,9 +36,18 @@ import numpy as np
 import torch
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.sequential
-    from _common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+    from _common import REPO, fmt, header_markdown, md_table, quiet_log, run_header, write_json, write_text
 except ImportError:  # pragma: no cover
-    from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+    from benchmarks._common import (
+        REPO,
+        fmt,
+        header_markdown,
+        md_table,
+        quiet_log,
+        run_header,
+        write_json,
+        write_text,
+    )
 
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -235,20 +244,13 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     header = run_header(sys.argv[1:] if argv is None else argv)
 
-    import datasets
-    from transformers.utils import logging as hf_logging
-
     from engine.config import load_config
     from engine.data.vision import prepare_data
     from engine.recipes.request import add_request, ledger_path, process_requests
     from engine.recipes.train import run_training
     from engine.requests.ledger import Ledger
 
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+    log = quiet_log(t_start)
 
     out = args.out.expanduser().resolve()
     models = out / "models"

@@ -32,7 +32,17 @@ from pathlib import Path
 import torch
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.vision_compare
-    from _common import REPO, fmt, header_markdown, md_table, num, run_header, write_json, write_text
+    from _common import (
+        REPO,
+        fmt,
+        header_markdown,
+        md_table,
+        num,
+        quiet_log,
+        run_header,
+        write_json,
+        write_text,
+    )
 except ImportError:  # pragma: no cover
     from benchmarks._common import (
         REPO,
@@ -40,6 +50,7 @@ except ImportError:  # pragma: no cover
         header_markdown,
         md_table,
         num,
+        quiet_log,
         run_header,
         write_json,
         write_text,
@@ -305,18 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     header = run_header(sys.argv[1:] if argv is None else argv)
 
-    import datasets
-    from transformers.utils import logging as hf_logging
-
     from engine.config import load_config
     from engine.recipes.train import run_training
     from engine.recipes.unlearn import run_unlearning
 
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+    log = quiet_log(t_start)
 
     out = args.out.expanduser().resolve()
     models = out / "models"

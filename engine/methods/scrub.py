@@ -156,7 +156,7 @@ class Scrub:
 
     def __init__(self, config: ScrubConfig):
         self.config = config
-        self.schedule = ScheduleState()  # read by phases() under schedule=calibrated only
+        self.schedule_state = ScheduleState()  # read by phases() under schedule=calibrated only
 
     @property
     def calibrated(self) -> bool:
@@ -169,7 +169,7 @@ class Scrub:
             return 0
         if not self.calibrated:
             return None
-        return c.max_steps_per_epoch if self.schedule.max_open else 0
+        return c.max_steps_per_epoch if self.schedule_state.max_open else 0
 
     def phases(self, epoch: int) -> list[Phase]:
         c = self.config
@@ -181,10 +181,10 @@ class Scrub:
         return [retain]
 
     def end_epoch(self, epoch: int, forget_error: float, target_error: float) -> dict:
-        """The calibrated rule, after ``epoch`` (its max phase, if any, done): the max phase closes for good
-        once ``forget_error >= target_error - target_tolerance``; while it is open, each epoch up to msteps
-        spends its max-steps. Both numbers must be the same on every rank (the recipe broadcasts the main
-        rank's). Returns the history row's record of the decision."""
+        """The calibrated rule, after ``epoch`` (its max phase, if any, done; epoch 0: the original, before any
+        step): the max phase closes for good once ``forget_error >= target_error - target_tolerance``; while it
+        is open, each epoch up to msteps spends its max-steps. Both numbers must be the same on every rank (the
+        recipe broadcasts the main rank's). Returns the history row's record of the decision."""
         if not self.calibrated:
             raise ValueError("end_epoch is the calibrated schedule's rule: method.schedule is 'paper'")
         if not (math.isfinite(forget_error) and math.isfinite(target_error)):
@@ -192,8 +192,8 @@ class Scrub:
                 f"schedule=calibrated: forget error {forget_error} or its target {target_error} is not a number "
                 "(a retained class of the forget set has no validation example: raise data.val_fraction)"
             )
-        made = self.max_steps(epoch) or 0  # None cannot occur here: calibrated
-        s = self.schedule
+        made = (self.max_steps(epoch) or 0) if epoch > 0 else 0  # epoch 0 made none (None: paper only)
+        s = self.schedule_state
         s.max_steps_spent += made
         reached = forget_error >= target_error - self.config.target_tolerance
         if reached and s.max_open:
@@ -203,10 +203,10 @@ class Scrub:
 
     def state_dict(self) -> dict:
         """The schedule's state (JSON), for the run's checkpoint."""
-        return asdict(self.schedule)
+        return asdict(self.schedule_state)
 
     def load_state_dict(self, state: dict) -> None:
-        self.schedule = ScheduleState(**state)
+        self.schedule_state = ScheduleState(**state)
 
     def loss(
         self,

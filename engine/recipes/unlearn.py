@@ -172,6 +172,9 @@ def run_unlearning(
             backend.seen.update({k: {int(e): rows for e, rows in v.items()} for k, v in seen.items()})
         else:
             history.append(task.history_row(model, device, 0, None, {}, metrics=original))
+            # SCRUB's calibrated schedule: an original already at its target needs no max-step at all
+            if calibrated:
+                history[0].update(calibrate(method, 0, task.calibration(original), backend))
             if (
                 rewind
             ):  # SCRUB+R's epoch 0 is the original: a checkpoint of the start (resuming it = starting)

@@ -177,7 +177,17 @@ def test_max_steps_continue_below_the_target_and_stop_once_it_is_reached():
     assert shape(scrub, 5) == [[("min", "retain", None)]] * 5  # no max phase follows
     row = scrub.end_epoch(3, forget_error=30.0, target_error=60.0)  # min-steps relearned: stays closed
     assert row == {"max_steps": 0, "max_steps_spent": 14, "target_reached": False, "max_open": False}
-    assert scrub.schedule.reached_after == 2
+    assert scrub.schedule_state.reached_after == 2
+
+
+def test_an_original_already_at_its_target_gets_no_max_step_at_all():
+    scrub = Scrub(calibrated())
+    row = scrub.end_epoch(0, forget_error=45.0, target_error=40.0)  # e.g. a hard forget set, a random target
+    assert row == {"max_steps": 0, "max_steps_spent": 0, "target_reached": True, "max_open": False}
+    assert shape(scrub, 5) == [[("min", "retain", None)]] * 5
+    below = Scrub(calibrated())
+    assert below.end_epoch(0, forget_error=5.0, target_error=40.0)["max_open"]
+    assert shape(below, 5) == shape(Scrub(calibrated()), 5)  # as if nothing had been measured
 
 
 def test_the_budget_ends_with_epoch_msteps_when_the_target_is_never_reached():

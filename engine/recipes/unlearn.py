@@ -81,6 +81,10 @@ def run_unlearning(
     rewind = bool(getattr(cfg.method, "rewind", False))
     if rewind and not cfg.eval.every_epoch:
         raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
+    if getattr(cfg.method, "schedule", "paper") == "calibrated" and not cfg.eval.every_epoch:
+        raise ConfigError(
+            "method.schedule=calibrated decides after each epoch from its errors: set eval.every_epoch=true"
+        )
     seed_everything(cfg.seed)
     backend = backend or build_backend(cfg.backend)
     log = main_log(log, backend)

@@ -20,6 +20,7 @@ from engine.errors import ConfigError, PreemptedError
 from engine.eval.metrics import evaluate, unseen_error
 from engine.loop import LoopHooks, run_loop
 from engine.methods.scrub import Scrub, ScrubConfig
+from engine.recipes.unlearn import run_unlearning
 from tests.conftest import tiny_overrides
 from tests.unit.test_sharding import Stream, ThreadRank
 
@@ -212,14 +213,20 @@ def test_a_target_that_is_not_a_number_is_refused():
         Scrub(calibrated()).end_epoch(1, 10.0, float("nan"))
 
 
-def test_the_config_refuses_what_the_schedule_cannot_steer():
+def test_the_config_refuses_what_the_schedule_cannot_steer(tmp_path):
     for over, match in (
         (["task=causal_lm", "data.preset=tofu"], "task=causal_lm"),
-        (["eval.every_epoch=false"], "every_epoch"),
         (["data.val_fraction=0"], "val_fraction"),
     ):
         with pytest.raises(ConfigError, match=match):
             load_config(None, ["method.schedule=calibrated", *over])
+    # `unlearn run` refuses it without per-epoch errors, before any work (the audit's reference trainings,
+    # which run no SCRUB, may turn eval.every_epoch off under the same config)
+    cfg = load_config(None, ["method.schedule=calibrated", "eval.every_epoch=false", "model.path=never/read",
+                             f"output_dir={tmp_path / 'out'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="every_epoch"):
+        run_unlearning(cfg, log=lambda _: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     with pytest.raises(ConfigError, match="max_steps_per_epoch"):
         load_config(None, ["method.schedule=calibrated", "method.max_steps_per_epoch=0"])
     with pytest.raises(ConfigError, match="schedule"):

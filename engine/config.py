@@ -553,8 +553,25 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "method.augment (random crops and flips) is for images: set method.augment=false"
             )
+        self._calibrated_schedule_fits()
         self._data_fits_task()
         return self
+
+    def _calibrated_schedule_fits(self) -> None:
+        """SCRUB's calibrated schedule measures a class-aware validation error after every epoch (that it needs
+        eval.every_epoch is checked by `unlearn run`, as for SCRUB+R: the audit's reference trainings turn it off)."""
+        if getattr(self.method, "schedule", "paper") != "calibrated":
+            return
+        if self.task != "image_classification":
+            raise ValueError(
+                "method.schedule=calibrated steers by a class-aware validation error, which only "
+                "task=image_classification has so far: use method.schedule=paper for task=causal_lm"
+            )
+        if self.data.val_fraction == 0:
+            raise ValueError(
+                "method.schedule=calibrated compares the forget error with validation errors: set "
+                "data.val_fraction above 0"
+            )
 
     def _data_fits_task(self) -> None:
         d, f = self.data, self.forget

@@ -89,11 +89,13 @@ def run_loop(
             cached = method.needs_teacher and teacher_outputs is not None and phase.stream in teacher_outputs
             # Train mode in BOTH phases: BatchNorm batch statistics and dropout are part of SCRUB.
             student.train()
-            batches = backend.batches(stream, phase.batch_size, seed, epoch, phase.stream, skip=skip)
+            batches = backend.batches(
+                stream, phase.batch_size, seed, epoch, phase.stream, skip=skip, steps=phase.steps
+            )
             bar = tqdm(
                 batches,
                 initial=skip,
-                total=backend.num_batches(stream, phase.batch_size),
+                total=backend.num_batches(stream, phase.batch_size) if phase.steps is None else phase.steps,
                 desc=f"epoch {epoch}/{epochs} {phase.name}",
                 disable=not (progress and backend.is_main),
                 leave=False,

@@ -38,15 +38,31 @@ class Backend:
         return contextlib.nullcontext()
 
     def batches(
-        self, stream, batch_size: int, seed: int, epoch: int, name: str, skip: int = 0
+        self,
+        stream,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        name: str,
+        skip: int = 0,
+        steps: int | None = None,
     ) -> Iterator[list[dict]]:
         """This rank's micro-batches, one list per optimizer step, from step ``skip`` on (a resumed
-        run: the order and each step's draw seed are those of the uninterrupted run)."""
-        order = epoch_order(len(stream), seed, epoch, name)
+        run: the order and each step's draw seed are those of the uninterrupted run).
+
+        ``steps``: None = one pass over the stream in the epoch's order. A number = exactly that many steps:
+        fewer than a pass cuts it short; more cycles the stream, pass p of the epoch in its own order
+        (``epoch_order(..., repeat=p)``, its last batch partial as in any pass). Step k's rows depend on
+        (seed, epoch, name, k) alone, so every rank and a resumed run compute the same plan."""
+        per_pass = self.num_batches(stream, batch_size)
+        count = per_pass if steps is None else (steps if per_pass else 0)
+        orders: dict[int, tuple] = {}  # pass -> its batches of rows (only the passes this call reaches)
         plan = []  # per step: (draw seed, [(rows to fetch, counted?)] of this rank's micro-batches)
-        for k, rows in enumerate(order.split(batch_size)):
-            if k < skip:
-                continue
+        for k in range(skip, count):
+            repeat, j = divmod(k, per_pass)
+            if repeat not in orders:
+                orders = {repeat: epoch_order(len(stream), seed, epoch, name, repeat).split(batch_size)}
+            rows = orders[repeat][j]
             parts = rows.tensor_split(self.world_size)[self.rank].tensor_split(self.accum)
             plan.append(
                 (

@@ -51,8 +51,9 @@ def evaluate(
     seed: int = 0,
     predictions: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict:
-    """forget / retain / test / val error in percent (+ forget-val and forget-class test error) and,
-    with ``attacks``, the basic MIA accuracy and MIA-efficacy in percent.
+    """forget / retain / test / val error in percent (+ forget-val and forget-class test error, and
+    ``forget_target_error``: ``unseen_error`` of the forget set's classes) and, with ``attacks``, the basic
+    MIA accuracy and MIA-efficacy in percent.
 
     Under class unlearning, ``test_error`` is measured on the other classes (the forgotten class's
     test error is ``forget_test_error``), as the paper reports it. ``predictions``: ``predict``'s output
@@ -76,6 +77,12 @@ def evaluate(
         "forget_val_error": _error(p["forget_val"]),
         "forget_test_error": _error(sel(p["test"], in_forget_classes)),
     }
+    # what the forget set would show on a model that never saw it (the calibrated schedule's target)
+    forget_labels, retain_labels = data.forget.labels.numpy(), data.retain.labels.numpy()
+    out["forget_target_error"] = unseen_error(
+        forget_labels, data.val.labels.numpy(), p["val"]["correct"],
+        unseen_classes=np.setdiff1d(forget_labels, retain_labels),
+    )  # fmt: skip
     if "forgotten" in names:
         out.update(forgotten_scores(p, data, test_labels, attacks, seed))
     if attacks:
@@ -94,15 +101,33 @@ def forgotten_scores(p: dict, data, test_labels: np.ndarray, attacks: bool, seed
     have (validation error per class, weighted by the forgotten set's class counts): what a model that never saw
     them would show, the reference `ledger.retrain_bound` measures drift from; ``forgotten_mia``: the basic attack,
     forgotten examples vs test examples of their classes."""
-    labels, val_labels = data.forgotten.labels.numpy(), data.val.labels.numpy()
-    classes, counts = np.unique(labels, return_counts=True)
-    val_wrong = 1.0 - p["val"]["correct"]
-    per_class = [val_wrong[val_labels == c].mean() if (val_labels == c).any() else np.nan for c in classes]
+    labels = data.forgotten.labels.numpy()
+    classes = np.unique(labels)
     out = {
         "forgotten_error": _error(p["forgotten"]),
-        "forgotten_val_error": float(100.0 * np.dot(counts / counts.sum(), per_class)),
+        "forgotten_val_error": unseen_error(labels, data.val.labels.numpy(), p["val"]["correct"]),
     }
     if attacks:
         test_loss = p["test"]["loss"][np.isin(test_labels, classes)]
         out["forgotten_mia"] = 100.0 * basic_mia(p["forgotten"]["loss"], test_loss, seed=seed)
     return out
+
+
+def unseen_error(
+    labels: np.ndarray, val_labels: np.ndarray, val_correct: np.ndarray, unseen_classes=()
+) -> float:
+    """The error (percent) a set with class labels ``labels`` shows on a model that never saw it: per class c,
+    weighted by c's count in ``labels``, the model's error on the validation examples of c (never trained on;
+    ``val_correct`` per validation example), or 100 for c in ``unseen_classes`` (classes the model is no longer
+    trained on at all: a model that never saw c cannot predict it). NaN when a class that needs its validation
+    error has no validation example."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if not len(classes):
+        return float("nan")
+    unseen = set(np.asarray(unseen_classes).tolist())
+    val_wrong = 1.0 - np.asarray(val_correct, dtype=float)
+    per_class = [
+        1.0 if c in unseen else val_wrong[val_labels == c].mean() if (val_labels == c).any() else np.nan
+        for c in classes.tolist()
+    ]
+    return float(100.0 * np.dot(counts / counts.sum(), per_class))

@@ -334,7 +334,9 @@ def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
     history = report.get("history") or []
     if history:
         keys = layout.history or [k for k in history[-1] if k != "eval_seconds"]
-        specs = {"epoch": ".0f", "lr": ".3g", "max_loss": ".4f", "min_loss": ".4f"}
+        if layout.history and any("max_steps" in h for h in history):  # SCRUB's calibrated schedule
+            keys = [*keys, "forget_target_error", "max_steps"]
+        specs = {"epoch": ".0f", "lr": ".3g", "max_loss": ".4f", "min_loss": ".4f", "max_steps": ".0f"}
         hrows = [[fmt(h.get(k), specs.get(k, layout.spec)) for k in keys] for h in history]
         out += ["## History (epoch 0 = before unlearning)", "", *md_table(keys, hrows), ""]
     out += _resources(report)

@@ -75,11 +75,14 @@ class OptimizerSettings(StrictModel):
 @dataclass(frozen=True)
 class Phase:
     """One pass over one stream. ``name`` is what the method's ``loss`` is told; ``stream`` is
-    which data the loop draws (``"forget"`` or ``"retain"``)."""
+    which data the loop draws (``"forget"`` or ``"retain"``). ``steps``: None = one pass; a number = exactly
+    that many optimizer steps, cutting the pass short or cycling the stream in fresh shuffled passes
+    (engine/backends/base.py, ``Backend.batches``)."""
 
     name: str
     stream: str
     batch_size: int
+    steps: int | None = None
 
 
 @dataclass

@@ -4,10 +4,17 @@ The student starts at the teacher (a frozen copy of the original). Each epoch e 
 one pass of max-steps over the forget set (ascent on the teacher-student divergence), then every epoch
 makes one pass of min-steps over the retain set (stay close to the teacher, fit the labels). One
 optimizer is shared by both phases; the learning rate is set per epoch by ``lr_at``.
+
+``schedule=calibrated`` (docs/algorithm.md, "The calibrated schedule") replaces the max pass by a budget of
+``max_steps_per_epoch`` steps (the forget set cycled or cut short), spent in epochs 1..msteps only while the
+forget error is below its target. The method holds that state (``ScheduleState``); the recipe measures the
+error after each epoch and hands it to ``end_epoch``, which applies the rule; ``phases`` reads the state.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -28,7 +35,33 @@ class ScrubConfig(OptimizerSettings):
 
     name: Literal["scrub"] = Field("scrub", description="Method name.")
     epochs: int = Field(3, ge=1, description="Total epochs E (max+min epochs first, then min-only epochs).")
-    msteps: int = Field(2, ge=0, description="M: epochs 1..M start with a max-step pass over the forget set.")
+    msteps: int = Field(
+        2,
+        ge=0,
+        description="M: epochs 1..M start with a max-step pass over the forget set (schedule=calibrated: at most "
+        "these epochs have a max phase, each of max_steps_per_epoch steps, and only while the target is not met).",
+    )
+    schedule: Literal["paper", "calibrated"] = Field(
+        "paper",
+        description="paper: one max pass over the forget set in each of epochs 1..msteps. calibrated: each of "
+        "those epochs spends max_steps_per_epoch max-steps whatever the forget set's size, until the forget "
+        "error reaches what unseen data of its classes shows (100% for a class the retain set lacks, else the "
+        "model's validation error on that class; measured after each epoch), then min-steps only. Image "
+        "classifiers; needs eval.every_epoch.",
+    )
+    max_steps_per_epoch: int = Field(
+        16,
+        ge=1,
+        description="schedule=calibrated: max-steps (forget batches of forget_batch_size) in each epoch's max "
+        "phase: a smaller forget set is cycled, each pass in a fresh shuffled order; a larger one is cut short. "
+        "The run's budget is msteps x max_steps_per_epoch. Ignored by schedule=paper.",
+    )
+    target_tolerance: float = Field(
+        1.0,
+        ge=0,
+        description="schedule=calibrated: the target counts as reached when the forget error is at least the "
+        "target minus this many points (percent); from then on no max-steps. Ignored by schedule=paper.",
+    )
     temperature: float = Field(
         4.0, gt=0, description="T of the divergence; the T^2 factor applies in both phases."
     )
@@ -104,6 +137,17 @@ class ScrubConfig(OptimizerSettings):
         return self
 
 
+@dataclass
+class ScheduleState:
+    """What the calibrated schedule has decided so far (checkpointed with the run, so a resumed run takes
+    the same decisions): whether the next max phase may run, the max-steps made, and the epoch after
+    which the target was reached (None: not yet)."""
+
+    max_open: bool = True
+    max_steps_spent: int = 0
+    reached_after: int | None = None
+
+
 class Scrub:
     """The SCRUB method: phases per epoch and the per-batch losses. Knows nothing of where it runs."""
 
@@ -112,14 +156,57 @@ class Scrub:
 
     def __init__(self, config: ScrubConfig):
         self.config = config
+        self.schedule_state = ScheduleState()  # read by phases() under schedule=calibrated only
+
+    @property
+    def calibrated(self) -> bool:
+        return self.config.schedule == "calibrated"
+
+    def max_steps(self, epoch: int) -> int | None:
+        """Max-steps of ``epoch``'s max phase: 0 = no max phase; None = one pass over the forget set (paper)."""
+        c = self.config
+        if epoch > c.msteps:
+            return 0
+        if not self.calibrated:
+            return None
+        return c.max_steps_per_epoch if self.schedule_state.max_open else 0
 
     def phases(self, epoch: int) -> list[Phase]:
         c = self.config
         retain = Phase("min", "retain", c.retain_batch_size)
-        if epoch <= c.msteps:
-            forget = Phase("max", "forget", c.forget_batch_size)
+        steps = self.max_steps(epoch)
+        if steps != 0:
+            forget = Phase("max", "forget", c.forget_batch_size, steps=steps)
             return [retain, forget] if c.min_first else [forget, retain]  # faithful: max first
         return [retain]
+
+    def end_epoch(self, epoch: int, forget_error: float, target_error: float) -> dict:
+        """The calibrated rule, after ``epoch`` (its max phase, if any, done; epoch 0: the original, before any
+        step): the max phase closes for good once ``forget_error >= target_error - target_tolerance``; while it
+        is open, each epoch up to msteps spends its max-steps. Both numbers must be the same on every rank (the
+        recipe broadcasts the main rank's). Returns the history row's record of the decision."""
+        if not self.calibrated:
+            raise ValueError("end_epoch is the calibrated schedule's rule: method.schedule is 'paper'")
+        if not (math.isfinite(forget_error) and math.isfinite(target_error)):
+            raise ValueError(
+                f"schedule=calibrated: forget error {forget_error} or its target {target_error} is not a number "
+                "(a retained class of the forget set has no validation example: raise data.val_fraction)"
+            )
+        made = (self.max_steps(epoch) or 0) if epoch > 0 else 0  # epoch 0 made none (None: paper only)
+        s = self.schedule_state
+        s.max_steps_spent += made
+        reached = forget_error >= target_error - self.config.target_tolerance
+        if reached and s.max_open:
+            s.max_open, s.reached_after = False, epoch
+        return {"max_steps": made, "max_steps_spent": s.max_steps_spent, "target_reached": reached,
+                "max_open": s.max_open}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """The schedule's state (JSON), for the run's checkpoint."""
+        return asdict(self.schedule_state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule_state = ScheduleState(**state)
 
     def loss(
         self,

@@ -100,16 +100,19 @@ def _task(item: dict) -> dict:
 
 
 def _item(cfg: RunConfig, kind: str, seed: int, output_dir: Path) -> dict:
-    """One task: the config of one model, quiet, and evaluated only at the end (SCRUB+R excepted: it picks
-    its epoch from per-epoch errors)."""
-    rewind = kind == "unlearn" and bool(getattr(cfg.method, "rewind", False))
+    """One task: the config of one model, quiet, and evaluated only at the end (SCRUB+R and SCRUB's calibrated
+    schedule excepted: they pick an epoch, or decide the next one's max-steps, from per-epoch errors)."""
+    method = cfg.method
+    per_epoch = kind == "unlearn" and (
+        getattr(method, "rewind", False) or getattr(method, "schedule", "") == "calibrated"
+    )
     run_cfg = cfg.model_copy(
         update={
             "seed": seed,
             "output_dir": str(output_dir),
             "overwrite": True,
             "logging": cfg.logging.model_copy(update={"progress": False, "wandb": False}),
-            "eval": cfg.eval.model_copy(update={"reference": None, "every_epoch": rewind}),
+            "eval": cfg.eval.model_copy(update={"reference": None, "every_epoch": bool(per_epoch)}),
         }
     )
     return {"kind": kind, "seed": seed, "cwd": os.getcwd(), "cfg": run_cfg.model_dump(mode="json")}

@@ -81,6 +81,10 @@ def run_unlearning(
     rewind = bool(getattr(cfg.method, "rewind", False))
     if rewind and not cfg.eval.every_epoch:
         raise ConfigError("SCRUB+R (method.rewind=true) needs eval.every_epoch=true")
+    if getattr(cfg.method, "schedule", "paper") == "calibrated" and not cfg.eval.every_epoch:
+        raise ConfigError(
+            "method.schedule=calibrated decides after each epoch from its errors: set eval.every_epoch=true"
+        )
     seed_everything(cfg.seed)
     backend = backend or build_backend(cfg.backend)
     log = main_log(log, backend)
@@ -156,18 +160,25 @@ def run_unlearning(
             original = task.evaluate(model, device, reference, cache_dir=m.path, backend=backend)
         history: list[dict] = []
         losses: dict[str, list[float]] = {}
+        calibrated = getattr(cfg.method, "schedule", "paper") == "calibrated"
         ckpt = RunCheckpoints(
             stage, cfg, backend, student, model, run_streams, log=log, keep_all=rewind,  # SCRUB+R picks one
             client_state=lambda: {"history": history, "losses": losses, "original": original,
-                                  "seen": backend.gather_object(backend.seen)},
+                                  "seen": backend.gather_object(backend.seen),
+                                  **({"schedule": method.state_dict()} if calibrated else {})},
         )  # fmt: skip
         client = ckpt.restore() if resume else None
         if client is not None:
             history, losses, original = client["history"], client["losses"], client["original"]
+            if calibrated:  # the decisions taken before the stop: the resumed run's phases follow them
+                method.load_state_dict(client["schedule"])
             seen = client["seen"][backend.rank] if backend.rank < len(client["seen"]) else {}
             backend.seen.update({k: {int(e): rows for e, rows in v.items()} for k, v in seen.items()})
         else:
             history.append(task.history_row(model, device, 0, None, {}, metrics=original))
+            # SCRUB's calibrated schedule: an original already at its target needs no max-step at all
+            if calibrated:
+                history[0].update(calibrate(method, 0, task.calibration(original), backend))
             if (
                 rewind
             ):  # SCRUB+R's epoch 0 is the original: a checkpoint of the start (resuming it = starting)
@@ -186,6 +197,8 @@ def run_unlearning(
             row = {"epoch": epoch}
             if cfg.eval.every_epoch:
                 row = task.history_row(model, device, epoch, cfg.method.lr_at(epoch), epoch_losses)
+                if calibrated:  # before the checkpoint, which holds the decision for the next epoch
+                    row.update(calibrate(method, epoch, task.calibration(row), backend))
                 history.append(row)
                 tracker.log({k: v for k, v in row.items() if v is not None}, step=epoch)
             ckpt.end_of_epoch(epoch)
@@ -308,6 +321,14 @@ def run_unlearning(
     if cfg.output.push_to_hub and main:  # once the run folder is in place: a failed upload loses nothing
         push_run(out, cfg.output.push_to_hub, cfg.output.private, log)
     return out
+
+
+def calibrate(method, epoch: int, measured: tuple[float, float], backend) -> dict:
+    """SCRUB's calibrated schedule after ``epoch``: the method's rule applied to (forget error, target) as the
+    main rank measured them, broadcast so that every rank takes the same decision (each rank evaluates with its
+    own BatchNorm statistics, which may differ in the last digits); the decision goes into the history row."""
+    forget_error, target = backend.broadcast_object(tuple(float(x) for x in measured))
+    return {"forget_target_error": target, **method.end_epoch(epoch, forget_error, target)}
 
 
 def teacher_cache_wanted(settings, method, log) -> bool:

@@ -171,9 +171,22 @@ class ImageClassification:
 
     def rewind_series(self, history: list[dict], final: dict) -> tuple[list[float], float, dict]:
         """SCRUB+R: the forget error per epoch and its target, the final model's error on the forget-class
-        validation examples (same classes, never trained on); and how the report names them."""
-        series, target = [r["forget_error"] for r in history], final["forget_val_error"]
-        return series, target, {"target_error": target, "forget_errors": series}
+        validation examples (same classes, never trained on); and how the report names them. Under
+        ``method.schedule=calibrated`` the target is the one that schedule steers by, ``forget_target_error``
+        (class by class: 100 for a class the retain set lacks, else that class's validation error; weighted by
+        the forget set's class counts), so the max phase and the rewind aim at the same number."""
+        key = "forget_target_error" if self.calibrated else "forget_val_error"
+        series, target = [r["forget_error"] for r in history], final[key]
+        named = {"steered_by": key} if self.calibrated else {}
+        return series, target, {"target_error": target, **named, "forget_errors": series}
+
+    @property
+    def calibrated(self) -> bool:
+        return getattr(self.cfg.method, "schedule", "paper") == "calibrated"
+
+    def calibration(self, row: dict) -> tuple[float, float]:
+        """SCRUB's calibrated schedule: (forget error, its target) from a history row (percent)."""
+        return row["forget_error"], row["forget_target_error"]
 
     def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
              forget: bool = True) -> None:  # fmt: skip

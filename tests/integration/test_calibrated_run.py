@@ -1,0 +1,73 @@
+"""`unlearn run` with SCRUB's calibrated schedule (and SCRUB+R) on real CIFAR-10 images, in seconds: the
+max phase spends its step budget (the 40-image forget set cycled) until the forget error reaches its target,
+then no more max-steps; the report's history says so, SCRUB+R aims at the same target, and a run stopped
+inside a cycled max phase resumes to the same decisions and the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.cli import main
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+BUDGET, TOLERANCE = 5, 1.0  # 40 forget images in batches of 16: 3 batches a pass, so 5 steps cycle them
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cifar, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calibrated")
+    over = tiny_overrides(tiny_cifar, tmp, **{"forget.label": "airplane", "train.lr": "0.05",
+                                              "output_dir": str(tmp / "models")})  # fmt: skip
+    assert main(["train", "configs/demo.yaml", *over]) == 0
+    run = [*over, f"model.path={tmp / 'models' / 'original'}", "eval.reference=null",
+           "method.schedule=calibrated", "method.epochs=4", "method.msteps=3",
+           f"method.max_steps_per_epoch={BUDGET}", f"method.target_tolerance={TOLERANCE}", "method.lr=0.01",
+           "method.rewind=true"]  # fmt: skip
+    assert main(["run", "configs/demo.yaml", *run, f"output_dir={tmp / 'run'}"]) == 0
+    return tmp, run
+
+
+def test_max_steps_stop_once_the_forget_error_reaches_its_target(trained):
+    tmp, _ = trained
+    report = json.loads((tmp / "run" / "report.json").read_text())
+    history = report["history"][1:]  # epoch 0 is the original
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    # a whole class forgotten: the target is 100% (a model that never saw airplanes cannot name one)
+    assert all(r["forget_target_error"] == 100.0 for r in report["history"])
+    assert report["history"][0]["max_open"]  # the original is far from it
+    reached = [r["epoch"] for r in history if r["target_reached"]]
+    assert reached and reached[0] <= 3, "the run never reached its target: the rule below would prove little"
+    last_max = reached[0]  # the epoch after which no max phase follows
+    for r in history:
+        # the rule, epoch by epoch: the budget while the target is not yet met (epochs 1..msteps), then none
+        assert r["max_steps"] == (BUDGET if r["epoch"] <= last_max else 0), r
+        assert r["target_reached"] == (r["forget_error"] >= r["forget_target_error"] - TOLERANCE), r
+        assert (r["max_loss"] is None) == (r["max_steps"] == 0), r
+    spent = BUDGET * last_max
+    assert len(report["losses"]["max"]) == spent == history[-1]["max_steps_spent"]  # as the loop logged them
+    # SCRUB+R rewinds towards the same target
+    assert report["rewound"]["steered_by"] == "forget_target_error"
+    assert report["rewound"]["target_error"] == report["metrics"]["forget_target_error"] == 100.0
+    assert "forget_target_error | max_steps" in (tmp / "run" / "report.md").read_text()
+
+
+def test_a_run_stopped_inside_a_cycled_max_phase_resumes_to_the_same_decisions(trained, monkeypatch):
+    tmp, run = trained
+    out = f"output_dir={tmp / 'resumed'}"
+    monkeypatch.setenv("UNLEARN_FAULT", "step:1:step=4:do=term")  # SIGTERM at max-step 4: the second pass
+    assert main(["run", "configs/demo.yaml", *run, out]) == 75  # a checkpoint there, then exit
+    monkeypatch.delenv("UNLEARN_FAULT")
+    assert main(["run", "configs/demo.yaml", *run, out]) == 0  # the same command resumes
+    resumed = json.loads((tmp / "resumed" / "report.json").read_text())
+    whole = json.loads((tmp / "run" / "report.json").read_text())
+    assert resumed["resume"]["position"] and "step 4" in resumed["resume"]["position"]
+    keys = ("epoch", "forget_error", "forget_target_error", "max_steps", "target_reached", "max_open")
+    decisions = [[{k: r[k] for k in keys} for r in rep["history"]] for rep in (resumed, whole)]
+    assert decisions[0] == decisions[1]
+    for name in ("model", "model_rewound"):
+        after = (tmp / "resumed" / name / "model.safetensors").read_bytes()
+        assert after == (tmp / "run" / name / "model.safetensors").read_bytes(), name

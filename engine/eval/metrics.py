@@ -97,15 +97,16 @@ def evaluate(
 
 def forgotten_scores(p: dict, data, test_labels: np.ndarray, attacks: bool, seed: int) -> dict:
     """A stream of deletion requests (``data.forgotten``: every example forgotten up to this version).
-    ``forgotten_error``: the error on them; ``forgotten_val_error``: the error unseen examples of the same class mix
-    have (validation error per class, weighted by the forgotten set's class counts): what a model that never saw
-    them would show, the reference `ledger.retrain_bound` measures drift from; ``forgotten_mia``: the basic attack,
-    forgotten examples vs test examples of their classes."""
+    ``forgotten_error``: the error on them; ``forgotten_val_error``: ``unseen_error`` of their class mix (validation
+    error per class, 100 for a class the retain set no longer holds, weighted by the forgotten set's class
+    counts): what a model that never saw them would show, the reference `ledger.retrain_bound` measures drift
+    from; ``forgotten_mia``: the basic attack, forgotten examples vs test examples of their classes."""
     labels = data.forgotten.labels.numpy()
     classes = np.unique(labels)
+    unseen = np.setdiff1d(classes, data.retain.labels.numpy())
     out = {
         "forgotten_error": _error(p["forgotten"]),
-        "forgotten_val_error": unseen_error(labels, data.val.labels.numpy(), p["val"]["correct"]),
+        "forgotten_val_error": unseen_error(labels, data.val.labels.numpy(), p["val"]["correct"], unseen),
     }
     if attacks:
         test_loss = p["test"]["loss"][np.isin(test_labels, classes)]

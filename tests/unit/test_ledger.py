@@ -347,6 +347,10 @@ def test_forgotten_scores_by_hand():
     class Data:
         forgotten = images([0] * 9 + [1] * 3)  # nine of class 0, three of class 1
         val = images([0, 0, 1, 1, 2])  # class 0: 50% wrong, class 1: 100%, class 2: 0% (below)
+        retain = images([0, 1, 2])
+
+    class WholeClass(Data):
+        retain = images([1, 2])  # no class 0 left to train on: a model that never saw it gets it 100% wrong
 
     test_labels = np.array([0, 1] * 10 + [2] * 5)
     p = {
@@ -359,3 +363,5 @@ def test_forgotten_scores_by_hand():
     assert out["forgotten_val_error"] == pytest.approx(100 * (0.75 * 0.5 + 0.25 * 1.0))  # class 2 not weighed
     assert out["forgotten_mia"] == pytest.approx(100.0)  # separable by loss once class 2 is left out
     assert "forgotten_mia" not in forgotten_scores(p, Data, test_labels, attacks=False, seed=0)
+    whole = forgotten_scores(p, WholeClass, test_labels, attacks=False, seed=0)
+    assert whole["forgotten_val_error"] == pytest.approx(100 * (0.75 * 1.0 + 0.25 * 1.0))

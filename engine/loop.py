@@ -35,12 +35,15 @@ from engine.errors import DivergenceError, PreemptedError
 class LoopHooks:
     """Optional callbacks: ``on_step(epoch, phase, step, loss)``, ``on_epoch_end(epoch, losses)``
     where ``losses`` maps phase name -> mean loss of that epoch, ``should_stop()`` (asked after each
-    step on every rank) and ``on_stop(position)`` (write a checkpoint there)."""
+    step on every rank), ``on_stop(position)`` (write a checkpoint there) and ``end_phase(epoch, phase,
+    step)`` (asked after each step on every rank, which must all answer the same: True ends the phase
+    there, the next phase follows)."""
 
     on_step: Callable[[int, str, int, float], None] | None = None
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_stop: Callable[[dict], None] | None = None
+    end_phase: Callable[[int, str, int], bool] | None = None
 
 
 @dataclass
@@ -154,6 +157,8 @@ def run_loop(
                 if hooks.on_step:
                     hooks.on_step(epoch, phase.name, steps, value)
                 sums[phase.name] = [total, steps]
+                # decided before a stop is handled: a run resumed here finds the phase already ended
+                ended = bool(hooks.end_phase and hooks.end_phase(epoch, phase.name, steps))
                 if stop:
                     position = {"epoch": epoch, "phase": phase.name, "phase_index": index, "step": steps,
                                 "epoch_losses": sums}  # fmt: skip
@@ -163,6 +168,8 @@ def run_loop(
                         f"stopped by a signal at epoch {epoch}, {phase.name} step {steps}; a checkpoint was "
                         "written there: run the same command again to resume"
                     )
+                if ended:
+                    break
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, {k: t / max(n, 1) for k, (t, n) in sums.items()})
     return state

@@ -109,7 +109,7 @@ class RunCheckpoints:
         self.log(f"stop signal: checkpoint written at {describe_position(position)}")
 
     def run(self, method, teacher, streams: dict, forward, *, epochs: int, on_step, on_epoch_end,
-            stop_file: Path | None = None, teacher_outputs=None) -> LoopState:  # fmt: skip
+            stop_file: Path | None = None, teacher_outputs=None, end_phase=None) -> LoopState:  # fmt: skip
         """The one loop (engine/loop.py) for the student, from this run's position, with the checkpoint hooks:
         SIGTERM (or ``stop_file``) ends it with a checkpoint at the next step."""
         with StopRequest(stop_file) as stop:
@@ -117,7 +117,8 @@ class RunCheckpoints:
                 method, self.backend, self.student, teacher, streams, forward, seed=self.cfg.seed, epochs=epochs,
                 start=self.start, max_abs_loss=self.cfg.checkpoint.max_abs_loss, progress=self.cfg.logging.progress,
                 teacher_outputs=teacher_outputs,
-                hooks=LoopHooks(on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=self.on_stop),
+                hooks=LoopHooks(on_step=on_step, on_epoch_end=on_epoch_end, should_stop=stop, on_stop=self.on_stop,
+                                end_phase=end_phase),
             )  # fmt: skip
 
     def report(self) -> dict | None:

@@ -335,7 +335,7 @@ def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
     if history:
         keys = layout.history or [k for k in history[-1] if k != "eval_seconds"]
         if layout.history and any("max_steps" in h for h in history):  # SCRUB's calibrated schedule
-            keys = [*keys, "forget_target_error", "max_steps"]
+            keys = [*keys, "target_error", "max_steps"]
         specs = {"epoch": ".0f", "lr": ".3g", "max_loss": ".4f", "min_loss": ".4f", "max_steps": ".0f"}
         hrows = [[fmt(h.get(k), specs.get(k, layout.spec)) for k in keys] for h in history]
         out += ["## History (epoch 0 = before unlearning)", "", *md_table(keys, hrows), ""]

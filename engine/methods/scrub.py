@@ -7,8 +7,10 @@ optimizer is shared by both phases; the learning rate is set per epoch by ``lr_a
 
 ``schedule=calibrated`` (docs/algorithm.md, "The calibrated schedule") replaces the max pass by a budget of
 ``max_steps_per_epoch`` steps (the forget set cycled or cut short), spent in epochs 1..msteps only while the
-forget error is below its target. The method holds that state (``ScheduleState``); the recipe measures the
-error after each epoch and hands it to ``end_epoch``, which applies the rule; ``phases`` reads the state.
+forget error is below its target (frozen at what the original shows on unseen data of the forget set's classes),
+and ended early, every ``check_every`` max-steps, once it is reached. The method holds that state
+(``ScheduleState``); the recipe measures the errors and hands them to ``end_epoch`` (after each epoch) and
+``check`` (inside a max phase), which apply the rule; ``phases`` reads the state.
 """
 
 from __future__ import annotations
@@ -39,15 +41,17 @@ class ScrubConfig(OptimizerSettings):
         2,
         ge=0,
         description="M: epochs 1..M start with a max-step pass over the forget set (schedule=calibrated: at most "
-        "these epochs have a max phase, each of max_steps_per_epoch steps, and only while the target is not met).",
+        "these epochs have a max phase, each of at most max_steps_per_epoch steps, and only while the target "
+        "is not met).",
     )
     schedule: Literal["paper", "calibrated"] = Field(
         "paper",
         description="paper: one max pass over the forget set in each of epochs 1..msteps. calibrated: each of "
-        "those epochs spends max_steps_per_epoch max-steps whatever the forget set's size, until the forget "
-        "error reaches what unseen data of its classes shows (100% for a class the retain set lacks, else the "
-        "model's validation error on that class; measured after each epoch), then min-steps only. Image "
-        "classifiers; needs eval.every_epoch.",
+        "those epochs whose start finds the forget error below its target spends up to max_steps_per_epoch "
+        "max-steps whatever the forget set's size, ending early once a check finds the target reached; the "
+        "target is what unseen data of the forget set's classes shows on the original (100% for a class the "
+        "retain set lacks, else the original's validation error on that class). Image classifiers; needs "
+        "eval.every_epoch.",
     )
     max_steps_per_epoch: int = Field(
         16,
@@ -60,7 +64,14 @@ class ScrubConfig(OptimizerSettings):
         1.0,
         ge=0,
         description="schedule=calibrated: the target counts as reached when the forget error is at least the "
-        "target minus this many points (percent); from then on no max-steps. Ignored by schedule=paper.",
+        "target minus this many points (percent). Ignored by schedule=paper.",
+    )
+    check_every: int = Field(
+        2,
+        ge=1,
+        description="schedule=calibrated: inside a max phase, the forget error is measured (eval mode, the "
+        "forget set only) after every check_every max-steps, and the phase ends there once the target is "
+        "reached. Ignored by schedule=paper.",
     )
     temperature: float = Field(
         4.0, gt=0, description="T of the divergence; the T^2 factor applies in both phases."
@@ -140,11 +151,14 @@ class ScrubConfig(OptimizerSettings):
 @dataclass
 class ScheduleState:
     """What the calibrated schedule has decided so far (checkpointed with the run, so a resumed run takes
-    the same decisions): whether the next max phase may run, the max-steps made, and the epoch after
-    which the target was reached (None: not yet)."""
+    the same decisions): the frozen target (set by epoch 0, the original), whether the next max phase may
+    run, the max-steps made, the epoch whose max phase a check ended early and after how many steps (None:
+    none this epoch), and the first epoch after which the target was reached (None: not yet)."""
 
+    target_error: float | None = None
     max_open: bool = True
     max_steps_spent: int = 0
+    ended_early: list[int] | None = None  # [epoch, steps]: this epoch's max phase stopped at a check
     reached_after: int | None = None
 
 
@@ -169,7 +183,12 @@ class Scrub:
             return 0
         if not self.calibrated:
             return None
-        return c.max_steps_per_epoch if self.schedule_state.max_open else 0
+        s = self.schedule_state
+        if not s.max_open:
+            return 0
+        if s.ended_early is not None and s.ended_early[0] == epoch:
+            return s.ended_early[1]  # a resumed epoch: its max phase already ended at a check
+        return c.max_steps_per_epoch
 
     def phases(self, epoch: int) -> list[Phase]:
         c = self.config
@@ -180,26 +199,53 @@ class Scrub:
             return [retain, forget] if c.min_first else [forget, retain]  # faithful: max first
         return [retain]
 
-    def end_epoch(self, epoch: int, forget_error: float, target_error: float) -> dict:
-        """The calibrated rule, after ``epoch`` (its max phase, if any, done; epoch 0: the original, before any
-        step): the max phase closes for good once ``forget_error >= target_error - target_tolerance``; while it
-        is open, each epoch up to msteps spends its max-steps. Both numbers must be the same on every rank (the
-        recipe broadcasts the main rank's). Returns the history row's record of the decision."""
-        if not self.calibrated:
-            raise ValueError("end_epoch is the calibrated schedule's rule: method.schedule is 'paper'")
+    def streams(self) -> set[str]:
+        """Every stream a phase of this run may read (the calibrated schedule decides its max phases as it goes)."""
+        return {"retain"} | ({"forget"} if self.config.msteps > 0 else set())
+
+    def _reached(self, forget_error: float, target_error: float) -> bool:
         if not (math.isfinite(forget_error) and math.isfinite(target_error)):
             raise ValueError(
                 f"schedule=calibrated: forget error {forget_error} or its target {target_error} is not a number "
                 "(a retained class of the forget set has no validation example: raise data.val_fraction)"
             )
-        made = (self.max_steps(epoch) or 0) if epoch > 0 else 0  # epoch 0 made none (None: paper only)
+        return forget_error >= target_error - self.config.target_tolerance
+
+    def end_epoch(self, epoch: int, forget_error: float, target_error: float) -> dict:
+        """The calibrated rule after ``epoch`` (epoch 0: the original, before any step). Epoch 0 freezes the
+        target (``target_error``: what unseen data of the forget set's classes shows on the original); later
+        epochs' ``target_error`` is ignored. The next epoch, if one of 1..msteps, has a max phase exactly when
+        the forget error is below the target minus the tolerance: min-steps that pulled it back below reopen
+        it; after epoch msteps only min-steps repair. Both numbers must be the same on every rank (the recipe
+        broadcasts the main rank's). Returns the history row's record of the decision."""
+        if not self.calibrated:
+            raise ValueError("end_epoch is the calibrated schedule's rule: method.schedule is 'paper'")
         s = self.schedule_state
+        if epoch == 0 or s.target_error is None:
+            s.target_error = float(target_error)
+        made = (self.max_steps(epoch) or 0) if epoch > 0 else 0  # epoch 0 made none (None: paper only)
         s.max_steps_spent += made
-        reached = forget_error >= target_error - self.config.target_tolerance
-        if reached and s.max_open:
-            s.max_open, s.reached_after = False, epoch
-        return {"max_steps": made, "max_steps_spent": s.max_steps_spent, "target_reached": reached,
-                "max_open": s.max_open}  # fmt: skip
+        reached = self._reached(forget_error, s.target_error)
+        if reached and s.reached_after is None:
+            s.reached_after = epoch
+        s.max_open, s.ended_early = not reached, None
+        return {"target_error": s.target_error, "max_steps": made, "max_steps_spent": s.max_steps_spent,
+                "target_reached": reached, "max_open": s.max_open}  # fmt: skip
+
+    def check(self, epoch: int, steps: int, forget_error: float) -> bool:
+        """Inside ``epoch``'s max phase after ``steps`` max-steps: True ends the phase there (the target is
+        reached; recorded, so a run resumed in this epoch skips the rest of it). The same on every rank when
+        ``forget_error`` is (the recipe broadcasts it)."""
+        if not self._reached(forget_error, self.schedule_state.target_error):
+            return False
+        self.schedule_state.ended_early = [epoch, steps]
+        return True
+
+    def check_due(self, epoch: int, steps: int) -> bool:
+        """Whether the recipe measures the forget error after max-step ``steps`` of ``epoch`` (not after the
+        last: the epoch's own evaluation follows)."""
+        budget = self.max_steps(epoch) or 0
+        return self.calibrated and steps % self.config.check_every == 0 and steps < budget
 
     def state_dict(self) -> dict:
         """The schedule's state (JSON), for the run's checkpoint."""

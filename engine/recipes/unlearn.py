@@ -160,18 +160,20 @@ def run_unlearning(
             original = task.evaluate(model, device, reference, cache_dir=m.path, backend=backend)
         history: list[dict] = []
         losses: dict[str, list[float]] = {}
+        checks: list[dict] = []  # the calibrated schedule's checks inside max phases
         calibrated = getattr(cfg.method, "schedule", "paper") == "calibrated"
         ckpt = RunCheckpoints(
             stage, cfg, backend, student, model, run_streams, log=log, keep_all=rewind,  # SCRUB+R picks one
             client_state=lambda: {"history": history, "losses": losses, "original": original,
                                   "seen": backend.gather_object(backend.seen),
-                                  **({"schedule": method.state_dict()} if calibrated else {})},
+                                  **({"schedule": method.state_dict(), "checks": checks} if calibrated else {})},
         )  # fmt: skip
         client = ckpt.restore() if resume else None
         if client is not None:
             history, losses, original = client["history"], client["losses"], client["original"]
             if calibrated:  # the decisions taken before the stop: the resumed run's phases follow them
                 method.load_state_dict(client["schedule"])
+                checks = client["checks"]
             seen = client["seen"][backend.rank] if backend.rank < len(client["seen"]) else {}
             backend.seen.update({k: {int(e): rows for e, rows in v.items()} for k, v in seen.items()})
         else:
@@ -216,7 +218,10 @@ def run_unlearning(
             if resume:
                 source = AdapterDisabled(model) if m.lora else load_frozen(backend, task, m.path, m.revision,
                                                                            m.trust_remote_code)  # fmt: skip
-            names = sorted({p.stream for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)})
+            names = sorted(
+                method.streams() if calibrated  # its max phases are decided as it goes
+                else {p.stream for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)}
+            )  # fmt: skip
             teacher_outputs = fill_teacher_cache(
                 source, {n: run_streams[n] for n in names}, task.forward, backend, batch_size=cfg.eval.batch_size,
                 temperature=cfg.method.temperature, topk=cfg.method.teacher_cache_topk,
@@ -226,8 +231,24 @@ def run_unlearning(
             log(f"teacher outputs cached in {teacher_outputs.seconds:.1f} s: " + ", ".join(
                 f"{k} {v['kind']} {v['bytes']:,} B" + (f" (tail mass {v['tail_mass_mean']:.2g})" if "topk" in v else "")
                 for k, v in teacher_outputs.summary()["streams"].items()))  # fmt: skip
+        end_phase = None
+        if calibrated:
+
+            def end_phase(epoch: int, phase: str, step: int) -> bool:
+                # the calibrated schedule's check inside a max phase: the main rank's forget error, broadcast
+                if phase != "max" or not method.check_due(epoch, step):
+                    return False
+                measured = backend.broadcast_object(task.forget_error(model, device))
+                ended = method.check(epoch, step, measured)
+                checks.append({"epoch": epoch, "step": step, "forget_error": measured, "ended": ended})
+                if ended:
+                    log(f"epoch {epoch}: max phase ended after {step} max-steps, forget error {measured:.2f} "
+                        f"reached its target {method.schedule_state.target_error:.2f}")  # fmt: skip
+                return ended
+
         ckpt.run(method, teacher, run_streams, task.forward, epochs=cfg.method.epochs, on_step=on_step,
-                 on_epoch_end=on_epoch_end, stop_file=stop_file, teacher_outputs=teacher_outputs)  # fmt: skip
+                 on_epoch_end=on_epoch_end, stop_file=stop_file, teacher_outputs=teacher_outputs,
+                 end_phase=end_phase)  # fmt: skip
         loop_seconds = time.perf_counter() - t_loop + prepare_seconds
         first = ckpt.start["epoch"] if ckpt.start else 1  # evaluations before a resume were not in this loop
         train_seconds = loop_seconds - sum(r["eval_seconds"] for r in history if r["epoch"] >= first)
@@ -296,6 +317,7 @@ def run_unlearning(
                     "reference": reference,
                     "rewound": rewound,
                     "history": history,
+                    "schedule_checks": checks if calibrated else None,
                     "losses": losses,
                     "seconds": time.perf_counter() - t_start,
                     "loop_seconds": loop_seconds,

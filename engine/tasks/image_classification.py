@@ -172,21 +172,35 @@ class ImageClassification:
     def rewind_series(self, history: list[dict], final: dict) -> tuple[list[float], float, dict]:
         """SCRUB+R: the forget error per epoch and its target, the final model's error on the forget-class
         validation examples (same classes, never trained on); and how the report names them. Under
-        ``method.schedule=calibrated`` the target is the one that schedule steers by, ``forget_target_error``
-        (class by class: 100 for a class the retain set lacks, else that class's validation error; weighted by
-        the forget set's class counts), so the max phase and the rewind aim at the same number."""
-        key = "forget_target_error" if self.calibrated else "forget_val_error"
-        series, target = [r["forget_error"] for r in history], final[key]
-        named = {"steered_by": key} if self.calibrated else {}
-        return series, target, {"target_error": target, **named, "forget_errors": series}
+        ``method.schedule=calibrated`` the target is the one that schedule steers by, ``target_error`` (frozen
+        at epoch 0: class by class 100 for a class the retain set lacks, else the original's validation error
+        on that class; weighted by the forget set's class counts), so the max phase and the rewind aim at the
+        same number."""
+        if self.calibrated:
+            series, target = [r["forget_error"] for r in history], history[0]["target_error"]
+            return (
+                series,
+                target,
+                {"target_error": target, "steered_by": "target_error", "forget_errors": series},
+            )
+        series, target = [r["forget_error"] for r in history], final["forget_val_error"]
+        return series, target, {"target_error": target, "forget_errors": series}
 
     @property
     def calibrated(self) -> bool:
         return getattr(self.cfg.method, "schedule", "paper") == "calibrated"
 
     def calibration(self, row: dict) -> tuple[float, float]:
-        """SCRUB's calibrated schedule: (forget error, its target) from a history row (percent)."""
+        """SCRUB's calibrated schedule: (forget error, what unseen data of its classes shows) from a history
+        row (percent); the schedule freezes the second at epoch 0."""
         return row["forget_error"], row["forget_target_error"]
+
+    def forget_error(self, model, device) -> float:
+        """The forget error (percent, eval mode) alone: the calibrated schedule's check inside a max phase.
+        Every rank classifies the whole forget set (under ZeRO-3 each forward is collective)."""
+        c = self.cfg.eval
+        pred = predict(model, self.data.forget, self.transform, c.batch_size, device)
+        return float(100.0 * (1.0 - pred["correct"].mean()))
 
     def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
              forget: bool = True) -> None:  # fmt: skip

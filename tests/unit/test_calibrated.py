@@ -166,26 +166,60 @@ def test_the_paper_schedule_is_unchanged():
         scrub.end_epoch(1, 50.0, 60.0)
 
 
-def test_max_steps_continue_below_the_target_and_stop_once_it_is_reached():
+def test_max_steps_continue_below_the_target_stop_once_it_is_reached_and_reopen_below_it():
     scrub = Scrub(calibrated())
     max_then_min = [("max", "forget", 7), ("min", "retain", None)]
     assert shape(scrub, 5) == [max_then_min] * 3 + [[("min", "retain", None)]] * 2  # open: epochs 1..msteps
     row = scrub.end_epoch(1, forget_error=40.0, target_error=60.0)  # below: the next epoch spends max-steps
-    assert row == {"max_steps": 7, "max_steps_spent": 7, "target_reached": False, "max_open": True}
+    assert row == {"target_error": 60.0, "max_steps": 7, "max_steps_spent": 7, "target_reached": False,
+                   "max_open": True}  # fmt: skip
     assert shape(scrub, 5)[1] == max_then_min
-    row = scrub.end_epoch(2, forget_error=59.5, target_error=60.0)  # within the tolerance: reached
-    assert row == {"max_steps": 7, "max_steps_spent": 14, "target_reached": True, "max_open": False}
-    assert shape(scrub, 5) == [[("min", "retain", None)]] * 5  # no max phase follows
-    row = scrub.end_epoch(3, forget_error=30.0, target_error=60.0)  # min-steps relearned: stays closed
-    assert row == {"max_steps": 0, "max_steps_spent": 14, "target_reached": False, "max_open": False}
+    row = scrub.end_epoch(2, forget_error=59.5, target_error=99.0)  # within the tolerance of the frozen 60
+    assert row == {"target_error": 60.0, "max_steps": 7, "max_steps_spent": 14, "target_reached": True,
+                   "max_open": False}  # fmt: skip
+    assert shape(scrub, 5) == [[("min", "retain", None)]] * 5  # no max phase follows while it holds
+    row = scrub.end_epoch(3, forget_error=30.0, target_error=60.0)  # min-steps relearned: open again ...
+    assert row == {"target_error": 60.0, "max_steps": 0, "max_steps_spent": 14, "target_reached": False,
+                   "max_open": True}  # fmt: skip
+    assert shape(scrub, 5)[2] == max_then_min  # ... for epochs up to msteps only: 4 and 5 stay min-only
+    assert shape(scrub, 5)[3:] == [[("min", "retain", None)]] * 2
     assert scrub.schedule_state.reached_after == 2
+
+
+def test_the_target_is_frozen_at_what_the_original_shows():
+    scrub = Scrub(calibrated())
+    assert scrub.end_epoch(0, forget_error=5.0, target_error=35.0)["max_open"]  # the original: 35 frozen
+    # the student's validation error on the class rises with the max-steps (here to 90): the target does not
+    row = scrub.end_epoch(1, forget_error=50.0, target_error=90.0)
+    assert (row["target_error"], row["target_reached"], row["max_open"]) == (35.0, True, False)
+
+
+def test_a_check_inside_the_max_phase_ends_it_and_a_resumed_epoch_skips_the_rest():
+    scrub = Scrub(calibrated(check_every=2))
+    scrub.end_epoch(0, forget_error=5.0, target_error=40.0)
+    # checks after max-steps 2, 4, 6 of 7 (not after 7: the epoch's evaluation follows), not on other steps
+    assert [s for s in range(1, 8) if scrub.check_due(1, s)] == [2, 4, 6]
+    assert not scrub.check(1, 2, forget_error=30.0)  # below: the phase goes on
+    assert scrub.check(1, 4, forget_error=39.0)  # within the tolerance: the phase ends after 4 steps
+    assert shape(scrub, 5)[0] == [("max", "forget", 4), ("min", "retain", None)]  # as a resume sees epoch 1
+    resumed = Scrub(calibrated(check_every=2))
+    resumed.load_state_dict(json.loads(json.dumps(scrub.state_dict())))
+    assert shape(resumed, 5) == shape(scrub, 5)
+    row = scrub.end_epoch(1, forget_error=41.0, target_error=80.0)
+    assert (row["max_steps"], row["max_steps_spent"], row["max_open"]) == (4, 4, False)
+    assert scrub.schedule_state.ended_early is None  # the next epoch, if reopened, gets the whole budget
+    scrub.end_epoch(2, forget_error=20.0, target_error=80.0)
+    assert shape(scrub, 5)[2] == [("max", "forget", 7), ("min", "retain", None)]
+    assert not Scrub(ScrubConfig(max_steps_per_epoch=7)).check_due(1, 2)  # the paper's schedule: never
 
 
 def test_an_original_already_at_its_target_gets_no_max_step_at_all():
     scrub = Scrub(calibrated())
     row = scrub.end_epoch(0, forget_error=45.0, target_error=40.0)  # e.g. a hard forget set, a random target
-    assert row == {"max_steps": 0, "max_steps_spent": 0, "target_reached": True, "max_open": False}
+    assert row == {"target_error": 40.0, "max_steps": 0, "max_steps_spent": 0, "target_reached": True,
+                   "max_open": False}  # fmt: skip
     assert shape(scrub, 5) == [[("min", "retain", None)]] * 5
+    assert scrub.streams() == {"forget", "retain"}  # a later epoch may still reopen it: its teacher is cached
     below = Scrub(calibrated())
     assert below.end_epoch(0, forget_error=5.0, target_error=40.0)["max_open"]
     assert shape(below, 5) == shape(Scrub(calibrated()), 5)  # as if nothing had been measured
@@ -232,7 +266,11 @@ def test_the_config_refuses_what_the_schedule_cannot_steer(tmp_path):
     with pytest.raises(ConfigError, match="schedule"):
         load_config(None, ["method.schedule=adaptive"])
     cfg = load_config(None, ["method.schedule=calibrated"])
-    assert (cfg.method.max_steps_per_epoch, cfg.method.target_tolerance) == (16, 1.0)
+    assert (cfg.method.max_steps_per_epoch, cfg.method.target_tolerance, cfg.method.check_every) == (
+        16,
+        1.0,
+        2,
+    )
     assert load_config(None, []).method.schedule == "paper"
 
 
@@ -287,7 +325,7 @@ def test_the_loop_spends_the_budget_until_the_target_and_a_resumed_run_decides_t
     # is reached after epoch 2, so epochs 3 and 4 (3 <= msteps) are min-only; 12 retain rows: 3 min-steps
     assert steps == {(1, "max"): 7, (1, "min"): 3, (2, "max"): 7, (2, "min"): 3, (3, "min"): 3, (4, "min"): 3}
     assert [d["max_steps"] for d in decisions] == [7, 7, 0, 0]
-    assert [d["max_open"] for d in decisions] == [True, False, False, False]
+    assert [d["max_open"] for d in decisions] == [True, False, True, True]  # epoch 4 > msteps: min-only
 
     # the same run stopped in epoch 2 inside the max phase's second pass (step 5 of 7), then resumed in a new
     # process from what a checkpoint holds: weights, optimizer, RNG, loop position and the schedule's state
@@ -319,3 +357,59 @@ def test_the_loop_spends_the_budget_until_the_target_and_a_resumed_run_decides_t
     assert resumed_steps == {(2, "max"): 7, (2, "min"): 3, (3, "min"): 3, (4, "min"): 3}
     for k, v in expected.items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_a_check_ends_the_max_phase_and_a_run_stopped_at_or_after_it_resumes_the_same():
+    def end_phase_for(method):  # what the recipe's check would measure: reached at max-step 4 of epoch 1 only
+        def end_phase(epoch: int, phase: str, step: int) -> bool:
+            if phase != "max" or not method.check_due(epoch, step):
+                return False
+            return method.check(epoch, step, 60.0 if (epoch, step) == (1, 4) else 10.0)
+
+        return end_phase
+
+    def fresh():
+        model, teacher, method, backend = setup()
+        method.end_epoch(0, 0.0, 60.0)  # the original: far below the target, which is frozen at 60
+        return model, teacher, method, backend
+
+    model, teacher, method, backend = fresh()
+    decisions, steps = [], {}
+    loop(model, teacher, method, backend, decisions, steps, hooks={"end_phase": end_phase_for(method)})
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    # epoch 1's max phase ends at the check after step 4 of 7; epoch 2 (below the target again) spends all 7
+    assert steps == {(1, "max"): 4, (1, "min"): 3, (2, "max"): 7, (2, "min"): 3, (3, "min"): 3, (4, "min"): 3}
+    assert [d["max_steps"] for d in decisions] == [4, 7, 0, 0]
+
+    def stopped_then_resumed(stop_at: int, where: str) -> None:
+        model, teacher, method, backend = fresh()
+        asked, saved, first = {"n": 0}, {}, []
+
+        def should_stop() -> bool:
+            asked["n"] += 1
+            return asked["n"] == stop_at
+
+        def on_stop(position: dict) -> None:
+            saved.update(position=position, schedule=json.dumps(method.state_dict()), rng=torch.get_rng_state(),
+                         model={k: v.clone() for k, v in model.state_dict().items()},
+                         optimizer=copy.deepcopy(backend.optimizer.state_dict()))  # fmt: skip
+
+        hooks = {"should_stop": should_stop, "on_stop": on_stop, "end_phase": end_phase_for(method)}
+        with pytest.raises(PreemptedError, match=where):
+            loop(model, teacher, method, backend, first, {}, hooks=hooks)
+
+        model, teacher, method, backend = fresh()
+        model.load_state_dict(saved["model"])
+        backend.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        method.load_state_dict(json.loads(saved["schedule"]))
+        rest, resumed_steps = [], {}
+        loop(model, teacher, method, backend, rest, resumed_steps, start=saved["position"],
+             hooks={"end_phase": end_phase_for(method)})  # fmt: skip
+        assert first + rest == decisions, where
+        assert (1, "max") not in resumed_steps, where  # the ended max phase is not taken up again
+        for k, v in expected.items():
+            assert torch.equal(model.state_dict()[k], v), (where, k)
+
+    stopped_then_resumed(4, "epoch 1, max step 4")  # at the very check that ends the phase
+    stopped_then_resumed(4 + 2, "epoch 1, min step 2")  # after it, in the same epoch

@@ -316,6 +316,21 @@ def loop(model, teacher, method, backend, decisions: list, steps: dict, **kwargs
                     progress=False, hooks=hooks, **kwargs)  # fmt: skip
 
 
+def snapshot(saved: dict, position: dict, model, method, backend) -> None:
+    """What a checkpoint holds at a stop: weights, optimizer, RNG, loop position and the schedule's state."""
+    saved.update(position=position, schedule=json.dumps(method.state_dict()), rng=torch.get_rng_state(),
+                 model={k: v.clone() for k, v in model.state_dict().items()},
+                 optimizer=copy.deepcopy(backend.optimizer.state_dict()))  # fmt: skip
+
+
+def restored(saved: dict, model, method, backend) -> None:
+    """A new process's run put back where ``snapshot`` left it."""
+    model.load_state_dict(saved["model"])
+    backend.optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    method.load_state_dict(json.loads(saved["schedule"]))
+
+
 def test_the_loop_spends_the_budget_until_the_target_and_a_resumed_run_decides_the_same():
     model, teacher, method, backend = setup()
     decisions, steps = [], {}
@@ -337,9 +352,7 @@ def test_the_loop_spends_the_budget_until_the_target_and_a_resumed_run_decides_t
         return asked["n"] == 7 + 3 + 5  # epoch 1: 7 max + 3 min; epoch 2: max step 5
 
     def on_stop(position: dict) -> None:
-        saved.update(position=position, schedule=json.dumps(method.state_dict()), rng=torch.get_rng_state(),
-                     model={k: v.clone() for k, v in model.state_dict().items()},
-                     optimizer=copy.deepcopy(backend.optimizer.state_dict()))  # fmt: skip
+        snapshot(saved, position, model, method, backend)
 
     stop = {"should_stop": should_stop, "on_stop": on_stop}
     with pytest.raises(PreemptedError, match="epoch 2, max step 5"):
@@ -347,10 +360,7 @@ def test_the_loop_spends_the_budget_until_the_target_and_a_resumed_run_decides_t
     assert first == decisions[:1]
 
     model, teacher, method, backend = setup()
-    model.load_state_dict(saved["model"])
-    backend.optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"])
-    method.load_state_dict(json.loads(saved["schedule"]))
+    restored(saved, model, method, backend)
     rest, resumed_steps = [], {}
     loop(model, teacher, method, backend, rest, resumed_steps, start=saved["position"])
     assert first + rest == decisions
@@ -390,19 +400,14 @@ def test_a_check_ends_the_max_phase_and_a_run_stopped_at_or_after_it_resumes_the
             return asked["n"] == stop_at
 
         def on_stop(position: dict) -> None:
-            saved.update(position=position, schedule=json.dumps(method.state_dict()), rng=torch.get_rng_state(),
-                         model={k: v.clone() for k, v in model.state_dict().items()},
-                         optimizer=copy.deepcopy(backend.optimizer.state_dict()))  # fmt: skip
+            snapshot(saved, position, model, method, backend)
 
         hooks = {"should_stop": should_stop, "on_stop": on_stop, "end_phase": end_phase_for(method)}
         with pytest.raises(PreemptedError, match=where):
             loop(model, teacher, method, backend, first, {}, hooks=hooks)
 
         model, teacher, method, backend = fresh()
-        model.load_state_dict(saved["model"])
-        backend.optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])
-        method.load_state_dict(json.loads(saved["schedule"]))
+        restored(saved, model, method, backend)
         rest, resumed_steps = [], {}
         loop(model, teacher, method, backend, rest, resumed_steps, start=saved["position"],
              hooks={"end_phase": end_phase_for(method)})  # fmt: skip

@@ -2,7 +2,8 @@
 job, after it, or while it is published leaves the second request not done and no v2 recorded, and running the
 command again finishes it with the weights of the uninterrupted stream; the second job never trains on an id the
 first forgot; every 2nd version retrained when ledger.retrain_every=2, a version past ledger.retrain_bound retrained
-instead; a failed batch released and served; the stream processed on two DeepSpeed ranks."""
+instead; a failed batch released and served; the stream processed on two DeepSpeed ranks and as a Ray Train job
+on two workers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from engine.cli import main
 from engine.config import load_config
 from engine.requests.ledger import Ledger
-from tests.conftest import free_port, tiny_overrides
+from tests.conftest import free_port, ray_env, tiny_overrides
 from tests.faults import REPO, clean_env, same_weights
 
 CONFIG = "configs/demo.yaml"
@@ -49,8 +50,10 @@ class Stream:
             main(["request", "add", *self.args(out, **extra), "--ids", str(self.root / f"ids{k}.txt")]) == 0
         )
 
-    def process(self, out: Path, fault: str | None = None, **extra) -> subprocess.CompletedProcess:
-        env = clean_env()
+    def process(
+        self, out: Path, fault: str | None = None, env: dict | None = None, **extra
+    ) -> subprocess.CompletedProcess:
+        env = env or clean_env()
         if fault:
             env["UNLEARN_FAULT"] = fault
         cmd = [sys.executable, "-m", "engine.cli", "request", "process", *self.args(out, **extra)]
@@ -214,6 +217,22 @@ def test_process_on_two_deepspeed_ranks(stream):
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "no pending requests" in p.stdout
+    assert states(out) == (["done"], ["v1"])
+    report = json.loads((out / "v1" / "report.json").read_text())
+    assert report["backend"]["world_size"] == 2 and report["forget"]["size"] == 12
+    assert main(["verify", "--chain", str(out)]) == 0
+
+
+@pytest.mark.full
+def test_process_as_a_ray_train_job(stream, ray_head):
+    """`unlearn request process` with backend.name=ray, joined to a head on loopback: the version's job runs on two
+    Ray Train workers, then is published and recorded by the driver, and its chain verifies."""
+    out = stream.root / "ray" / "out"
+    stream.add(out, 0)
+    ray = {"backend.name": "ray", "backend.num_workers": "2", "backend.ray_address": ray_head["address"],
+           "backend.timeout_s": "120"}  # fmt: skip
+    p = stream.process(out, env={**ray_env(), "PYTHONPATH": str(REPO)}, **ray)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert states(out) == (["done"], ["v1"])
     report = json.loads((out / "v1" / "report.json").read_text())
     assert report["backend"]["world_size"] == 2 and report["forget"]["size"] == 12

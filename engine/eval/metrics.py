@@ -37,7 +37,8 @@ def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.float().gather(1, labels[:, None])[:, 0] - others.logsumexp(-1)
 
 
-def _error(pred: dict) -> float:
+def error_percent(pred: dict) -> float:
+    """Percent of ``predict``'s rows classified wrongly (NaN for no rows)."""
     return float(100.0 * (1.0 - pred["correct"].mean())) if len(pred["correct"]) else float("nan")
 
 
@@ -70,12 +71,12 @@ def evaluate(
     test_kept = ~in_forget_classes if data.forget_kind == "class" else np.ones_like(in_forget_classes)
     sel = lambda pred, m: {k: v[m] for k, v in pred.items()}  # noqa: E731
     out = {
-        "forget_error": _error(p["forget"]),
-        "retain_error": _error(p["retain"]),
-        "test_error": _error(sel(p["test"], test_kept)),
-        "val_error": _error(p["val"]),
-        "forget_val_error": _error(p["forget_val"]),
-        "forget_test_error": _error(sel(p["test"], in_forget_classes)),
+        "forget_error": error_percent(p["forget"]),
+        "retain_error": error_percent(p["retain"]),
+        "test_error": error_percent(sel(p["test"], test_kept)),
+        "val_error": error_percent(p["val"]),
+        "forget_val_error": error_percent(p["forget_val"]),
+        "forget_test_error": error_percent(sel(p["test"], in_forget_classes)),
     }
     # what the forget set would show on a model that never saw it (the calibrated schedule's target)
     forget_labels, retain_labels = data.forget.labels.numpy(), data.retain.labels.numpy()
@@ -105,7 +106,7 @@ def forgotten_scores(p: dict, data, test_labels: np.ndarray, attacks: bool, seed
     classes = np.unique(labels)
     unseen = np.setdiff1d(classes, data.retain.labels.numpy())
     out = {
-        "forgotten_error": _error(p["forgotten"]),
+        "forgotten_error": error_percent(p["forgotten"]),
         "forgotten_val_error": unseen_error(labels, data.val.labels.numpy(), p["val"]["correct"], unseen),
     }
     if attacks:

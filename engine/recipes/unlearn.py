@@ -219,7 +219,7 @@ def run_unlearning(
                 source = AdapterDisabled(model) if m.lora else load_frozen(backend, task, m.path, m.revision,
                                                                            m.trust_remote_code)  # fmt: skip
             names = sorted(
-                method.streams() if calibrated  # its max phases are decided as it goes
+                method.streams() if hasattr(method, "streams")  # a method whose phases are decided as it goes
                 else {p.stream for e in range(1, cfg.method.epochs + 1) for p in method.phases(e)}
             )  # fmt: skip
             teacher_outputs = fill_teacher_cache(

@@ -15,7 +15,7 @@ import torch
 
 from engine.checkpoint.export import image_processor, run_card, save_checkpoint
 from engine.data.vision import ImageSet, ImageStream, ImageTransform, UnlearningData, prepare_data
-from engine.eval.metrics import evaluate, predict
+from engine.eval.metrics import error_percent, evaluate, predict
 from engine.eval.shard import is_shared, share
 from engine.methods.base import MethodContext
 from engine.models.loading import (
@@ -176,14 +176,15 @@ class ImageClassification:
         at epoch 0: class by class 100 for a class the retain set lacks, else the original's validation error
         on that class; weighted by the forget set's class counts), so the max phase and the rewind aim at the
         same number."""
+        series = [r["forget_error"] for r in history]
         if self.calibrated:
-            series, target = [r["forget_error"] for r in history], history[0]["target_error"]
+            target = history[0]["target_error"]
             return (
                 series,
                 target,
                 {"target_error": target, "steered_by": "target_error", "forget_errors": series},
             )
-        series, target = [r["forget_error"] for r in history], final["forget_val_error"]
+        target = final["forget_val_error"]
         return series, target, {"target_error": target, "forget_errors": series}
 
     @property
@@ -199,8 +200,7 @@ class ImageClassification:
         """The forget error (percent, eval mode) alone: the calibrated schedule's check inside a max phase.
         Every rank classifies the whole forget set (under ZeRO-3 each forward is collective)."""
         c = self.cfg.eval
-        pred = predict(model, self.data.forget, self.transform, c.batch_size, device)
-        return float(100.0 * (1.0 - pred["correct"].mean()))
+        return error_percent(predict(model, self.data.forget, self.transform, c.batch_size, device))
 
     def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
              forget: bool = True) -> None:  # fmt: skip

@@ -7,8 +7,10 @@ Protocol (configs/tofu.yaml plus overrides; every step is the engine's own recip
    which memorises them) and, same recipe and seed, on the retain authors alone (the reference);
 3. the start-at-teacher measurement (docs/algorithm.md, "The start-at-teacher problem"): the max-step gradient norm at step 0
    on the original, faithful and with each remedy;
-4. ``unlearn run`` with SCRUB, GradDiff and NPO on the same original. Equal compute: GradDiff and NPO
-   get as many epochs as make their student forward+backward passes (examples) match SCRUB's;
+4. ``unlearn run`` with SCRUB (the paper's schedule, and ``method.schedule=calibrated``: max-steps until the
+   forget answers' NLL reaches the original's on the holdout authors), GradDiff and NPO on the same original.
+   Equal compute: GradDiff and NPO get as many epochs as make their student forward+backward passes
+   (examples) match SCRUB's paper schedule;
 5. TOFU evaluation of every model (open-unlearning's definitions), forget quality against the retain model.
 
 Writes ``DIR/results.json`` ({"rows": [{"method", "forget_quality", "model_utility", "forget_rouge",
@@ -37,9 +39,10 @@ except ImportError:  # pragma: no cover
 
 CONFIG = REPO / "configs" / "tofu.yaml"
 TOFU = REPO.parent / "shared" / "data" / "tofu"
-METHODS = ("original", "retain", "scrub", "scrub+r", "grad_diff", "npo", "scrub_faithful")
+METHODS = ("original", "retain", "scrub", "scrub+r", "scrub_calibrated", "grad_diff", "npo", "scrub_faithful")
 LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRUB", "scrub+r": "SCRUB+R", "grad_diff": "GradDiff",
-          "npo": "NPO", "scrub_faithful": "SCRUB, faithful (no remedy)"}  # fmt: skip
+          "npo": "NPO", "scrub_faithful": "SCRUB, faithful (no remedy)",
+          "scrub_calibrated": "SCRUB, calibrated schedule"}  # fmt: skip
 
 
 def base_model(out: Path, quick: bool, model: str | None) -> str:
@@ -81,8 +84,12 @@ def settings(args) -> list[str]:
     return common + list(args.set or [])
 
 
-def student_examples(method: str, epochs: int, msteps: int, n_forget: int, n_retain: int) -> int:
-    """Student forward+backward passes over examples: the compute the methods are matched on."""
+def student_examples(method: str, epochs: int, msteps: int, n_forget: int, n_retain: int, report=None) -> int:
+    """Student forward+backward passes over examples: the compute the methods are matched on (a calibrated
+    SCRUB run: the max-steps its report says it made, of forget_batch_size rows each)."""
+    if method == "scrub" and report and report["history"][-1].get("max_steps_spent") is not None:
+        spent = report["history"][-1]["max_steps_spent"] * report["method"]["forget_batch_size"]
+        return spent + epochs * n_retain  # (a pass's last batch may be short: an upper bound then)
     if method == "scrub":
         return msteps * n_forget + epochs * n_retain
     return epochs * 2 * n_forget  # GradDiff/NPO: each forget example with one retain example
@@ -185,12 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     budget = student_examples("scrub", m.epochs, m.msteps, n_forget, n_retain)
     baseline_epochs = max(1, round(budget / (2 * n_forget)))
     runs = {}
-    for method in ("scrub", "grad_diff", "npo", "scrub_faithful"):
+    for method in ("scrub", "grad_diff", "npo", "scrub_faithful", "scrub_calibrated"):
         extra = [f"output_dir={out / 'runs' / method}"]
         if method == "scrub":  # the same run also gives SCRUB+R (rewinding to a saved epoch)
             extra += ["method.rewind=true"]
         elif method == "scrub_faithful":  # the start-at-teacher remedy off: the evidence for choosing it
             extra += ["method.forget_nll=0"]
+        elif (
+            method == "scrub_calibrated"
+        ):  # the schedule's own settings: budget, checks, tolerance as shipped
+            extra += ["method.schedule=calibrated", "method.rewind=true"]
         elif method != "scrub":  # many short epochs at equal compute: measure only the last one
             extra += [f"method={method}", f"method.epochs={baseline_epochs}",
                       f"method.batch_size={m.forget_batch_size}", "eval.every_epoch=false"]  # fmt: skip
@@ -204,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[method] = _read(out / "runs" / method / "report.json")
         kind = "scrub" if method.startswith("scrub") else method
         runs[method]["examples"] = student_examples(kind, cfg.method.epochs, getattr(cfg.method, "msteps", 0),
-                                                    n_forget, n_retain)  # fmt: skip
+                                                    n_forget, n_retain, runs[method])  # fmt: skip
 
     rows = []
     for method in METHODS:
@@ -257,6 +268,16 @@ def _read(path: Path) -> dict:
 def _checks(rows: list[dict]) -> dict:
     by = {r["method"]: r for r in rows}
     scrub, orig = by["scrub"], by["original"]
+    targets = {}  # the targets of "SCRUB that finishes forgetting": quality, utility kept, no membership signal
+    for name in ("scrub", "scrub_calibrated", "grad_diff", "npo"):
+        r = by.get(name)
+        if r is None:
+            continue
+        ratio = (r["model_utility"] or 0.0) / max(orig["model_utility"] or 1e-12, 1e-12)
+        leak = r["privleak"]
+        targets[name] = {"forget_quality_ge_0.05": (r["forget_quality"] or 0) >= 0.05,
+                         "utility_ratio": ratio, "utility_ge_0.95_of_original": ratio >= 0.95,
+                         "privleak_within_10": leak is not None and abs(leak) <= 10}  # fmt: skip
     fq = scrub["forget_quality"] or 0.0
     mu_ratio = (scrub["model_utility"] or 0.0) / max(orig["model_utility"] or 1e-12, 1e-12)
     ahead = all(
@@ -267,6 +288,7 @@ def _checks(rows: list[dict]) -> dict:
         "scrub_utility_ratio": mu_ratio,
         "scrub_utility_ge_0.9_of_original": mu_ratio >= 0.9,
         "scrub_forget_quality_ahead_of_baselines": ahead,
+        "targets": targets,
     }
 
 
@@ -281,7 +303,10 @@ def _markdown(r: dict) -> list[str] | str:
     ]
     lines = ["# TOFU: SCRUB vs GradDiff and NPO", "", *header_markdown(r), "", "## Results", ""]
     lines += md_table(cols, rows) + [""]
-    lines += [f"- {k}: {v}" for k, v in r["checks"].items()] + [""]
+    lines += [f"- {k}: {v}" for k, v in r["checks"].items() if k != "targets"] + [""]
+    lines += ["Targets (forget quality >= 0.05, utility >= 0.95 of the original's, |privleak| <= 10):", ""]
+    lines += [f"- {LABELS[m]}: " + ", ".join(f"{k} {fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in t.items())
+              for m, t in r["checks"].get("targets", {}).items()] + [""]  # fmt: skip
     lines += ["## Start at teacher: max-step gradient norm at step 0", "", *md_table(["variant", "grad norm",
               "divergence"], sat), ""]  # fmt: skip
     lines += ["## Protocol", "", f"```\n{r['protocol']}\n```", "", f"Total: {r['total_seconds']:.0f} s", ""]

@@ -558,15 +558,21 @@ class RunConfig(StrictModel):
         return self
 
     def _calibrated_schedule_fits(self) -> None:
-        """SCRUB's calibrated schedule measures a class-aware validation error after every epoch (that it needs
-        eval.every_epoch is checked by `unlearn run`, as for SCRUB+R: the audit's reference trainings turn it off)."""
+        """SCRUB's calibrated schedule steers by what unseen data shows: a class-aware validation error for image
+        classifiers, the holdout rows' NLL for causal LMs (that it needs eval.every_epoch is checked by `unlearn
+        run`, as for SCRUB+R: the audit's reference trainings turn it off). Its tolerance defaults to one unit
+        step of the task's measure: 1 point of error, 0.05 nats (about 2% of an unseen answer's NLL)."""
+        if hasattr(self.method, "target_tolerance") and self.method.target_tolerance is None:
+            self.method.target_tolerance = 1.0 if self.task == "image_classification" else 0.05
         if getattr(self.method, "schedule", "paper") != "calibrated":
             return
-        if self.task != "image_classification":
-            raise ValueError(
-                "method.schedule=calibrated steers by a class-aware validation error, which only "
-                "task=image_classification has so far: use method.schedule=paper for task=causal_lm"
-            )
+        if self.task == "causal_lm":
+            if self.data.preset != "tofu" and self.holdout.dataset is None:
+                raise ValueError(
+                    "method.schedule=calibrated steers the forget NLL towards the NLL of rows the model never "
+                    "saw: set holdout.dataset (or use method.schedule=paper)"
+                )
+            return
         if self.data.val_fraction == 0:
             raise ValueError(
                 "method.schedule=calibrated compares the forget error with validation errors: set "

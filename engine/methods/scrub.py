@@ -50,8 +50,8 @@ class ScrubConfig(OptimizerSettings):
         "those epochs whose start finds the forget error below its target spends up to max_steps_per_epoch "
         "max-steps whatever the forget set's size, ending early once a check finds the target reached; the "
         "target is what unseen data of the forget set's classes shows on the original (100% for a class the "
-        "retain set lacks, else the original's validation error on that class). Image classifiers; needs "
-        "eval.every_epoch.",
+        "retain set lacks, else the original's validation error on that class; causal LMs: the forget answers' "
+        "NLL against the original's NLL on holdout rows). Needs eval.every_epoch.",
     )
     max_steps_per_epoch: int = Field(
         16,
@@ -60,11 +60,12 @@ class ScrubConfig(OptimizerSettings):
         "phase: a smaller forget set is cycled, each pass in a fresh shuffled order; a larger one is cut short. "
         "The run's budget is msteps x max_steps_per_epoch. Ignored by schedule=paper.",
     )
-    target_tolerance: float = Field(
-        1.0,
+    target_tolerance: float | None = Field(
+        None,
         ge=0,
-        description="schedule=calibrated: the target counts as reached when the forget error is at least the "
-        "target minus this many points (percent). Ignored by schedule=paper.",
+        description="schedule=calibrated: the target counts as reached when the forget measure is at least the "
+        "target minus this much, in the task's unit: points of error (percent) for image classifiers, nats of "
+        "answer NLL for causal LMs. None: the task's default (1 point; 0.05 nats). Ignored by schedule=paper.",
     )
     check_every: int = Field(
         2,
@@ -209,7 +210,12 @@ class Scrub:
                 f"schedule=calibrated: forget error {forget_error} or its target {target_error} is not a number "
                 "(a retained class of the forget set has no validation example: raise data.val_fraction)"
             )
-        return forget_error >= target_error - self.config.target_tolerance
+        tolerance = self.config.target_tolerance
+        if tolerance is None:  # the run config's validation sets the task's default (engine/config.py)
+            raise ValueError(
+                "schedule=calibrated needs method.target_tolerance: set it, or load the run config"
+            )
+        return forget_error >= target_error - tolerance
 
     def end_epoch(self, epoch: int, forget_error: float, target_error: float) -> dict:
         """The calibrated rule after ``epoch`` (epoch 0: the original, before any step). Epoch 0 freezes the

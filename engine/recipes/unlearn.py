@@ -180,7 +180,7 @@ def run_unlearning(
             history.append(task.history_row(model, device, 0, None, {}, metrics=original))
             # SCRUB's calibrated schedule: an original already at its target needs no max-step at all
             if calibrated:
-                history[0].update(calibrate(method, 0, task.calibration(original), backend))
+                history[0].update(calibrate(method, 0, task.calibration(history[0]), backend))
             if (
                 rewind
             ):  # SCRUB+R's epoch 0 is the original: a checkpoint of the start (resuming it = starting)
@@ -242,8 +242,9 @@ def run_unlearning(
                 ended = method.check(epoch, step, measured)
                 checks.append({"epoch": epoch, "step": step, "forget_error": measured, "ended": ended})
                 if ended:
-                    log(f"epoch {epoch}: max phase ended after {step} max-steps, forget error {measured:.2f} "
-                        f"reached its target {method.schedule_state.target_error:.2f}")  # fmt: skip
+                    log(f"epoch {epoch}: max phase ended after {step} max-steps: the forget set's "
+                        f"{task.calibration_measure} {measured:.4g} reached its target "
+                        f"{method.schedule_state.target_error:.4g}")  # fmt: skip
                 return ended
 
         ckpt.run(method, teacher, run_streams, task.forward, epochs=cfg.method.epochs, on_step=on_step,
@@ -280,6 +281,10 @@ def run_unlearning(
             # task saying what the series and target are; its weights come back from that epoch's checkpoint on
             # every rank (under ZeRO-3 each its partition), then it is scored and exported as the final model was
             series, target, steering = task.rewind_series(history, final)
+            if calibrated:  # the target the max phases steered by (frozen at epoch 0): both aim at one number
+                target = history[0]["target_error"]
+                rest = {k: v for k, v in steering.items() if not k.startswith("target_")}
+                steering = {"target_error": target, "steered_by": "target_error", **rest}
             j = select_rewind_epoch(series, target)
             ckpt.store.check(f"epoch_{j}")  # verified against its manifest before it is read
             backend.load_checkpoint(ckpt.folder, f"epoch_{j}", student, weights_only=False)

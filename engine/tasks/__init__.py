@@ -16,7 +16,9 @@ A task object is built per run (``build_task(cfg, model_path)``) and offers:
 trust_remote_code)``, ``build()`` (from scratch), ``check(model)``, ``evaluate(model, device, reference,
 cache_dir, backend)`` (``model`` may be a function that loads it: called only when a cached score
 misses), ``history_row(model, device, epoch, lr, losses, metrics)``, ``rewind_series(history, final)``
-(SCRUB+R's per-epoch forget series and its target), ``save(...)``, ``describe(metrics)``,
+(SCRUB+R's per-epoch forget series and its target), ``calibration(row)`` and ``forget_error(model,
+device)`` (SCRUB's calibrated schedule: the forget measure and what unseen data shows; the measure alone),
+``save(...)``, ``describe(metrics)``,
 ``method_context(backend)`` (for a method's ``prepare``), ``row_ids(stream)``.
 
 This module imports nothing heavy: the config reads ``PROVIDES`` to refuse a method a task cannot serve.

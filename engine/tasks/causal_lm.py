@@ -273,6 +273,18 @@ class CausalLM:
         series, target = [r["forget_nll"] for r in history], history[-1]["holdout_nll"]
         return series, target, {"target_nll": target, "forget_nlls": series}
 
+    calibration_measure = "answer NLL"  # what the calibrated schedule steers, for its log
+
+    def calibration(self, row: dict) -> tuple[float, float]:
+        """SCRUB's calibrated schedule: (forget answers' NLL, the holdout rows' NLL: answers of the same kind the
+        model never saw) from a history row; the schedule freezes the second at epoch 0, the original's."""
+        return row["forget_nll"], row["holdout_nll"]
+
+    def forget_error(self, model, device) -> float:
+        """The forget answers' NLL alone (eval mode): the calibrated schedule's check inside a max phase. Every
+        rank scores the whole forget set (under ZeRO-3 each forward is collective)."""
+        return answer_nll(model, self._text("forget"), self.cfg.eval.batch_size, device)
+
     def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
              forget: bool = True) -> None:  # fmt: skip
         summary = self.forget_summary()

@@ -171,25 +171,13 @@ class ImageClassification:
 
     def rewind_series(self, history: list[dict], final: dict) -> tuple[list[float], float, dict]:
         """SCRUB+R: the forget error per epoch and its target, the final model's error on the forget-class
-        validation examples (same classes, never trained on); and how the report names them. Under
-        ``method.schedule=calibrated`` the target is the one that schedule steers by, ``target_error`` (frozen
-        at epoch 0: class by class 100 for a class the retain set lacks, else the original's validation error
-        on that class; weighted by the forget set's class counts), so the max phase and the rewind aim at the
-        same number."""
+        validation examples (same classes, never trained on); and how the report names them. (Under
+        ``method.schedule=calibrated`` the recipe aims at the schedule's frozen target instead.)"""
         series = [r["forget_error"] for r in history]
-        if self.calibrated:
-            target = history[0]["target_error"]
-            return (
-                series,
-                target,
-                {"target_error": target, "steered_by": "target_error", "forget_errors": series},
-            )
         target = final["forget_val_error"]
         return series, target, {"target_error": target, "forget_errors": series}
 
-    @property
-    def calibrated(self) -> bool:
-        return getattr(self.cfg.method, "schedule", "paper") == "calibrated"
+    calibration_measure = "error (%)"  # what the calibrated schedule steers, for its log
 
     def calibration(self, row: dict) -> tuple[float, float]:
         """SCRUB's calibrated schedule: (forget error, what unseen data of its classes shows) from a history

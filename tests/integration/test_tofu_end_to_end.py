@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from engine.cli import main
@@ -15,9 +16,18 @@ pytestmark = pytest.mark.slow
 EXPECTED = {"forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak", "mia_min_k"}
 
 
-def test_tofu_train_run_eval(tiny_lm, tmp_path):
-    models = tmp_path / "models"
-    assert main(["train", "configs/tofu.yaml", *tofu_overrides(tiny_lm, tmp_path, output_dir=models)]) == 0
+@pytest.fixture(scope="module")
+def trained(tiny_lm, tmp_path_factory):
+    """`unlearn train`: the original (TOFU full) and the retain model, in one folder; 6 epochs, so that the
+    original knows its forget answers better than the holdout authors' (a calibrated target to steer to)."""
+    models = tmp_path_factory.mktemp("tofu") / "models"
+    over = tofu_overrides(tiny_lm, models.parent, output_dir=models, **{"train.epochs": 6})
+    assert main(["train", "configs/tofu.yaml", *over]) == 0
+    return models
+
+
+def test_tofu_train_run_eval(tiny_lm, trained, tmp_path):
+    models = trained
     for target in ("original", "retain"):
         report = json.loads((models / target / "report.json").read_text())
         assert EXPECTED <= set(report["metrics"])
@@ -63,6 +73,41 @@ def test_tofu_train_run_eval(tiny_lm, tmp_path):
     args += [f"model.path={tmp_path / 'scrub' / 'model'}", f"eval.reference={models / 'retain'}"]
     assert main(["eval", "configs/tofu.yaml", *args]) == 0
     assert json.loads((out / "report.json").read_text())["metrics"]["forget_quality"] is not None
+
+
+def test_calibrated_scrub_steers_the_forget_nll_to_the_holdout_nll(tiny_lm, trained, tmp_path):
+    """method.schedule=calibrated on a causal LM: the target is the original's NLL on the holdout authors
+    (answers of the same kind it never saw), frozen at epoch 0; a max phase runs while the forget answers' NLL is
+    below it (minus 0.05 nats, the LM default) and ends at the first check that finds it reached; SCRUB+R aims
+    at the same number."""
+    models, budget, out = trained, 6, tmp_path / "calibrated"
+    extra = {"model.path": models / "original", "eval.reference": models / "retain", "output_dir": out,
+             "method.schedule": "calibrated", "method.epochs": 3, "method.msteps": 2, "method.lr": 0.001,
+             "method.forget_nll": 1.0, "method.max_steps_per_epoch": budget, "method.check_every": 1,
+             "method.rewind": "true"}  # fmt: skip
+    assert main(["run", "configs/tofu.yaml", *tofu_overrides(tiny_lm, tmp_path, **extra)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert yaml.safe_load((out / "config.yaml").read_text())["method"]["target_tolerance"] == 0.05
+    tolerance, history = 0.05, report["history"]
+    target = history[0]["holdout_nll"]
+    assert history[0]["forget_nll"] < target - tolerance, "the original must know its forget answers better"
+    assert all(r["target_error"] == target for r in history), "the target is frozen at the original's"
+    checks = report["schedule_checks"]
+    reached = [r["epoch"] for r in history[1:] if r["target_reached"]]
+    assert reached and reached[0] <= 2, (
+        "the max phases never reached the target: the rule below proves little"
+    )
+    for before, r in zip(history, history[1:]):
+        mine = [c for c in checks if c["epoch"] == r["epoch"]]
+        ended = [c["step"] for c in mine if c["ended"]]
+        expected = budget if r["epoch"] <= 2 and before["max_open"] else 0
+        assert r["max_steps"] == (ended[0] if ended else expected), (r, mine)
+        assert all(c["ended"] == (c["forget_error"] >= target - tolerance) for c in mine), mine
+        assert r["target_reached"] == (r["forget_nll"] >= target - tolerance), r
+    assert len(report["losses"]["max"]) == history[-1]["max_steps_spent"]
+    # the first check after the first max-step measures what the per-epoch row would: the forget answers' NLL
+    assert checks and checks[0]["step"] == 1 and checks[0]["forget_error"] > history[0]["forget_nll"]
+    assert report["rewound"]["steered_by"] == "target_error" and report["rewound"]["target_error"] == target
 
 
 @pytest.mark.full

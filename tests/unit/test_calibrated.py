@@ -249,7 +249,7 @@ def test_a_target_that_is_not_a_number_is_refused():
 
 def test_the_config_refuses_what_the_schedule_cannot_steer(tmp_path):
     for over, match in (
-        (["task=causal_lm", "data.preset=tofu"], "task=causal_lm"),
+        (["task=causal_lm", "data.text_column=text", "data.dataset=corpus.jsonl"], "holdout.dataset"),
         (["data.val_fraction=0"], "val_fraction"),
     ):
         with pytest.raises(ConfigError, match=match):
@@ -272,6 +272,17 @@ def test_the_config_refuses_what_the_schedule_cannot_steer(tmp_path):
         2,
     )
     assert load_config(None, []).method.schedule == "paper"
+    # a causal LM steers by the holdout rows' NLL (TOFU's holdout authors): its tolerance is in nats
+    tofu = load_config(None, ["method.schedule=calibrated", "task=causal_lm", "data.preset=tofu"])
+    assert tofu.method.target_tolerance == 0.05
+    assert (
+        load_config(
+            None, ["task=causal_lm", "data.preset=tofu", "method.target_tolerance=0.2"]
+        ).method.target_tolerance
+        == 0.2
+    )
+    with pytest.raises(ValueError, match="target_tolerance"):  # a method built without a validated config
+        Scrub(ScrubConfig(schedule="calibrated")).end_epoch(0, 1.0, 2.0)
 
 
 # --- the loop: budgets spent, decisions taken, and the same after a resume ---------------------------

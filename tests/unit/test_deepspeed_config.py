@@ -86,7 +86,10 @@ def test_launcher_environment(monkeypatch):
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID",
                 "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"):  # fmt: skip
-        monkeypatch.delenv(key, raising=False)
+        # set, then deleted: monkeypatch records the original (often absent) state, so the RANK=1 of 2 that
+        # _launcher_env writes below does not outlive this test (a later `request process` would refuse)
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     # one of 4 bare srun tasks: refused, instead of 4 worlds of one writing one output folder
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "2")

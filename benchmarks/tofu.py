@@ -198,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             extra += ["method.rewind=true"]
         elif method == "scrub_faithful":  # the start-at-teacher remedy off: the evidence for choosing it
             extra += ["method.forget_nll=0"]
-        elif (
-            method == "scrub_calibrated"
-        ):  # the schedule's own settings: budget, checks, tolerance as shipped
-            extra += ["method.schedule=calibrated", "method.rewind=true"]
+        elif method == "scrub_calibrated":
+            extra += [
+                "method.schedule=calibrated",
+                "method.rewind=true",
+            ]  # budget, checks, tolerance as shipped
         elif method != "scrub":  # many short epochs at equal compute: measure only the last one
             extra += [f"method={method}", f"method.epochs={baseline_epochs}",
                       f"method.batch_size={m.forget_batch_size}", "eval.every_epoch=false"]  # fmt: skip
@@ -268,18 +269,22 @@ def _read(path: Path) -> dict:
 def _checks(rows: list[dict]) -> dict:
     by = {r["method"]: r for r in rows}
     scrub, orig = by["scrub"], by["original"]
+
+    def utility_ratio(r: dict) -> float:
+        return (r["model_utility"] or 0.0) / max(orig["model_utility"] or 1e-12, 1e-12)
+
     targets = {}  # the targets of "SCRUB that finishes forgetting": quality, utility kept, no membership signal
     for name in ("scrub", "scrub_calibrated", "grad_diff", "npo"):
         r = by.get(name)
         if r is None:
             continue
-        ratio = (r["model_utility"] or 0.0) / max(orig["model_utility"] or 1e-12, 1e-12)
+        ratio = utility_ratio(r)
         leak = r["privleak"]
         targets[name] = {"forget_quality_ge_0.05": (r["forget_quality"] or 0) >= 0.05,
                          "utility_ratio": ratio, "utility_ge_0.95_of_original": ratio >= 0.95,
                          "privleak_within_10": leak is not None and abs(leak) <= 10}  # fmt: skip
     fq = scrub["forget_quality"] or 0.0
-    mu_ratio = (scrub["model_utility"] or 0.0) / max(orig["model_utility"] or 1e-12, 1e-12)
+    mu_ratio = utility_ratio(scrub)
     ahead = all(
         (scrub["forget_quality"] or 0) >= (by[m]["forget_quality"] or 0) for m in ("grad_diff", "npo")
     )

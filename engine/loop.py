@@ -170,6 +170,8 @@ def run_loop(
                     )
                 if ended:
                     break
+            if phase.fresh_optimizer:  # after the phase's last step, however it ended
+                backend.reset_optimizer()
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, {k: t / max(n, 1) for k, (t, n) in sums.items()})
     return state

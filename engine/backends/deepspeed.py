@@ -309,6 +309,14 @@ class DeepSpeedBackend(Backend):
     def step(self) -> None:
         self.engine.step()  # the accumulation boundary: reduce, update, zero the gradients
 
+    def reset_optimizer(self) -> None:
+        """Clear the optimizer's per-parameter state (Adam's moments), as the single backend does. Under ZeRO
+        the torch optimizer (or DeepSpeed's CPU Adam) runs over this rank's fp32 partitions, one wrapper down;
+        both build their state afresh at the next step when it is empty."""
+        optimizer = self.engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO 1-3 wrap the base optimizer
+        inner.state.clear()
+
     def sum_across_ranks(self, value: float | list[float]) -> float | list[float]:
         t = torch.tensor(
             value if isinstance(value, list) else [value], dtype=torch.float64, device=self.device

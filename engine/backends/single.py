@@ -105,6 +105,11 @@ class SingleProcessBackend(Backend):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def reset_optimizer(self) -> None:
+        """Clear the optimizer's per-parameter state (Adam's moments and step count): torch's optimizers
+        build it afresh at the next step, as for a new optimizer; learning rates are kept."""
+        self.optimizer.state.clear()
+
     # --- whole-model views and checkpoints ---------------------------------------------------------
 
     def unwrap(self, model):

@@ -77,12 +77,14 @@ class Phase:
     """One pass over one stream. ``name`` is what the method's ``loss`` is told; ``stream`` is
     which data the loop draws (``"forget"`` or ``"retain"``). ``steps``: None = one pass; a number = exactly
     that many optimizer steps, cutting the pass short or cycling the stream in fresh shuffled passes
-    (engine/backends/base.py, ``Backend.batches``)."""
+    (engine/backends/base.py, ``Backend.batches``). ``fresh_optimizer``: when the phase ends, the optimizer's
+    state (Adam's moments) is cleared, so the next phase does not carry this one's momentum."""
 
     name: str
     stream: str
     batch_size: int
     steps: int | None = None
+    fresh_optimizer: bool = False
 
 
 @dataclass

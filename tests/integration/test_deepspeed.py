@@ -210,3 +210,63 @@ def test_a_single_process_run_killed_after_an_epoch_resumes_there_too(single, ti
     assert "resuming from the checkpoint of epoch 1" in second.stdout
     a, b = weights(out), weights(single)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+RESET_SCRIPT = '''
+import json, sys, torch
+from engine.backends.deepspeed import DeepSpeedBackend
+from engine.backends.single import SingleProcessBackend
+from engine.config import BackendConfig
+from engine.methods.base import OptimizerSettings
+
+settings = OptimizerSettings(optimizer="adamw", lr=0.01, weight_decay=0.0, lr_decay_epochs=[])
+x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+
+
+def steps(backend, reset: bool) -> dict:
+    """Three Adam steps on a fixed loss, the optimizer's state cleared after the first two (or not)."""
+    torch.manual_seed(0)
+    model, _ = backend.prepare(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 1)), None,
+                               settings.build_optimizer)
+    for i in range(3):
+        sign = 1.0 if i < 2 else -1.0  # two "ascent" steps, then the other way: momentum would carry on
+        backend.backward(sign * model(x).pow(2).mean() / backend.world_size)  # each rank: its share of the mean
+        backend.step()
+        if i == 1 and reset:
+            backend.reset_optimizer()
+    full = backend.full_state_dict(model)
+    return {k: v.tolist() for k, v in (full if full is not None else backend.unwrap(model).state_dict()).items()}
+
+
+out = {}
+for stage in (0, 2, 3):
+    ds = DeepSpeedBackend(BackendConfig(name="deepspeed", zero_stage=stage, num_threads=1))
+    out[stage] = {"reset": steps(ds, True), "kept": steps(ds, False)}
+single = SingleProcessBackend(device="cpu")
+out["single"] = {"reset": steps(single, True), "kept": steps(SingleProcessBackend(device="cpu"), False)}
+if ds.is_main:
+    open(sys.argv[1], "w").write(json.dumps(out))
+'''
+
+
+def test_a_cleared_optimizer_state_steps_as_a_fresh_one_on_two_ranks_at_zero_0_2_and_3(tmp_path):
+    """SCRUB's calibrated schedule clears the optimizer's state after a max phase (method.reset_after_max):
+    under ZeRO the state lives in the wrapped optimizer's partitions, one level down; the result after the
+    clear must be the single process's, and differ from keeping the state (so the clear really happened)."""
+    script, result = tmp_path / "reset.py", tmp_path / "out.json"
+    script.write_text(RESET_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(result)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(result.read_text())
+    as_tensors = {
+        run: {k: torch.tensor(v) for k, v in out["single"][run].items()} for run in ("reset", "kept")
+    }
+    assert max_diff(as_tensors["reset"], as_tensors["kept"]) > 1e-3
+    for stage in ("0", "2", "3"):
+        for run in ("reset", "kept"):
+            got = {k: torch.tensor(v) for k, v in out[stage][run].items()}
+            assert max_diff(got, as_tensors[run]) < TOL, (stage, run)

@@ -93,9 +93,10 @@ def test_calibrated_scrub_steers_the_forget_nll_to_the_holdout_nll(tiny_lm, trai
     assert history[0]["forget_nll"] < target - tolerance, "the original must know its forget answers better"
     assert all(r["target_error"] == target for r in history), "the target is frozen at the original's"
     checks = report["schedule_checks"]
-    reached = [r["epoch"] for r in history[1:] if r["target_reached"]]
-    assert reached and reached[0] <= 2, (
-        "the max phases never reached the target: the rule below proves little"
+    # a check reached the target inside the first max phase (the min phase after it, on this tiny model, pulls the
+    # forget NLL back below: the rule below then reopens the max phase in epoch 2)
+    assert [c["epoch"] for c in checks if c["ended"]][:1] == [1], (
+        "no check reached the target: the rule below proves little"
     )
     for before, r in zip(history, history[1:]):
         mine = [c for c in checks if c["epoch"] == r["epoch"]]

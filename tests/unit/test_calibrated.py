@@ -304,11 +304,23 @@ class Rows:
 MEASURED = {1: (20.0, 60.0), 2: (65.0, 60.0), 3: (40.0, 60.0), 4: (40.0, 60.0)}
 
 
-def setup():
+def setup(**kw):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3))
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    method = Scrub(calibrated(epochs=4, msteps=3, lr=0.05, lr_decay_epochs=[], optimizer="adam"))
+    method = Scrub(
+        calibrated(
+            **{
+                "epochs": 4,
+                "msteps": 3,
+                "lr": 0.05,
+                "lr_decay_epochs": [],
+                "optimizer": "adam",
+                "reset_after_max": False,
+                **kw,
+            }
+        )
+    )
     backend = SingleProcessBackend(device="cpu")
     model, teacher = backend.prepare(model, teacher, method.config.build_optimizer)
     return model, teacher, method, backend
@@ -380,7 +392,35 @@ def test_the_loop_spends_the_budget_until_the_target_and_a_resumed_run_decides_t
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def test_a_check_ends_the_max_phase_and_a_run_stopped_at_or_after_it_resumes_the_same():
+def test_a_fresh_optimizer_after_each_max_phase_starts_the_min_steps_at_adams_first_step():
+    def adam_steps(reset: bool) -> tuple[dict, dict]:
+        model, teacher, method, backend = setup(reset_after_max=reset)
+        counts = {}
+
+        def end_phase(
+            epoch, phase, step
+        ):  # asked after each step: record Adam's own step count, in every param
+            counts[(epoch, phase, step)] = {int(s["step"]) for s in backend.optimizer.state.values()}
+            return False
+
+        loop(model, teacher, method, backend, [], {}, hooks={"end_phase": end_phase})
+        return counts, model.state_dict()
+
+    shared, kept = adam_steps(False)
+    fresh, moved = adam_steps(True)
+    # one optimizer state through both phases: epoch 1's first min-step is Adam's 8th (after 7 max-steps)
+    assert shared[(1, "min", 1)] == {8} and shared[(2, "max", 1)] == {11}
+    # cleared when each max phase ends: the min phase starts from zero moments; the max phase does not
+    assert fresh[(1, "max", 7)] == {7} and fresh[(1, "min", 1)] == {1} and fresh[(1, "min", 3)] == {3}
+    assert fresh[(2, "max", 1)] == {4} and fresh[(2, "min", 1)] == {1}
+    assert fresh[(3, "min", 1)] == {4}  # epoch 3 has no max phase (target reached): nothing is cleared
+    assert any(not torch.equal(kept[k], moved[k]) for k in kept)
+    paper = Scrub(ScrubConfig(epochs=3, msteps=2, reset_after_max=True))  # the paper's schedule: ignored
+    assert not any(p.fresh_optimizer for e in (1, 2, 3) for p in paper.phases(e))
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["one-optimizer-state", "reset-after-max"])
+def test_a_check_ends_the_max_phase_and_a_run_stopped_at_or_after_it_resumes_the_same(reset):
     def end_phase_for(method):  # what the recipe's check would measure: reached at max-step 4 of epoch 1 only
         def end_phase(epoch: int, phase: str, step: int) -> bool:
             if phase != "max" or not method.check_due(epoch, step):
@@ -390,7 +430,7 @@ def test_a_check_ends_the_max_phase_and_a_run_stopped_at_or_after_it_resumes_the
         return end_phase
 
     def fresh():
-        model, teacher, method, backend = setup()
+        model, teacher, method, backend = setup(reset_after_max=reset)
         method.end_epoch(0, 0.0, 60.0)  # the original: far below the target, which is frozen at 60
         return model, teacher, method, backend
 

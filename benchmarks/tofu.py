@@ -226,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             if not rewound:
                 continue
             chosen = runs["scrub"]["history"][rewound["epoch"]]  # the rewound epoch's own row
-            report = {**runs["scrub"], "metrics": rewound["metrics"], "history": [chosen]}
+            report = {
+                **runs["scrub"],
+                "metrics": rewound["metrics"],
+                "history": [chosen],
+                "rewound_to": chosen,
+            }
         metrics = report["metrics"]
         rows.append(
             {
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mia_loss": metrics.get("mia_loss"),
                 "retain_rouge": metrics.get("retain_Q_A_ROUGE"),
                 "examples": runs.get(method, {}).get("examples"),
-                "final_forget_nll": (report.get("history") or [{}])[-1].get("forget_nll"),
+                "final_forget_nll": _final_forget_nll(report),
             }
         )
     result = {
@@ -258,6 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "results.md", _markdown(result))
     print((out / "results.md").read_text())
     return 0
+
+
+def _final_forget_nll(report: dict) -> float | None:
+    """The forget answers' NLL of the model the row reports: the last history row, if it is that model's (a run
+    with eval.every_epoch=false has only epoch 0, the Original's: nothing measured then)."""
+    if "rewound_to" in report:  # SCRUB+R: the rewound epoch's own row
+        return report["rewound_to"].get("forget_nll")
+    last = (report.get("history") or [{}])[-1]
+    if last.get("epoch") != (report.get("method") or {}).get("epochs", last.get("epoch")):
+        return None
+    return last.get("forget_nll")
 
 
 def _read(path: Path) -> dict:

@@ -8,7 +8,8 @@ optimizer is shared by both phases; the learning rate is set per epoch by ``lr_a
 ``schedule=calibrated`` (docs/algorithm.md, "The calibrated schedule") replaces the max pass by a budget of
 ``max_steps_per_epoch`` steps (the forget set cycled or cut short), spent in epochs 1..msteps only while the
 forget error is below its target (frozen at what the original shows on unseen data of the forget set's classes),
-and ended early, every ``check_every`` max-steps, once it is reached. The method holds that state
+and ended early, every ``check_every`` max-steps, once it is reached; the optimizer's state is cleared when a
+max phase ends (``reset_after_max``), so the min phase does not carry the ascent on. The method holds that state
 (``ScheduleState``); the recipe measures the errors and hands them to ``end_epoch`` (after each epoch) and
 ``check`` (inside a max phase), which apply the rule; ``phases`` reads the state.
 """

@@ -308,19 +308,8 @@ def setup(**kw):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3))
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    method = Scrub(
-        calibrated(
-            **{
-                "epochs": 4,
-                "msteps": 3,
-                "lr": 0.05,
-                "lr_decay_epochs": [],
-                "optimizer": "adam",
-                "reset_after_max": False,
-                **kw,
-            }
-        )
-    )
+    settings = dict(epochs=4, msteps=3, lr=0.05, lr_decay_epochs=[], optimizer="adam", reset_after_max=False)
+    method = Scrub(calibrated(**{**settings, **kw}))
     backend = SingleProcessBackend(device="cpu")
     model, teacher = backend.prepare(model, teacher, method.config.build_optimizer)
     return model, teacher, method, backend
@@ -397,9 +386,7 @@ def test_a_fresh_optimizer_after_each_max_phase_starts_the_min_steps_at_adams_fi
         model, teacher, method, backend = setup(reset_after_max=reset)
         counts = {}
 
-        def end_phase(
-            epoch, phase, step
-        ):  # asked after each step: record Adam's own step count, in every param
+        def end_phase(epoch, phase, step):  # asked after each step: Adam's own step count, every param
             counts[(epoch, phase, step)] = {int(s["step"]) for s in backend.optimizer.state.values()}
             return False
 

@@ -21,7 +21,8 @@ the challenge's starter kit / Kaggle evaluation, functions ``best_threshold_atta
    the forgetting quality F is the mean over the forget set (:func:`forgetting_quality`).
 4. The final score is F times the retain- and test-accuracy ratios, unlearned over retrained.
 5. Diagnostic, not part of the score: :func:`separable_reasons` says, per example with epsilon > 0, whether the
-   unlearned models are too confident, over-forgotten, or only differ near the decision boundary.
+   unlearned models are too confident, over-forgotten, or only differ near the decision boundary; and
+   :func:`level_or_spread` whether F is lost to the level of s or to how little it varies over the unlearned models.
 
 Deliberate differences from the starter kit, each a keyword argument away from the original:
 
@@ -79,6 +80,7 @@ __all__ = [
     "epsilon_from_rates",
     "example_epsilon",
     "forgetting_quality",
+    "level_or_spread",
     "lira_audit",
     "lira_scores",
     "separable_reasons",
@@ -451,6 +453,65 @@ def separable_reasons(unlearned: ArrayLike, retrained: ArrayLike, epsilons: Arra
         else:
             reasons.append("near_boundary")  # no shift in level at all: only the spread differs
     return reasons
+
+
+def level_or_spread(
+    unlearned: ArrayLike,
+    retrained: ArrayLike,
+    delta: float = 1e-5,
+    two_sided: bool = True,
+    draws: int = 20,
+    seed: int = 0,
+) -> dict:
+    """Whether F is lost to the unlearned models' level (per-example median s) or to their spread over seeds.
+
+    K unlearnings of one original can sit at the right level and still be told apart from K retrainings because
+    they vary less: one original fixes most of what a training seed changes. Per example, s on each side is
+    modelled as a Gaussian (median, standard deviation over that side's models), and F is computed, as
+    :func:`challenge_score` does, on ``draws`` Monte Carlo draws of K_u models set against the measured retrained
+    models, for each mix of level and spread:
+
+    - ``f_unlearned``: the unlearned models' level and spread (checks the model: it should be near the measured F);
+    - ``f_retrained_spread``: their level, retraining's spread (what F would be if they varied as retraining does);
+    - ``f_retrained_level``: retraining's level, their spread (what F would be if every median were right);
+    - ``f_retrained``: both retraining's (this model's indistinguishable level).
+
+    ``spread_ratio``: the mean over examples of the unlearned models' standard deviation of s over the retrained
+    models' (1: they vary as much). s is clipped as everywhere here. The same seed gives the same draws, so two
+    mixes with equal centres and scales give equal F.
+
+    Raises:
+        ValueError: shapes disagree, fewer than 2 models a side, NaN statistics, or draws < 1.
+    """
+    u = _stats_2d(unlearned, "unlearned")
+    r = _stats_2d(retrained, "retrained")
+    if u.shape[1] != r.shape[1]:
+        raise ValueError(
+            f"unlearned and retrained must cover the same forget examples: {u.shape[1]} and {r.shape[1]} columns"
+        )
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    level = {"unlearned": np.median(u, axis=0), "retrained": np.median(r, axis=0)}
+    spread = {"unlearned": u.std(axis=0, ddof=1), "retrained": r.std(axis=0, ddof=1)}
+
+    def f(centre: np.ndarray, scale: np.ndarray) -> float:
+        rng = np.random.default_rng(seed)  # the same draws for every mix: differences come from the mix alone
+        scores = [
+            challenge_score(centre + scale * rng.standard_normal(u.shape), r, 1, 1, 1, 1, delta, two_sided)[
+                "F"
+            ]
+            for _ in range(draws)
+        ]
+        return float(np.mean(scores))
+
+    return {
+        "spread_ratio": float(spread["unlearned"].mean() / max(spread["retrained"].mean(), 1e-12)),
+        "f_unlearned": f(level["unlearned"], spread["unlearned"]),
+        "f_retrained_spread": f(level["unlearned"], spread["retrained"]),
+        "f_retrained_level": f(level["retrained"], spread["unlearned"]),
+        "f_retrained": f(level["retrained"], spread["retrained"]),
+        "draws": draws,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ B: LiRA

@@ -198,6 +198,7 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dic
         S_CLIP,
         SEPARABLE_REASONS,
         challenge_score,
+        level_or_spread,
         lira_audit,
         separable_reasons,
     )
@@ -226,6 +227,7 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dic
     u_clip, r_clip = np.clip(U, -S_CLIP, S_CLIP), np.clip(R, -S_CLIP, S_CLIP)
     u_med, r_med = np.median(u_clip, 0), np.median(r_clip, 0)
     r_min, r_max = r_clip.min(0), r_clip.max(0)
+    u_std, r_std = u_clip.std(0, ddof=1), r_clip.std(0, ddof=1)
 
     def diagnosis(i: int) -> dict:
         return {
@@ -234,14 +236,18 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dic
             "r_margin_median": float(r_med[i]),
             "r_margin_min": float(r_min[i]),
             "r_margin_max": float(r_max[i]),
+            "u_margin_std": float(u_std[i]),
+            "r_margin_std": float(r_std[i]),
         }
 
     gap = np.abs(U.mean(0) - R.mean(0))  # among equal epsilons (e.g. all separable), the farthest apart first
     order = sorted(range(len(ids)), key=lambda i: (-eps[i], -gap[i], i))[: a.worst]
-    lira = None
+    lira, f_trained_on_d = None, None
     if "original" in kinds:
         inside = np.array([m["margin"] for m in side("original")])
         lira = lira_audit(U, R, inside)
+        # forgetting nothing, with a training seed's spread: the K models trained on D against the retrained ones
+        f_trained_on_d = challenge_score(inside, R, 1, 1, 1, 1, a.delta, a.two_sided)["F"]
     per_example_lira = None if lira is None else np.asarray(lira["per_example_lambda_unlearned"], dtype=float)
     worst = [
         {
@@ -286,6 +292,11 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a) -> dic
             "count": int(np.sum(eps > 0)),
             "perfectly_separable": int(np.sum(np.isinf(eps))),
             "by_reason": {name: reasons.count(name) for name in SEPARABLE_REASONS},
+        },
+        # is F lost to the per-example level of s or to how little the unlearnings of one original vary?
+        "level_or_spread": {
+            **level_or_spread(U, R, a.delta, a.two_sided),
+            "f_trained_on_d": f_trained_on_d,
         },
         "worst": worst,
         "utility": utility,
@@ -342,6 +353,59 @@ REASON_MEANINGS = {
     "over_forgotten": "unlearned models less confident than retrained ones: forgotten too far, itself a "
     "membership signal; unlearn more gently",
 }
+
+
+def render_level_or_spread(ls: dict, measured_f: float) -> list[str]:
+    """audit.md's reading of level_or_spread(): which of the two separates the unlearned models more."""
+    lost_to_spread = ls["f_retrained"] - ls["f_retrained_level"]  # every median right, only the spread theirs
+    lost_to_level = ls["f_retrained"] - ls["f_retrained_spread"]  # retraining's spread, only the level theirs
+    reading = (
+        "Most of what separates them is the spread: the unlearnings of one original agree with each other more "
+        "than retrainings from different seeds do, so unlearning harder or more gently moves the level and "
+        "leaves this; what closes it is randomness on the scale of a training seed's."
+        if lost_to_spread > lost_to_level
+        else "Most of what separates them is the level: per example, the unlearned models' s sits away from the "
+        "retrained models' (the reasons above say in which direction)."
+    )
+    return [
+        "### Level or spread",
+        "",
+        f"The unlearned models' s varies {fmt(ls['spread_ratio'], '.2f')}x as much over seeds as the retrained "
+        "models' (mean per-example standard deviation). F with each side's per-example median and spread as "
+        f"Gaussians ({ls['draws']} draws of K models, scored against the measured retrained models):",
+        "",
+        *md_table(
+            ["level", "spread", "F", "what it says"],
+            [
+                [
+                    "unlearned",
+                    "unlearned",
+                    fmt(ls["f_unlearned"], ".3f"),
+                    f"the model of the measured F ({fmt(measured_f, '.3f')})",
+                ],
+                [
+                    "unlearned",
+                    "retrained",
+                    fmt(ls["f_retrained_spread"], ".3f"),
+                    "if the unlearned models varied as retraining does",
+                ],
+                ["retrained", "unlearned", fmt(ls["f_retrained_level"], ".3f"), "if every median were right"],
+                ["retrained", "retrained", fmt(ls["f_retrained"], ".3f"), "indistinguishable, in this model"],
+            ],
+        ),  # fmt: skip
+        "",
+        reading,
+        "",
+        *(
+            [
+                f"For scale: the K models trained on D from their own seeds, which forget nothing but vary as "
+                f"training does, score F = {fmt(ls['f_trained_on_d'], '.3f')} against the same retrained models.",
+                "",
+            ]
+            if ls.get("f_trained_on_d") is not None
+            else []
+        ),
+    ]
 
 
 def render(r: dict) -> str:
@@ -402,6 +466,7 @@ def render(r: dict) -> str:
             [[name, n, REASON_MEANINGS[name]] for name, n in d["by_reason"].items()],
         ),  # fmt: skip
         "",
+        *render_level_or_spread(r["level_or_spread"], r["forgetting_quality"]),
         f"### The {len(r['worst'])} worst examples",
         "",
         *md_table(

@@ -14,6 +14,7 @@ from engine.eval.challenge import (
     epsilon_from_rates,
     example_epsilon,
     forgetting_quality,
+    level_or_spread,
     lira_audit,
     lira_scores,
     separable_reasons,
@@ -573,7 +574,7 @@ def test_audit_json_and_report_carry_the_reasons() -> None:
     from types import SimpleNamespace
 
     from engine.eval.report import json_safe
-    from engine.recipes.audit import render, score
+    from engine.recipes.audit import render, render_level_or_spread, score
 
     u, r, eps = _sep_margins()
     seeds, ids = [1, 2, 3, 4], [f"x{i}" for i in range(u.shape[1])]
@@ -621,7 +622,66 @@ def test_audit_json_and_report_carry_the_reasons() -> None:
         ("x5", "near_boundary"),
     ]
 
+    # the per-example spread beside the medians, and the level-or-spread split of F
+    assert ex[0]["u_margin_std"] == pytest.approx(np.std(u[:, 0], ddof=1))
+    assert ex[0]["r_margin_std"] == pytest.approx(np.std(r[:, 0], ddof=1))
+    assert out["level_or_spread"] == {**level_or_spread(u, r, 1e-5, True), "f_trained_on_d": None}
+
     md = render(result)
+    assert "### Level or spread" in md
     assert "### What is left to forget" in md and "5 of 6 forget examples have epsilon > 0" in md
     assert "| too_confident | 2 |" in md and "| over_forgotten | 1 |" in md and "| near_boundary | 2 |" in md
     assert "| x1 | inf | over_forgotten |" in md
+
+    # with the K models trained on D (LiRA's), their own F against the retrained ones: forgetting nothing
+    models |= {("original", s): model(r[k] + 1.0) for k, s in enumerate(seeds)}
+    with_d = score(models, seeds, ["retrain", "original"], ids, a)["level_or_spread"]
+    assert with_d["f_trained_on_d"] == challenge_score(r + 1.0, r, 1, 1, 1, 1, 1e-5, True)["F"]
+    assert "forget nothing but vary as training does, score F = " in "\n".join(
+        render_level_or_spread(with_d, 0.5)
+    )
+
+
+def _one_original(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Retrained models: per-example level + a seed's spread (sd 1). Unlearned models of one original: exactly
+    retraining's per-example medians, and a twentieth of its spread."""
+    level = rng.normal(0, 3, size=60)
+    r = level + rng.standard_normal((8, 60))
+    z = rng.standard_normal((8, 60))
+    u = np.median(r, axis=0) + 0.05 * (z - np.median(z, axis=0))  # medians equal r's by construction
+    return u, r
+
+
+def test_level_or_spread_finds_the_spread_when_the_medians_are_right() -> None:
+    from engine.recipes.audit import render_level_or_spread
+
+    u, r = _one_original(np.random.default_rng(3))
+    ls = level_or_spread(u, r, DELTA, two_sided=False)
+    assert ls["spread_ratio"] == pytest.approx(u.std(0, ddof=1).mean() / r.std(0, ddof=1).mean())
+    assert ls["spread_ratio"] < 0.1 and ls["draws"] == 20
+    # equal centres and scales, equal draws: giving them retraining's spread makes them retraining, in the model
+    assert ls["f_retrained_spread"] == ls["f_retrained"]
+    # their own tight spread around the right medians is what separates them, and the model reproduces the F
+    # the attacks measure on the models themselves
+    measured = challenge_score(u, r, 1, 1, 1, 1, DELTA, two_sided=False)["F"]
+    assert ls["f_retrained_level"] == ls["f_unlearned"]  # medians equal: these two mixes are one
+    assert ls["f_unlearned"] < ls["f_retrained"] - 0.15
+    assert ls["f_unlearned"] == pytest.approx(measured, abs=0.08)
+    assert "Most of what separates them is the spread" in "\n".join(render_level_or_spread(ls, measured))
+
+
+def test_level_or_spread_finds_the_level_when_the_spread_is_right() -> None:
+    from engine.recipes.audit import render_level_or_spread
+
+    r = np.random.default_rng(4).normal(0, 3, size=60) + np.random.default_rng(5).standard_normal((8, 60))
+    u = r + 2.5  # retraining's models, every one more confident by the same amount: the level alone is off
+    ls = level_or_spread(u, r, DELTA, two_sided=True, draws=5)
+    assert ls["spread_ratio"] == pytest.approx(1.0)
+    assert ls["f_retrained_level"] == pytest.approx(ls["f_retrained"])
+    assert ls["f_retrained_spread"] == pytest.approx(ls["f_unlearned"])
+    assert ls["f_unlearned"] < ls["f_retrained"] - 0.15
+    assert "Most of what separates them is the level" in "\n".join(render_level_or_spread(ls, 0.1))
+    with pytest.raises(ValueError, match="same forget examples"):
+        level_or_spread(u[:, :5], r)
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        level_or_spread(u, r, draws=0)

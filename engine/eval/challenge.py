@@ -22,7 +22,8 @@ the challenge's starter kit / Kaggle evaluation, functions ``best_threshold_atta
 4. The final score is F times the retain- and test-accuracy ratios, unlearned over retrained.
 5. Diagnostic, not part of the score: :func:`separable_reasons` says, per example with epsilon > 0, whether the
    unlearned models are too confident, over-forgotten, or only differ near the decision boundary; and
-   :func:`level_or_spread` whether F is lost to the level of s or to how little it varies over the unlearned models.
+   :func:`level_or_spread` what the unlearned models' spread over seeds costs F, and how many examples their level
+   separates.
 
 Deliberate differences from the starter kit, each a keyword argument away from the original:
 
@@ -463,19 +464,25 @@ def level_or_spread(
     draws: int = 20,
     seed: int = 0,
 ) -> dict:
-    """Whether F is lost to the unlearned models' level (per-example median s) or to their spread over seeds.
+    """How much of F the unlearned models' spread over seeds costs, and how many examples their level separates.
 
-    K unlearnings of one original can sit at the right level and still be told apart from K retrainings because
-    they vary less: one original fixes most of what a training seed changes. Per example, s on each side is
-    modelled as a Gaussian (median, standard deviation over that side's models), and F is computed, as
+    K unlearnings of one original inherit that original's per-example s and vary little around it (only the
+    unlearning's seed differs), while K retrainings differ in everything a training seed changes. Per example, s on
+    each side is modelled as a Gaussian (median, standard deviation over that side's models), and F is computed, as
     :func:`challenge_score` does, on ``draws`` Monte Carlo draws of K_u models set against the measured retrained
     models, for each mix of level and spread:
 
     - ``f_unlearned``: the unlearned models' level and spread (checks the model: it should be near the measured F);
-    - ``f_retrained_spread``: their level, retraining's spread (what F would be if they varied as retraining does);
-    - ``f_retrained_level``: retraining's level, their spread (what F would be if every median were right);
+    - ``f_retrained_level``: retraining's level, their spread: F if every median were right, the cost of the
+      spread alone;
+    - ``f_retrained_spread``: their level, retraining's spread. With one-sided attacks (``two_sided=False``) a
+      median *below* retraining's is not seen once the spread is retraining's (it can even score above
+      ``f_retrained``), so this mix understates the level's cost there;
     - ``f_retrained``: both retraining's (this model's indistinguishable level).
 
+    And per example, from the measured models: ``distinguishable`` (epsilon > 0), of which ``beyond_spread`` have
+    the unlearned median more than one retrained standard deviation from the retrained median (told apart by
+    level) and ``within_spread`` the others (told apart by how little the unlearned models vary).
     ``spread_ratio``: the mean over examples of the unlearned models' standard deviation of s over the retrained
     models' (1: they vary as much). s is clipped as everywhere here. The same seed gives the same draws, so two
     mixes with equal centres and scales give equal F.
@@ -504,8 +511,13 @@ def level_or_spread(
         ]
         return float(np.mean(scores))
 
+    eps = np.asarray(challenge_score(u, r, 1, 1, 1, 1, delta, two_sided)["epsilons"], dtype=float)
+    beyond = np.abs(level["unlearned"] - level["retrained"]) > spread["retrained"]
     return {
         "spread_ratio": float(spread["unlearned"].mean() / max(spread["retrained"].mean(), 1e-12)),
+        "distinguishable": int(np.sum(eps > 0)),
+        "beyond_spread": int(np.sum((eps > 0) & beyond)),
+        "within_spread": int(np.sum((eps > 0) & ~beyond)),
         "f_unlearned": f(level["unlearned"], spread["unlearned"]),
         "f_retrained_spread": f(level["unlearned"], spread["retrained"]),
         "f_retrained_level": f(level["retrained"], spread["unlearned"]),

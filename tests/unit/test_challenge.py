@@ -625,7 +625,11 @@ def test_audit_json_and_report_carry_the_reasons() -> None:
     # the per-example spread beside the medians, and the level-or-spread split of F
     assert ex[0]["u_margin_std"] == pytest.approx(np.std(u[:, 0], ddof=1))
     assert ex[0]["r_margin_std"] == pytest.approx(np.std(r[:, 0], ddof=1))
-    assert out["level_or_spread"] == {**level_or_spread(u, r, 1e-5, True), "f_trained_on_d": None}
+    assert out["level_or_spread"] == {
+        **level_or_spread(u, r, 1e-5, True),
+        "f_trained_on_d": None,
+        "inherited_from_original": None,
+    }
 
     md = render(result)
     assert "### Level or spread" in md
@@ -635,11 +639,19 @@ def test_audit_json_and_report_carry_the_reasons() -> None:
 
     # with the K models trained on D (LiRA's), their own F against the retrained ones: forgetting nothing
     models |= {("original", s): model(r[k] + 1.0) for k, s in enumerate(seeds)}
-    with_d = score(models, seeds, ["retrain", "original"], ids, a)["level_or_spread"]
+    # and the Original's own s. Told apart by level (|median U - median R| > R's SD): x0 (2 > 1.29), x1 (7 > 1.29),
+    # x4 (1.95 > 1.37); by spread: x2 (0), x5 (0.5 < 1.22). The Original already beyond R's SD on the same side:
+    # x0 (4 - 2.5 = 1.5 > 1.29) and x1 (-3 - 2.5); x4's Original sits at R's median (0): the unlearning moved it.
+    orig = [4.0, -3.0, 0.0, 2.5, 0.0, 1.0]
+    full = score(models, seeds, ["retrain", "original"], ids, a, original=orig)
+    with_d = full["level_or_spread"]
     assert with_d["f_trained_on_d"] == challenge_score(r + 1.0, r, 1, 1, 1, 1, 1e-5, True)["F"]
-    assert "forget nothing but vary as training does, score F = " in "\n".join(
-        render_level_or_spread(with_d, 0.5)
-    )
+    assert (with_d["beyond_spread"], with_d["within_spread"], with_d["inherited_from_original"]) == (3, 2, 2)
+    assert [e["o_margin"] for e in full["examples"]] == orig
+    assert out["level_or_spread"]["inherited_from_original"] is None and ex[0]["o_margin"] is None
+    md = "\n".join(render_level_or_spread(with_d, 0.5, two_sided=True))
+    assert "forget nothing but vary as training does, score F = " in md
+    assert "Of those 3 told apart by level, 2 were already there before unlearning" in md
 
 
 def _one_original(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -652,7 +664,7 @@ def _one_original(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return u, r
 
 
-def test_level_or_spread_finds_the_spread_when_the_medians_are_right() -> None:
+def test_level_or_spread_prices_the_spread_when_the_medians_are_right() -> None:
     from engine.recipes.audit import render_level_or_spread
 
     u, r = _one_original(np.random.default_rng(3))
@@ -667,10 +679,27 @@ def test_level_or_spread_finds_the_spread_when_the_medians_are_right() -> None:
     assert ls["f_retrained_level"] == ls["f_unlearned"]  # medians equal: these two mixes are one
     assert ls["f_unlearned"] < ls["f_retrained"] - 0.15
     assert ls["f_unlearned"] == pytest.approx(measured, abs=0.08)
-    assert "Most of what separates them is the spread" in "\n".join(render_level_or_spread(ls, measured))
+    # every example the attacks separate is separated by the spread: no median is off
+    eps = np.array(challenge_score(u, r, 1, 1, 1, 1, DELTA, two_sided=False)["epsilons"])
+    assert ls["distinguishable"] == int(np.sum(eps > 0)) > 20
+    assert (ls["within_spread"], ls["beyond_spread"]) == (ls["distinguishable"], 0)
+    md = "\n".join(render_level_or_spread(ls, measured, two_sided=False))
+    assert f"{ls['beyond_spread']} have the unlearned median more than one retrained standard deviation" in md
+    assert "understates what the level costs" in md  # the one-sided attacks' blind side, said
 
 
-def test_level_or_spread_finds_the_level_when_the_spread_is_right() -> None:
+def test_level_or_spread_under_one_sided_attacks_does_not_see_a_median_below_retrainings() -> None:
+    # why the mix "their level, retraining's spread" understates the level under the starter kit's attacks:
+    # models that are retraining's shifted down (over-forgotten) are invisible to "unlearned if s > t"
+    r = np.random.default_rng(6).normal(0, 3, size=60) + np.random.default_rng(7).standard_normal((8, 60))
+    # (a shift of one seed's spread: the groups overlap, so the starter kit's "perfectly wrong" rule does not fire)
+    ls = level_or_spread(r - 1.0, r, DELTA, two_sided=False, draws=5)
+    assert ls["f_retrained_spread"] > ls["f_retrained"] + 0.3 and ls["distinguishable"] == 0
+    both = level_or_spread(r - 1.0, r, DELTA, two_sided=True, draws=5)
+    assert both["f_retrained_spread"] < both["f_retrained"] - 0.1 and both["distinguishable"] > 30
+
+
+def test_level_or_spread_counts_the_level_when_the_spread_is_right() -> None:
     from engine.recipes.audit import render_level_or_spread
 
     r = np.random.default_rng(4).normal(0, 3, size=60) + np.random.default_rng(5).standard_normal((8, 60))
@@ -680,7 +709,10 @@ def test_level_or_spread_finds_the_level_when_the_spread_is_right() -> None:
     assert ls["f_retrained_level"] == pytest.approx(ls["f_retrained"])
     assert ls["f_retrained_spread"] == pytest.approx(ls["f_unlearned"])
     assert ls["f_unlearned"] < ls["f_retrained"] - 0.15
-    assert "Most of what separates them is the level" in "\n".join(render_level_or_spread(ls, 0.1))
+    # every example the attacks separate is separated by its level, and two-sided attacks need no caveat
+    assert (ls["beyond_spread"], ls["within_spread"]) == (ls["distinguishable"], 0)
+    assert ls["distinguishable"] > 50
+    assert "understates" not in "\n".join(render_level_or_spread(ls, 0.1, two_sided=True))
     with pytest.raises(ValueError, match="same forget examples"):
         level_or_spread(u[:, :5], r)
     with pytest.raises(ValueError, match="draws must be >= 1"):

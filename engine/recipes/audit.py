@@ -366,9 +366,10 @@ def plot_epsilons(path: Path, result: dict) -> None:
 REASON_MEANINGS = {
     "near_boundary": "retrained and unlearned models both put it on either side of p_y = 1/2 and the shift is "
     "within retraining's spread: a hard example, often attack noise at small K",
-    "too_confident": "unlearned models more confident than retrained ones: still remembered, unlearn harder",
+    "too_confident": "unlearned models more confident than retrained ones: still remembered, unlearn harder "
+    "(o_margin says whether the Original was already there)",
     "over_forgotten": "unlearned models less confident than retrained ones: forgotten too far, itself a "
-    "membership signal; unlearn more gently",
+    "membership signal; unlearn more gently (unless the Original was already there: o_margin)",
 }
 
 

@@ -463,6 +463,7 @@ def level_or_spread(
     two_sided: bool = True,
     draws: int = 20,
     seed: int = 0,
+    original: ArrayLike | None = None,
 ) -> dict:
     """How much of F the unlearned models' spread over seeds costs, and how many examples their level separates.
 
@@ -482,7 +483,9 @@ def level_or_spread(
 
     And per example, from the measured models: ``distinguishable`` (epsilon > 0), of which ``beyond_spread`` have
     the unlearned median more than one retrained standard deviation from the retrained median (told apart by
-    level) and ``within_spread`` the others (told apart by how little the unlearned models vary).
+    level) and ``within_spread`` the others (told apart by how little the unlearned models vary). With ``original``
+    (the original's own s per example, [N]), ``inherited_from_original`` counts the ``beyond_spread`` examples whose
+    original s was already beyond that standard deviation on the same side (None without it).
     ``spread_ratio``: the mean over examples of the unlearned models' standard deviation of s over the retrained
     models' (1: they vary as much). s is clipped as everywhere here. The same seed gives the same draws, so two
     mixes with equal centres and scales give equal F.
@@ -512,12 +515,24 @@ def level_or_spread(
         return float(np.mean(scores))
 
     eps = np.asarray(challenge_score(u, r, 1, 1, 1, 1, delta, two_sided)["epsilons"], dtype=float)
-    beyond = np.abs(level["unlearned"] - level["retrained"]) > spread["retrained"]
+    shift = level["unlearned"] - level["retrained"]
+    beyond = np.abs(shift) > spread["retrained"]
+    inherited = None
+    if original is not None:
+        o = np.asarray(original, dtype=np.float64)
+        if o.shape != (u.shape[1],) or np.isnan(o).any():
+            raise ValueError(
+                f"original must hold one s per forget example, shape ({u.shape[1]},), no NaN: got {o.shape}"
+            )
+        o_shift = np.clip(o, -S_CLIP, S_CLIP) - level["retrained"]
+        already = (np.abs(o_shift) > spread["retrained"]) & (np.sign(o_shift) == np.sign(shift))
+        inherited = int(np.sum((eps > 0) & beyond & already))
     return {
         "spread_ratio": float(spread["unlearned"].mean() / max(spread["retrained"].mean(), 1e-12)),
         "distinguishable": int(np.sum(eps > 0)),
         "beyond_spread": int(np.sum((eps > 0) & beyond)),
         "within_spread": int(np.sum((eps > 0) & ~beyond)),
+        "inherited_from_original": inherited,
         "f_unlearned": f(level["unlearned"], spread["unlearned"]),
         "f_retrained_spread": f(level["unlearned"], spread["retrained"]),
         "f_retrained_level": f(level["retrained"], spread["unlearned"]),

@@ -237,12 +237,6 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a, origin
     r_min, r_max = r_clip.min(0), r_clip.max(0)
     u_std, r_std = u_clip.std(0, ddof=1), r_clip.std(0, ddof=1)
     o_clip = None if original is None else np.clip(np.asarray(original, dtype=float), -S_CLIP, S_CLIP)
-    inherited = None
-    if o_clip is not None:
-        # told apart by level (median beyond one retrained SD), with the Original already there on the same side
-        side_u, side_o = u_med - r_med, o_clip - r_med
-        inherited = int(np.sum((eps > 0) & (np.abs(side_u) > r_std) & (np.abs(side_o) > r_std)
-                               & (np.sign(side_u) == np.sign(side_o))))  # fmt: skip
 
     def diagnosis(i: int) -> dict:
         return {
@@ -311,9 +305,8 @@ def score(models: dict, seeds: list[int], kinds: list[str], ids: list, a, origin
         },
         # is F lost to the per-example level of s or to how little the unlearnings of one original vary?
         "level_or_spread": {
-            **level_or_spread(U, R, a.delta, a.two_sided),
+            **level_or_spread(U, R, a.delta, a.two_sided, original=original),
             "f_trained_on_d": f_trained_on_d,
-            "inherited_from_original": inherited,
         },
         "worst": worst,
         "utility": utility,

@@ -625,11 +625,7 @@ def test_audit_json_and_report_carry_the_reasons() -> None:
     # the per-example spread beside the medians, and the level-or-spread split of F
     assert ex[0]["u_margin_std"] == pytest.approx(np.std(u[:, 0], ddof=1))
     assert ex[0]["r_margin_std"] == pytest.approx(np.std(r[:, 0], ddof=1))
-    assert out["level_or_spread"] == {
-        **level_or_spread(u, r, 1e-5, True),
-        "f_trained_on_d": None,
-        "inherited_from_original": None,
-    }
+    assert out["level_or_spread"] == {**level_or_spread(u, r, 1e-5, True), "f_trained_on_d": None}
 
     md = render(result)
     assert "### Level or spread" in md
@@ -717,3 +713,10 @@ def test_level_or_spread_counts_the_level_when_the_spread_is_right() -> None:
         level_or_spread(u[:, :5], r)
     with pytest.raises(ValueError, match="draws must be >= 1"):
         level_or_spread(u, r, draws=0)
+    with pytest.raises(ValueError, match="one s per forget example"):
+        level_or_spread(u, r, original=np.zeros(5))
+    # an original already where the unlearned models are: every level-separated example is inherited
+    assert (
+        level_or_spread(u, r, draws=1, original=np.median(u, axis=0))["inherited_from_original"]
+        == ls["beyond_spread"]
+    )

@@ -212,5 +212,23 @@ def _collective_failure(exc: RuntimeError) -> bool:
     return any(s in str(exc) for s in COLLECTIVE_FAILURES)
 
 
+def entry() -> None:
+    """The ``unlearn`` program: ``main``'s exit code, leaving a distributed rank by ``os._exit``.
+
+    Why: a rank whose work, output and process group are all finished can still abort in the C++ static
+    destructors at interpreter exit (gloo/DeepSpeed threads left joinable: "terminate called without an active
+    exception", SIGABRT), which torchrun then reports as a failed run; seen under load in CI. Everything a run
+    keeps (model, report, receipts, W&B via its explicit finish) is written before ``main`` returns.
+    """
+    import os
+
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -339,6 +339,11 @@ def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
         specs = {"epoch": ".0f", "lr": ".3g", "max_loss": ".4f", "min_loss": ".4f", "max_steps": ".0f"}
         hrows = [[fmt(h.get(k), specs.get(k, layout.spec)) for k in keys] for h in history]
         out += ["## History (epoch 0 = before unlearning)", "", *md_table(keys, hrows), ""]
+        checks = report.get("schedule_checks")
+        if checks and all("seconds" in c for c in checks):  # older reports did not time their checks
+            spent = sum(c["seconds"] for c in checks)
+            out += [f"Checks inside max phases: {len(checks)}, {spent:.1f} s of the training's "
+                    f"{fmt(report.get('train_seconds'), '.1f')} s.", ""]  # fmt: skip
     out += _resources(report)
     return "\n".join(out + markdown_footer(report, plots))
 

@@ -238,9 +238,11 @@ def run_unlearning(
                 # the calibrated schedule's check inside a max phase: the main rank's forget error, broadcast
                 if phase != "max" or not method.check_due(epoch, step):
                     return False
+                started = time.perf_counter()
                 measured = backend.broadcast_object(task.forget_error(model, device))
                 ended = method.check(epoch, step, measured)
-                checks.append({"epoch": epoch, "step": step, "forget_error": measured, "ended": ended})
+                checks.append({"epoch": epoch, "step": step, "forget_error": measured, "ended": ended,
+                               "seconds": round(time.perf_counter() - started, 4)})  # fmt: skip
                 if ended:
                     log(f"epoch {epoch}: max phase ended after {step} max-steps: the forget set's "
                         f"{task.calibration_measure} {measured:.4g} reached its target "

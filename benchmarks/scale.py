@@ -193,11 +193,11 @@ def run_mode(mode: str, batch_rows: int, seq_len: int, warmup: int, repeats: int
     import transformers
 
     from engine.backends.memory import StateMeter
-    from engine.config import LoraSettings, load_config
+    from engine.config import load_config
     from engine.methods.losses import cross_entropy_sum
     from engine.methods.scrub import Scrub
     from engine.models.causal_lm import token_logits
-    from engine.models.lora import AdapterDisabled, apply_lora
+    from engine.models.lora import AdapterDisabled, LoraSettings, apply_lora
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -365,7 +365,7 @@ def data_worker(
     """One rank's epoch of data reading (Backend.batches' sharding), after a barrier with the other ranks."""
     import torch
 
-    from engine.data.sampling import epoch_order
+    from engine.backends.sampling import epoch_order
     from engine.data.store import TokenStore
 
     torch.set_num_threads(1)

@@ -50,7 +50,7 @@ from engine.data.vision import (
     detect_columns,
     load_splits,
 )
-from engine.eval.report import json_safe, write_text_atomic
+from engine.io import json_safe, write_text_atomic
 from engine.methods.erm import Erm, ErmConfig
 from engine.methods.scrub import Scrub, ScrubConfig
 from engine.models.loading import classifier_logits

@@ -50,7 +50,7 @@ def base_model(out: Path, quick: bool, model: str | None) -> str:
     Quick: a 2-layer Llama of width 64 built from a config, with SmolLM2's real tokenizer."""
     if model:
         return model
-    from engine.models.gguf import convert_gguf, smollm2_gguf_path
+    from engine.artifacts.gguf import convert_gguf, smollm2_gguf_path
 
     smol = out / "smollm2-135m"
     if not (smol / "model.safetensors").is_file():

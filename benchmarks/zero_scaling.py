@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover
     from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
 
 sys.path.insert(0, str(REPO))
-from engine.checkpoint.run_folder import RunFolder  # noqa: E402
+from engine.artifacts.run_folder import RunFolder  # noqa: E402
 
 CONFIG = REPO / "configs" / "tofu.yaml"
 TOFU = REPO.parent / "shared" / "data" / "tofu"

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verified: the chain of {args.chain} holds")
             return 0
         if args.command == "verify":
-            from engine.checkpoint.receipt import verify
+            from engine.artifacts.receipt import verify
 
             if not (args.receipt and args.model_dir):
                 raise EngineError("unlearn verify needs RECEIPT and MODEL_DIR (or --chain FOLDER [VERSION])")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "convert-gguf":
-            from engine.models.gguf import convert_gguf, smollm2_gguf_path
+            from engine.artifacts.gguf import convert_gguf, smollm2_gguf_path
 
             source = smollm2_gguf_path() if args.gguf == "smollm2" else args.gguf
             out = convert_gguf(source, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
@@ -177,16 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 request.process_requests(cfg)
             return 0
-        from engine.recipes import recipe_for
+        from engine.recipes import launch
 
-        recipe = recipe_for(args.command, cfg)  # a backend the command does not run on is refused here
-        kwargs = {"targets": (args.only,)} if getattr(args, "only", None) else {}
-        if cfg.backend.name == "ray":
-            from engine.launchers.ray_train import run_on_ray
-
-            run_on_ray(cfg, recipe, **kwargs)
-        else:
-            recipe.run(cfg, **kwargs)
+        launch(
+            args.command, cfg, **({"targets": (args.only,)} if args.command == "train" and args.only else {})
+        )
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

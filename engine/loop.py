@@ -6,9 +6,10 @@ place where the order of a step lives:
           -> finite and bounded? -> optimizer step (backend) -> log -> stop requested? -> epoch hook
 
 A method says which phases an epoch has and what a batch's loss is (as a sum + count); a backend
-says where tensors live, which rows this process sees, and how a step is taken. A method that defines
+says where tensors live, which rows this process sees, and how a step is taken. A method's
 ``teacher_for(phase, teacher)`` chooses the teacher of each phase (Bad-Teacher's random network on the
-forget phase); otherwise every phase uses ``teacher``.
+forget phase; by default ``teacher``). ``train_step`` is one step's forwards and backwards, the part the
+benchmarks time.
 
 A position ``{"epoch", "phase", "phase_index", "step", "epoch_losses"}`` says where the loop goes on:
 in ``epoch``, phase number ``phase_index`` after ``step`` of its steps (``epoch_losses``: the
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,8 @@ def run_loop(
     progress: bool = True,
     teacher_outputs=None,
 ) -> LoopState:
-    """Run ``method`` from position ``start`` (default: the beginning) to the end of epoch ``epochs``.
+    """Run ``method`` from position ``start`` (default: the beginning) to the end of epoch ``epochs``, a
+    ``train_step`` per global batch.
     ``forward(model, batch)`` returns logits. ``max_abs_loss``: a global step loss beyond it (or not
     finite) stops the run with DivergenceError before that step is applied. ``teacher_outputs``: a
     ``TeacherCache`` (engine/teacher_cache.py) whose streams' teacher logits are looked up, not computed."""
@@ -86,10 +88,6 @@ def run_loop(
                 continue  # done before the checkpoint this run resumed from
             skip = start["step"] if resumed and index == start["phase_index"] else 0
             stream = streams[phase.stream]
-            phase_teacher = (
-                method.teacher_for(phase.name, teacher) if hasattr(method, "teacher_for") else teacher
-            )
-            cached = method.needs_teacher and teacher_outputs is not None and phase.stream in teacher_outputs
             # Train mode in BOTH phases: BatchNorm batch statistics and dropout are part of SCRUB.
             student.train()
             batches = backend.batches(
@@ -105,41 +103,16 @@ def run_loop(
             )
             total, steps = sums.setdefault(phase.name, [0.0, 0])  # steps == skip when resumed mid-phase
             for micro_batches in bar:  # one optimizer step: this rank's micro-batches of one global batch
-                value = torch.zeros(())
-                part_totals = None
-                if hasattr(method, "part_counts"):  # a loss of several means: each part's global count
-                    local = [0.0] * len(method.parts)
-                    for batch in micro_batches:
-                        if batch["share"] > 0:  # a stand-in counts nothing
-                            local = [a + b for a, b in zip(local, method.part_counts(phase.name, batch))]
-                    part_totals = backend.sum_across_ranks(local)
-                for batch in micro_batches:
-                    teacher_logits = None
-                    if cached:  # computed once before the first step (engine/teacher_cache.py)
-                        teacher_logits = teacher_outputs.lookup(phase.stream, batch)
-                    elif method.needs_teacher:
-                        with torch.no_grad(), backend.autocast():
-                            teacher_logits = forward(phase_teacher, batch)
-                    # a zero-weight stand-in (base.py) is not data: it must not move BatchNorm's statistics
-                    with (
-                        frozen_batchnorm(student) if batch["share"] == 0 else nullcontext(),
-                        backend.autocast(),
-                    ):
-                        student_logits = forward(student, batch)
-                    terms = method.loss(
-                        phase.name, student_logits, teacher_logits, batch["labels"], batch=batch
-                    )
-                    # this micro-batch's part of the global batch's mean (base.py: summed over micro-batches
-                    # and ranks it is exactly the mean one process computes over the whole batch)
-                    if terms.parts is None:
-                        loss = terms.mean() * batch["share"]
-                    else:  # each part over its own global count (methods/base.py)
-                        loss = terms.mean(part_totals) * (1.0 if batch["share"] > 0 else 0.0)
-                    penalty = method.penalty(student, teacher)
-                    if penalty is not None:
-                        loss = loss + penalty * batch["share"]
-                    backend.backward(loss)
-                    value = value + loss.detach().float().cpu()
+                value = train_step(
+                    method,
+                    backend,
+                    student,
+                    teacher,
+                    phase,
+                    micro_batches,
+                    forward,
+                    teacher_outputs=teacher_outputs,
+                )
                 if faults.inject("step", epoch, backend.rank, step=steps + 1):
                     value = value * math.nan
                 stop = bool(hooks.should_stop and hooks.should_stop())
@@ -175,6 +148,61 @@ def run_loop(
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, {k: t / max(n, 1) for k, (t, n) in sums.items()})
     return state
+
+
+def train_step(
+    method,
+    backend,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    phase,
+    micro_batches: list[dict],
+    forward: Callable[[torch.nn.Module, dict], torch.Tensor],
+    *,
+    teacher_outputs=None,
+    clock: Callable[[str], AbstractContextManager] | None = None,
+) -> float:
+    """One optimizer step's forwards and backwards over this rank's micro-batches of one global batch (the
+    backend's ``batches``): returns this rank's part of the global batch's mean loss. ``run_loop`` then sums it
+    over ranks, guards it and asks the backend to step; the benchmarks that time a step call this too, with
+    ``clock(part)``: a context manager around each "teacher", "student", "loss" and "backward" part."""
+    timed = clock or (lambda part: nullcontext())
+    phase_teacher = method.teacher_for(phase.name, teacher)
+    cached = method.needs_teacher and teacher_outputs is not None and phase.stream in teacher_outputs
+    part_totals = None
+    if method.parts:  # a loss of several means: each part's count over the whole global batch
+        local = [0.0] * len(method.parts)
+        for batch in micro_batches:
+            if batch["share"] > 0:  # a stand-in counts nothing
+                local = [a + b for a, b in zip(local, method.part_counts(phase.name, batch))]
+        part_totals = backend.sum_across_ranks(local)
+    value = torch.zeros(())
+    for batch in micro_batches:
+        teacher_logits = None
+        if cached:  # computed once before the first step (engine/teacher_cache.py)
+            teacher_logits = teacher_outputs.lookup(phase.stream, batch)
+        elif method.needs_teacher:
+            with timed("teacher"), torch.no_grad(), backend.autocast():
+                teacher_logits = forward(phase_teacher, batch)
+        # a zero-weight stand-in (backends/base.py) is not data: it must not move BatchNorm's statistics
+        stand_in = frozen_batchnorm(student) if batch["share"] == 0 else nullcontext()
+        with timed("student"), stand_in, backend.autocast():
+            student_logits = forward(student, batch)
+        with timed("loss"):
+            terms = method.loss(phase.name, student_logits, teacher_logits, batch["labels"], batch=batch)
+            # this micro-batch's part of the global batch's mean (methods/base.py: summed over micro-batches and
+            # ranks it is exactly the mean one process computes over the whole batch)
+            if terms.parts is None:
+                loss = terms.mean() * batch["share"]
+            else:  # each part over its own global count (methods/base.py)
+                loss = terms.mean(part_totals) * (1.0 if batch["share"] > 0 else 0.0)
+            penalty = method.penalty(student, teacher)
+            if penalty is not None:
+                loss = loss + penalty * batch["share"]
+        with timed("backward"):
+            backend.backward(loss)
+        value = value + loss.detach().float().cpu()
+    return float(value)
 
 
 @contextmanager

@@ -168,3 +168,12 @@ def fill_teacher_cache(
     finally:
         model.train(was_training)
     return TeacherCache(out, temperature, time.perf_counter() - t0, topk)
+
+
+def teacher_cache_wanted(method, log) -> bool:
+    """Whether the teacher's outputs are computed once (SCRUB's ``method.teacher_cache=auto``) and, when the
+    method asked but cannot, why (logged): the method's ``teacher_cache_off`` says."""
+    why = method.teacher_cache_off() if method.needs_teacher else ""
+    if why:
+        log(f"teacher_cache: off, because {why}")
+    return why is None

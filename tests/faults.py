@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.checkpoint.run_folder import RunFolder
+from engine.artifacts.run_folder import RunFolder
 from tests.conftest import ROOT as REPO
 from tests.conftest import free_port, make_tiny_cifar, make_tiny_lm, tiny_overrides, tofu_overrides
 

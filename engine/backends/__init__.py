@@ -22,7 +22,7 @@ def build_backend(config) -> Backend:
     from engine.errors import ConfigError
 
     raise ConfigError(
-        f"backend.name={config.name} is a launcher, not a backend a process builds (engine/launchers/ray_train.py)"
+        f"backend.name={config.name} is a launcher, not a backend a process builds (engine/launch/ray_train.py)"
     )
 
 

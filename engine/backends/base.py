@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.data.sampling import epoch_order, order_seed
+from engine.backends.sampling import epoch_order, order_seed
 
 
 class Backend:

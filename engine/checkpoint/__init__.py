@@ -1,1 +1,2 @@
-"""Committing results: whole run folders and Hugging Face checkpoints appear complete or not at all."""
+"""The state of a run in progress: resumable checkpoints with manifests (store.py), what every recipe does with
+them (resume.py) and stop requests (signals.py)."""

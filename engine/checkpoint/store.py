@@ -3,7 +3,7 @@ what the backend writes (weights, optimizer state and the recipe's client state;
 rank's shards), each rank's RNG states, and, written LAST and atomically, ``manifest.json``:
 
     position (epoch, phase, step: where the loop goes on), data order (seed + stream sizes: the
-    order of every epoch is a function of them, engine/data/sampling.py), world size, ZeRO stage,
+    order of every epoch is a function of them, engine/backends/sampling.py), world size, ZeRO stage,
     the model's signature (parameter names and shapes), and the sha256 and size of every file.
 
 A folder without a complete manifest is not a checkpoint (a save that was killed or ran out of disk);

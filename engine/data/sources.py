@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from engine.checkpoint import provenance
+from engine import provenance
 from engine.errors import DataError, first_line
 
 MIRROR = "UNLEARN_DATA_MIRROR"

@@ -71,7 +71,7 @@ def write_rows(folder: str | Path, rows: list[dict], encode_row, chunk_rows: int
 
 def encode_rows(encode_row, numbers, rows: list[dict]) -> dict:
     """A batch for ``write_token_store``: row numbers and the tokens of their rows, each encoded by
-    ``encode_row`` as ``TextStream`` encodes it (here, or in a Ray Data task: engine/launchers/ray_train.py)."""
+    ``encode_row`` as ``TextStream`` encodes it (here, or in a Ray Data task: engine/launch/ray_train.py)."""
     out = [encode_row(r) for r in rows]
     return {"row": numbers, "input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
 

@@ -179,7 +179,7 @@ def prepare_tofu(cfg, fcfg=None) -> TofuData:
         f"{len(retain)} retain, {len(holdout)} holdout"
     )
     if fcfg is not None and fcfg.kind == "ids":
-        from engine.data.vision import requested_ids
+        from engine.data.selection import requested_ids
 
         training = retain + forget
         wanted = requested_ids(fcfg.ids, fcfg.ids_file, "forget")
@@ -412,7 +412,7 @@ def _matches(row: dict, where: dict) -> bool:
 
 def _select(train: list[dict], fcfg, id_column: str | None) -> tuple[list[bool], str]:
     """Which training rows are forgotten (``forget.kind`` ids | where | random), and how they were chosen."""
-    from engine.data.vision import requested_ids
+    from engine.data.selection import requested_ids
 
     if fcfg.kind == "ids":
         wanted = requested_ids(fcfg.ids, fcfg.ids_file, "forget")

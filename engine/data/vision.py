@@ -7,15 +7,13 @@ that every epoch is pure tensor indexing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data.selection import ids_sha256
+from engine.data.selection import ids_sha256, requested_ids
 from engine.data.sources import load_splits
 from engine.errors import DataError
 
@@ -156,30 +154,6 @@ def _resolve_label(label, class_names: list[str]) -> int:
             f"unknown class index {idx}; valid indices are 0..{len(class_names) - 1} ({class_names})"
         )
     return idx
-
-
-def _read_ids_file(path: str, key: str = "forget.ids_file") -> list:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{key} {path!r} does not exist")
-    text = p.read_text().strip()
-    if text.startswith("["):
-        return list(json.loads(text))
-    return [int(t) if t.lstrip("-").isdigit() else t for t in text.split()]
-
-
-def requested_ids(ids: list | None, ids_file: str | None, what: str) -> list:
-    """The ids given inline plus those of the file, refused when listed twice (``what``: forget/retain)."""
-    key = "forget.ids_file" if what == "forget" else f"forget.{what}_ids_file"
-    requested = list(ids or []) + (_read_ids_file(ids_file, key) if ids_file else [])
-    seen, dups = set(), []
-    for i in requested:
-        (dups.append(i) if i in seen else seen.add(i))
-    if dups:
-        raise DataError(
-            f"{len(dups)} {what} ids are listed more than once, e.g. {dups[:5]}; list each id once"
-        )
-    return requested
 
 
 def _positions(requested: list, train: ImageSet, what: str) -> list[int]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from engine.io import atomic_write, json_safe
+
 __all__ = [
     "write_report",
-    "write_text_atomic",
-    "json_safe",
     "md_table",
     "fmt",
     "num",
@@ -153,51 +150,9 @@ def write_report(run_dir: str | Path, report: dict) -> None:
     if report.get("command") == "run":  # the verdict's three lines, for scripts too
         report = {**report, "verdict": verdict(report)}
     text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
-    _atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
+    atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
     markdown = _markdown(report, plots, layout)
-    _atomic_write(run_dir / "report.md", lambda f: f.write(markdown.encode("utf-8")))
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same folder (so os.replace is atomic); open() honours the umask, unlike mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
-
-
-def json_safe(obj: Any) -> Any:
-    """Plain JSON types only: NaN/inf -> None, numpy scalars/arrays -> Python, paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # torch scalars
-        try:
-            return json_safe(obj.item())
-        except (TypeError, ValueError):
-            return str(obj)
-    return obj
+    atomic_write(run_dir / "report.md", lambda f: f.write(markdown.encode("utf-8")))
 
 
 def num(value: Any) -> float | None:
@@ -424,7 +379,7 @@ def _gap(metrics: dict, reference: dict) -> float | None:
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)  # attaches an Agg canvas to the figure
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def _plot_history(path: Path, history: list[dict], reference: dict | None, layout: _Layout) -> bool:

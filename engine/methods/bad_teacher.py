@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from engine.methods.base import LossTerms, MethodContext, OptimizerSettings, Phase
+from engine.methods.base import LossTerms, Method, MethodContext, OptimizerSettings, Phase
 from engine.methods.blocks import fresh_model
 from engine.methods.losses import distill_kl_sum
 
@@ -40,13 +40,18 @@ class BadTeacherConfig(OptimizerSettings):
     augment: bool = Field(False, description="Random crop (4-pixel padding) + horizontal flip.")
 
 
-class BadTeacher:
+class BadTeacher(Method):
     needs_teacher = True  # the competent teacher: the frozen original the recipe copies
     needs = ("teacher", "classifier_head")  # a randomly initialised teacher's class distribution
+    prepares_student = True  # builds its random teacher from the student's class
 
     def __init__(self, config: BadTeacherConfig):
         self.config = config
         self.incompetent: torch.nn.Module | None = None
+
+    @property
+    def augment(self) -> bool:
+        return self.config.augment
 
     def prepare(self, student, ctx: MethodContext) -> None:
         """Build the incompetent teacher: a fresh model of the student's class (torch's seeded RNG), frozen."""
@@ -68,6 +73,3 @@ class BadTeacher:
             raise ValueError(f"Bad-Teacher has phases 'forget' and 'retain', not {phase!r}")
         kl = distill_kl_sum(student_logits, teacher_logits, self.config.temperature)
         return LossTerms(total=kl, count=int(student_logits.shape[0]))
-
-    def penalty(self, student, teacher) -> None:
-        return None

@@ -1,35 +1,19 @@
-"""What every method shares: the optimizer settings, the per-epoch learning-rate rule, and the
-small types through which a method talks to the loop (phases in, loss sums out).
-
-A method is any object with ``config`` (an ``OptimizerSettings``), ``needs_teacher``, ``needs`` (what a task must
-provide: "teacher", "paired", "classifier_head"; the config refuses a method its task cannot serve),
-``phases(epoch)``,
-``loss(...)`` and ``penalty(student, teacher)``. Two hooks are optional, and methods without them are
-untouched:
-
-- ``prepare(student, ctx: MethodContext) -> None``: called once by ``unlearn run`` after the
-  original has been evaluated and the teacher copied, and BEFORE the backend builds the optimizer, so that
-  parameters it freezes (``requires_grad_(False)``) are left out of the optimizer. It may change the
-  student in place (re-initialise it, perturb it, freeze parts of it) and build extra frozen models with
-  ``ctx.freeze``. Its time counts in the run's ``loop_seconds`` / ``train_seconds``.
-- ``teacher_for(phase, teacher) -> module``: the teacher whose logits a phase's ``loss`` receives (default:
-  the run's teacher, the frozen original). Only consulted when ``needs_teacher`` is true.
+"""What every method shares: the optimizer settings, the per-epoch learning-rate rule, the small types through
+which a method talks to the loop (phases in, loss sums out), and the ``Method`` protocol: what the loop and the
+recipes call on a method, with a no-op default for every optional hook, so a recipe never asks a method what it
+has (a new method with a schedule of its own is one file: engine/methods/scrub.py is the example).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo in a config must never be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from engine.settings import StrictModel
 
 
 class OptimizerSettings(StrictModel):
@@ -63,6 +47,16 @@ class OptimizerSettings(StrictModel):
         """The learning rate of 1-based ``epoch``, as the authors' ``adjust_learning_rate`` (strict >)."""
         passed = sum(1 for d in self.lr_decay_epochs if epoch > d)
         return self.lr * self.lr_decay_rate**passed
+
+    def check_run(self, run: Any) -> None:
+        """Rules between this method's settings and the rest of the run config (``run``: a RunConfig), raised as
+        ValueError with a one-line message whenever a run config is validated (engine/config/rules.py). None
+        here; SCRUB's schedules have some."""
+
+    def every_epoch_reason(self) -> str | None:
+        """Why running this method needs eval.every_epoch=true (its schedule decides from per-epoch scores);
+        None: it does not."""
+        return None
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -129,3 +123,124 @@ class MethodContext:
     freeze: Callable[[torch.nn.Module], torch.nn.Module]
     device: torch.device
     forget_classes: list[int] | None = None
+
+
+@dataclass
+class Probe:
+    """What a method's schedule hooks may measure, built by the recipe from the task and the backend; every value is
+    the main rank's, broadcast, so every rank takes the same decision.
+
+    ``forget()``: the forget set's measure now (eval mode): error in percent, or a causal LM's answer NLL;
+    ``calibration(row)``: (that measure, what unseen data of the same kind shows) from a history row;
+    ``rewind(history, final)``: SCRUB+R's per-epoch forget series, its target and how the report names them
+    (engine/tasks); ``unit``: the measure's name, for logs; ``log``: the run's log."""
+
+    forget: Callable[[], float]
+    calibration: Callable[[dict], tuple[float, float]]
+    rewind: Callable[[list[dict], dict], tuple[list[float], float, dict]]
+    unit: str
+    log: Callable[[str], None]
+
+
+class Method(Protocol):
+    """What the loop (engine/loop.py) and `unlearn run` (engine/recipes/unlearn.py) call on a method.
+
+    Required: ``config`` (its settings, an ``OptimizerSettings``), ``phases(epoch)`` and ``loss(...)``; the class
+    attributes say what it needs: ``needs_teacher`` (the loop computes teacher logits), ``needs`` (what the task
+    must provide: "teacher", "paired", "classifier_head"; the config refuses a method its task cannot serve),
+    ``prepares_student`` (its ``prepare`` edits the whole model: refused with a LoRA student or under ZeRO-3).
+    Every hook below has a default that does nothing; a method subclasses ``Method`` and overrides the ones it
+    uses."""
+
+    config: OptimizerSettings
+    needs_teacher: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
+    prepares_student: ClassVar[bool] = False
+    # a loss that is a sum of means over different item sets (GradDiff: forget and retain tokens): their names,
+    # each counted by part_counts over the whole global batch (LossTerms)
+    parts: ClassVar[tuple[str, ...]] = ()
+
+    def phases(self, epoch: int) -> list[Phase]: ...
+
+    def loss(
+        self, phase: str, student_logits: torch.Tensor, teacher_logits: Any, labels: torch.Tensor, batch=None
+    ) -> LossTerms: ...
+
+    # --- what a step may add
+    def penalty(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> torch.Tensor | None:
+        """An un-normalised term added to every batch's loss (SCRUB's parameter distance); None: nothing."""
+        return None
+
+    def teacher_for(self, phase: str, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The teacher whose logits ``phase``'s loss receives (Bad-Teacher's random network on its forget
+        phase); by default the run's teacher, the frozen original."""
+        return teacher
+
+    def part_counts(self, phase: str, batch: dict) -> tuple[int, ...]:
+        """Each of ``parts``' item counts in ``batch`` (none when the loss is one mean)."""
+        return ()
+
+    # --- before training
+    def check_model(self, student: torch.nn.Module) -> None:
+        """Refuse, before any work, a model this method cannot run on (CF-k's k beyond its blocks)."""
+
+    def prepare(self, student: torch.nn.Module, ctx: MethodContext) -> None:
+        """Called once by `unlearn run` after the original is scored and BEFORE the backend builds the optimizer
+        (so what it freezes stays out of it): re-initialise, perturb or freeze parts of the student in place,
+        build extra frozen models with ``ctx.freeze``. Its time counts in the run's ``train_seconds``. Only
+        called when ``prepares_student``."""
+
+    @property
+    def augment(self) -> bool:
+        """Random crops and flips on the streams (image methods with an ``augment`` setting)."""
+        return False
+
+    @property
+    def student_dropout(self) -> float | None:
+        """The student's dropout during unlearning (None: the model's own)."""
+        return None
+
+    @property
+    def needs_teacher_weights(self) -> bool:
+        """The teacher's weights themselves are read (a penalty on the distance to them), not only its logits."""
+        return False
+
+    def teacher_cache_off(self) -> str | None:
+        """None: the frozen teacher's outputs may be computed once before the first step (engine/teacher_cache.py)
+        instead of a teacher forward every step; otherwise why not ("": simply not asked for)."""
+        return ""
+
+    def streams(self) -> set[str]:
+        """Every stream a phase of this run may read."""
+        return {p.stream for e in range(1, self.config.epochs + 1) for p in self.phases(e)}
+
+    # --- the schedule: decisions taken from measurements as the run goes
+    @property
+    def keeps_every_epoch(self) -> bool:
+        """Every epoch's checkpoint is kept until the run ends, epoch 0 too (``choose_final`` picks one)."""
+        return False
+
+    def after_epoch(self, epoch: int, row: dict, probe: Probe) -> dict:
+        """Called with each epoch's history row, epoch 0 (the original) first, before that epoch's checkpoint (which
+        then holds what was decided); returns what to add to the row. Nothing here."""
+        return {}
+
+    def check_in_phase(self, epoch: int, phase: str, step: int, probe: Probe) -> bool:
+        """Asked after every step on every rank: True ends ``phase`` there. Never here."""
+        return False
+
+    def choose_final(self, history: list[dict], final: dict, probe: Probe) -> tuple[int, dict] | None:
+        """An earlier epoch whose weights are exported beside the final model (SCRUB+R: ``model_rewound``), with
+        what the report says of the choice; None: only the final model."""
+        return None
+
+    def state_dict(self) -> dict:
+        """What the schedule decided so far (JSON), kept in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` on resume."""
+
+    def report(self) -> dict:
+        """Entries this method adds to report.json."""
+        return {}

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from engine.methods.base import LossTerms, OptimizerSettings, Phase
+from engine.methods.base import LossTerms, Method, OptimizerSettings, Phase
 from engine.methods.losses import cross_entropy_sum
 
 
@@ -26,12 +26,16 @@ class ErmConfig(OptimizerSettings):
     augment: bool = Field(True, description="Random crop (4-pixel padding) + horizontal flip.")
 
 
-class Erm:
+class Erm(Method):
     needs_teacher = False
     needs = ()
 
     def __init__(self, config: ErmConfig):
         self.config = config
+
+    @property
+    def augment(self) -> bool:
+        return self.config.augment
 
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("min", "retain", self.config.batch_size)]
@@ -45,6 +49,3 @@ class Erm:
         batch: dict | None = None,
     ) -> LossTerms:
         return LossTerms(total=cross_entropy_sum(student_logits, labels), count=int(labels.shape[0]))
-
-    def penalty(self, student, teacher) -> None:
-        return None

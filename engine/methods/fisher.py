@@ -42,7 +42,7 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from engine.methods.base import MethodContext, OptimizerSettings, Phase
+from engine.methods.base import Method, MethodContext, OptimizerSettings, Phase
 from engine.methods.blocks import head_parameter_names
 from engine.methods.losses import _upcast
 
@@ -157,12 +157,13 @@ def fisher_mean_var(
     return mu, var
 
 
-class Fisher:
+class Fisher(Method):
     """Runs entirely in ``prepare``; ``phases`` is empty. ``variance`` keeps, after ``prepare``, the
     variance each parameter's noise was drawn with ({name: tensor}, on the device)."""
 
     needs_teacher = False
     needs = ("classifier_head",)  # a Fisher information per class, and class unlearning's head rows
+    prepares_student = True
 
     def __init__(self, config: FisherConfig):
         self.config = config
@@ -188,6 +189,3 @@ class Fisher:
         raise ValueError(
             "Fisher forgetting has no training phases: it perturbs the weights once in prepare()"
         )
-
-    def penalty(self, student, teacher) -> None:
-        return None

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from engine.methods.base import LossTerms, OptimizerSettings, Phase
+from engine.methods.base import LossTerms, Method, OptimizerSettings, Phase
 from engine.methods.losses import cross_entropy_sum
 
 
@@ -24,7 +24,7 @@ class GradAscentConfig(OptimizerSettings):
     batch_size: int = Field(32, ge=1, description="Forget examples per step.")
 
 
-class GradAscent:
+class GradAscent(Method):
     needs_teacher = False
     needs = ()
 
@@ -37,9 +37,6 @@ class GradAscent:
     def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
         # -(token-mean NLL), as open-unlearning's -outputs.loss: the sum over tokens over the token count.
         return LossTerms(total=-cross_entropy_sum(student_logits, labels), count=int(labels.shape[0]))
-
-    def penalty(self, student, teacher) -> None:
-        return None
 
 
 def split_paired(student_logits: torch.Tensor, labels: torch.Tensor, batch: dict):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.methods.base import LossTerms, Phase
+from engine.methods.base import LossTerms, Method, Phase
 from engine.methods.grad_ascent import GradAscentConfig, split_paired
 from engine.methods.losses import cross_entropy_sum
 
@@ -20,7 +20,7 @@ class GradDiffConfig(GradAscentConfig):
     batch_size: int = Field(32, ge=1, description="Forget examples per step (each paired with a retain one).")
 
 
-class GradDiff:
+class GradDiff(Method):
     needs_teacher = False
     needs = ("paired",)
 
@@ -42,6 +42,3 @@ class GradDiff:
         forget = -c.gamma * cross_entropy_sum(f_logits, f_labels)
         retain = c.alpha * cross_entropy_sum(r_logits, r_labels)
         return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))
-
-    def penalty(self, student, teacher) -> None:
-        return None

@@ -61,6 +61,10 @@ class CfK(Erm):
 
     needs_teacher = False
     needs = ("classifier_head",)  # the last k blocks of an image classifier
+    prepares_student = True
+
+    def check_model(self, student) -> None:
+        last_blocks(student, self.config.k)  # a k beyond the model is refused before any work
 
     def prepare(self, student, ctx: MethodContext) -> None:
         freeze_all_but_last(student, self.config.k)
@@ -71,6 +75,10 @@ class EuK(Erm):
 
     needs_teacher = False
     needs = ("classifier_head",)  # the last k blocks of an image classifier
+    prepares_student = True
+
+    def check_model(self, student) -> None:
+        last_blocks(student, self.config.k)
 
     def prepare(self, student, ctx: MethodContext) -> None:
         reinitialise(student, last_blocks(student, self.config.k))

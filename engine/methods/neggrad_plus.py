@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.methods.base import LossTerms, OptimizerSettings, Phase
+from engine.methods.base import LossTerms, Method, OptimizerSettings, Phase
 from engine.methods.grad_ascent import split_paired
 from engine.methods.losses import cross_entropy_sum
 
@@ -39,12 +39,16 @@ class NegGradPlusConfig(OptimizerSettings):
     augment: bool = Field(False, description="Random crop (4-pixel padding) + horizontal flip.")
 
 
-class NegGradPlus:
+class NegGradPlus(Method):
     needs_teacher = False
     needs = ("paired",)
 
     def __init__(self, config: NegGradPlusConfig):
         self.config = config
+
+    @property
+    def augment(self) -> bool:
+        return self.config.augment
 
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("paired", "paired", self.config.batch_size)]
@@ -62,6 +66,3 @@ class NegGradPlus:
         forget = -(1 - b) * cross_entropy_sum(f_logits, f_labels)
         retain = b * cross_entropy_sum(r_logits, r_labels)
         return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))
-
-    def penalty(self, student, teacher) -> None:
-        return None

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.methods.base import LossTerms, Phase
+from engine.methods.base import LossTerms, Method, Phase
 from engine.methods.grad_diff import GradDiffConfig
 from engine.methods.losses import cross_entropy_sum, npo_sum, sequence_nll
 
@@ -19,7 +19,7 @@ class NpoConfig(GradDiffConfig):
     beta: float = Field(0.1, gt=0, description="NPO's inverse temperature beta.")
 
 
-class Npo:
+class Npo(Method):
     needs_teacher = True  # the reference model pi_ref = the frozen original
     needs = ("teacher", "paired")
 
@@ -46,6 +46,3 @@ class Npo:
         r = ~batch["forget_token"]
         retain = c.alpha * cross_entropy_sum(student_logits[r], labels[r])
         return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))
-
-    def penalty(self, student, teacher) -> None:
-        return None

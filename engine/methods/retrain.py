@@ -36,5 +36,7 @@ class Retrain(Erm):
         "classifier_head",
     )  # a from-scratch re-initialisation (`unlearn train` makes a causal LM's retain model)
 
+    prepares_student = True
+
     def prepare(self, student, ctx: MethodContext) -> None:
         reinitialise(student)

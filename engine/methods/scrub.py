@@ -17,13 +17,14 @@ max phase ends (``reset_after_max``), so the min phase does not carry the ascent
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from engine.methods.base import LossTerms, OptimizerSettings, Phase
+from engine.methods.base import LossTerms, Method, OptimizerSettings, Phase, Probe
 from engine.methods.losses import (
     TeacherProbs,
     cross_entropy_sum,
@@ -156,6 +157,44 @@ class ScrubConfig(OptimizerSettings):
             raise ValueError(f"msteps ({self.msteps}) cannot exceed epochs ({self.epochs})")
         return self
 
+    def check_run(self, run: Any) -> None:
+        """The calibrated schedule steers by what unseen data shows: a class-aware validation error for image
+        classifiers, the holdout rows' NLL for causal LMs; its tolerance defaults to one unit step of the task's
+        measure: 1 point of error, 0.05 nats (about 2% of an unseen answer's NLL). SCRUB+R on text data steers by
+        the holdout NLL too. (That both need eval.every_epoch is checked by the commands that run the method:
+        the audit's reference trainings turn it off.)"""
+        if run.model.lora is not None and self.param_distance:
+            raise ValueError(
+                "method.param_distance compares the student's weights with the teacher's, which a LoRA student "
+                "shares: unset model.lora or set method.param_distance=0"
+            )
+        if self.target_tolerance is None:
+            self.target_tolerance = 1.0 if run.task == "image_classification" else 0.05
+        text = run.task == "causal_lm" and run.data.preset != "tofu"
+        if self.schedule == "calibrated" and text and run.holdout.dataset is None:
+            raise ValueError(
+                "method.schedule=calibrated steers the forget NLL towards the NLL of rows the model never saw: set "
+                "holdout.dataset (or use method.schedule=paper)"
+            )
+        if (
+            self.schedule == "calibrated"
+            and run.task == "image_classification"
+            and run.data.val_fraction == 0
+        ):
+            raise ValueError(
+                "method.schedule=calibrated compares the forget error with validation errors: set "
+                "data.val_fraction above 0"
+            )
+        if self.rewind and text and not run.holdout.dataset:
+            raise ValueError("SCRUB+R on text data steers by the holdout NLL: set holdout.dataset")
+
+    def every_epoch_reason(self) -> str | None:
+        if self.rewind:
+            return "SCRUB+R (method.rewind=true) needs eval.every_epoch=true"
+        if self.schedule == "calibrated":
+            return "method.schedule=calibrated decides after each epoch from its errors: set eval.every_epoch=true"
+        return None
+
 
 @dataclass
 class ScheduleState:
@@ -171,8 +210,10 @@ class ScheduleState:
     reached_after: int | None = None
 
 
-class Scrub:
-    """The SCRUB method: phases per epoch and the per-batch losses. Knows nothing of where it runs."""
+class Scrub(Method):
+    """The SCRUB method: phases per epoch, the per-batch losses, and its schedule's decisions (the calibrated
+    schedule's after each epoch and at checks inside a max phase; SCRUB+R's choice of epoch). Knows nothing of
+    where it runs: what it measures comes through the recipe's ``Probe``."""
 
     needs_teacher = True
     needs = ("teacher",)
@@ -180,6 +221,30 @@ class Scrub:
     def __init__(self, config: ScrubConfig):
         self.config = config
         self.schedule_state = ScheduleState()  # read by phases() under schedule=calibrated only
+        self.checks: list[dict] = []  # the calibrated schedule's checks inside max phases, for the report
+
+    @property
+    def augment(self) -> bool:
+        return self.config.augment
+
+    @property
+    def student_dropout(self) -> float | None:
+        return self.config.student_dropout
+
+    @property
+    def needs_teacher_weights(self) -> bool:
+        return bool(self.config.param_distance)
+
+    def teacher_cache_off(self) -> str | None:
+        """The teacher's outputs are the same every epoch only when the rows are, and its weights never needed."""
+        c = self.config
+        if c.teacher_cache == "off":
+            return ""
+        if c.augment:
+            return "method.augment=true shows new crops and flips every epoch"
+        if c.param_distance:
+            return "method.param_distance needs the teacher's weights"
+        return None
 
     @property
     def calibrated(self) -> bool:
@@ -263,11 +328,57 @@ class Scrub:
         return self.calibrated and steps % self.config.check_every == 0 and steps < budget
 
     def state_dict(self) -> dict:
-        """The schedule's state (JSON), for the run's checkpoint."""
-        return asdict(self.schedule_state)
+        """The schedule's state and its checks so far (JSON), for the run's checkpoint."""
+        return {**asdict(self.schedule_state), "checks": self.checks}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.checks = list(state.pop("checks", []))
         self.schedule_state = ScheduleState(**state)
+
+    # --- the hooks `unlearn run` calls (engine/methods/base.py: Method)
+    def after_epoch(self, epoch: int, row: dict, probe: Probe) -> dict:
+        """The calibrated rule after ``epoch`` (0: the original), on the main rank's measurements."""
+        if not self.calibrated:
+            return {}
+        forget_error, target = probe.calibration(row)
+        return {"forget_target_error": target, **self.end_epoch(epoch, forget_error, target)}
+
+    def check_in_phase(self, epoch: int, phase: str, step: int, probe: Probe) -> bool:
+        """The calibrated schedule's check inside a max phase: the forget measure now, against the target."""
+        if phase != "max" or not self.check_due(epoch, step):
+            return False
+        started = time.perf_counter()
+        measured = probe.forget()
+        ended = self.check(epoch, step, measured)
+        self.checks.append({"epoch": epoch, "step": step, "forget_error": measured, "ended": ended,
+                            "seconds": round(time.perf_counter() - started, 4)})  # fmt: skip
+        if ended:
+            probe.log(f"epoch {epoch}: max phase ended after {step} max-steps: the forget set's {probe.unit} "
+                      f"{measured:.4g} reached its target {self.schedule_state.target_error:.4g}")  # fmt: skip
+        return ended
+
+    @property
+    def keeps_every_epoch(self) -> bool:
+        return self.config.rewind  # SCRUB+R picks one of them (epoch 0 = the original)
+
+    def choose_final(self, history: list[dict], final: dict, probe: Probe) -> tuple[int, dict] | None:
+        """SCRUB+R: the epoch whose forget series is closest to the target (ties: earliest), the task saying what
+        the series and target are; under the calibrated schedule, the target its max phases steered by (frozen at
+        epoch 0): both aim at one number."""
+        if not self.config.rewind:
+            return None
+        series, target, steering = probe.rewind(history, final)
+        if self.calibrated:
+            target = history[0]["target_error"]
+            rest = {k: v for k, v in steering.items() if not k.startswith("target_")}
+            steering = {"target_error": target, "steered_by": "target_error", **rest}
+        epoch = select_rewind_epoch(series, target)
+        probe.log(f"SCRUB+R: target {target:.4g} -> epoch {epoch}")
+        return epoch, steering
+
+    def report(self) -> dict:
+        return {"schedule_checks": self.checks if self.calibrated else None}
 
     def loss(
         self,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import provenance
+from engine import provenance
 from engine.errors import ModelError, first_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -35,7 +35,7 @@ def refuse_pickle_weights(path: str, auto_class: str) -> None:
 
 def resolve_model(path: str, revision: str | None = None, what: str = "model.path") -> str | None:
     """Check, before any work, that ``path`` names a model that can be read, and record where it comes from
-    (engine/checkpoint/provenance.py). A local folder is returned ``revision`` as given; a hub id is resolved to
+    (engine/provenance.py). A local folder is returned ``revision`` as given; a hub id is resolved to
     the commit ``revision`` points to (asked of the hub, or read from the local cache offline), which is returned:
     loading at that commit makes the receipt name exactly the files read. Errors name ``what`` and the fix."""
     if Path(path).exists():

@@ -7,7 +7,7 @@ train mode a BatchNorm updates its running statistics, which are not parameters 
 freezing; the student updates its copy's, the teacher (adapters disabled) reads the untouched originals.
 The copies' affine parameters stay frozen: only ``lora_`` parameters train.
 
-Export (engine/checkpoint/export.py): ``merged_state_dict`` folds each adapter into its base weight (a plain
+Export (engine/artifacts/export.py): ``merged_state_dict`` folds each adapter into its base weight (a plain
 checkpoint any Hugging Face loader reads), without touching the live model; or the adapter alone
 (``adapter_model.safetensors`` + ``adapter_config.json``, loaded over the base with ``PeftModel.from_pretrained``).
 """
@@ -18,14 +18,35 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from engine.errors import ConfigError, ModelError, first_line
+from engine.settings import StrictModel
 
-if TYPE_CHECKING:
-    from engine.config import LoraSettings
+
+class LoraSettings(StrictModel):
+    """A LoRA student (peft): only the adapters train; the teacher is the same base weights with the adapters
+    disabled, so one copy of the model is in memory."""
+
+    rank: int = Field(16, ge=1, description="r: the rank of each adapter.")
+    alpha: float = Field(
+        32.0, gt=0, description="lora_alpha: the adapter's output is scaled by alpha / rank."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="lora_dropout: dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get adapters: names or name suffixes (q_proj, v_proj; conv1, fc for an image "
+        "classifier), or all-linear (every linear layer but the output head; causal LMs).",
+    )
+    merge: bool = Field(
+        True,
+        description="Export the merged model (base + adapters, a plain checkpoint); false: the adapter alone "
+        "(adapter_model.safetensors + adapter_config.json, loaded over the base with peft).",
+    )
+
 
 ADAPTED_KINDS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 EXPORTS = ("merged", "adapter")

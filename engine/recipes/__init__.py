@@ -1,30 +1,27 @@
-"""Commands assembled from the components: one readable, rank-aware file per command, for every task.
+"""Commands assembled from the components: one readable, rank-aware file per command, for every task, each in
+stages over one run session (session.py).
 
-``recipe_for(command, cfg)`` reads the one table from a command to its recipe and, per task, the backends
-it runs on; the CLI reads it, refuses any other backend there (before any work), and hands the recipe to
-the launcher that starts it: in this process, or in every Ray Train worker (engine/launchers/ray_train.py,
-which never imports a recipe: it runs the one it is given).
+``launch(command, cfg)`` is how a command runs, for the CLI and for `unlearn request process` alike: the config's
+refusals for it (engine/config/rules.py: the tasks and backends it serves, the extras, the model it needs), then
+its recipe in this process, or in every Ray Train worker (engine/launch/ray_train.py, which never imports a
+recipe: it runs the one it is given).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from engine.errors import ConfigError
-
-ALL = ("single", "deepspeed", "ray")
+from engine.config import check
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """``target``: "module:function" of the recipe, called as ``function(cfg, **kwargs)``. ``backends``:
-    task -> the backend names it runs on (a task absent: the command does not serve it)."""
+    """``target``: "module:function" of the recipe, called as ``function(cfg, **kwargs)``."""
 
     target: str
-    backends: dict[str, tuple[str, ...]]
 
     @property
     def run(self) -> Callable:
@@ -33,59 +30,19 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "train": Recipe("engine.recipes.train:run_training",
-                    {"image_classification": ("single", "deepspeed"), "causal_lm": ("single", "deepspeed")}),
-    "run": Recipe("engine.recipes.unlearn:run_unlearning", {"image_classification": ALL, "causal_lm": ALL}),
-    "eval": Recipe("engine.recipes.evaluate:run_evaluation", {"image_classification": ALL, "causal_lm": ALL}),
-    # the audit's K unlearnings and K retrains are Ray tasks of one process each (audit.ray_address)
-    "audit": Recipe("engine.recipes.audit:run_audit", {"image_classification": ("single",)}),
-}  # fmt: skip
-
-
-# What an optional dependency serves -> (the modules it needs, the extra that installs them: pyproject.toml).
-EXTRAS = {
-    "backend.name=deepspeed": (("deepspeed",), "deepspeed"),
-    "backend.name=ray": (("ray", "deepspeed"), "ray"),
-    "`unlearn audit`": (("ray",), "ray"),
-    "logging.wandb=true": (("wandb",), "wandb"),
+    "train": Recipe("engine.recipes.train:run_training"),
+    "run": Recipe("engine.recipes.unlearn:run_unlearning"),
+    "eval": Recipe("engine.recipes.evaluate:run_evaluation"),
+    "audit": Recipe("engine.recipes.audit:run_audit"),
 }
 
 
-def require_extras(command: str, cfg) -> None:
-    """Refuse, in one line and before any work, a config that needs an optional dependency not installed."""
-    asked = [
-        ("backend.name=" + cfg.backend.name) if cfg.backend.name != "single" else None,
-        "`unlearn audit`" if command == "audit" else None,
-        "logging.wandb=true" if cfg.logging.wandb else None,
-    ]
-    for use in filter(None, asked):
-        modules, extra = EXTRAS[use]
-        missing = [m for m in modules if importlib.util.find_spec(m) is None]
-        if missing:
-            how = (
-                " (after torch: DS_BUILD_OPS=0 pip install --no-build-isolation ...)"
-                if "deepspeed" in missing
-                else ""
-            )
-            raise ConfigError(
-                f"{use} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: pip install 'engine[{extra}]'{how}"
-            )
-
-
-def recipe_for(command: str, cfg) -> Recipe:
-    """The recipe of ``command``; a task it does not serve, a backend it does not run on or an optional
-    dependency that is missing is refused here."""
+def launch(command: str, cfg, **kwargs) -> Path:
+    """Run ``command`` on ``cfg``: refused in one line before any work when it cannot, then on its backend."""
+    check(cfg, command, kwargs.get("targets"))
     recipe = RECIPES[command]
-    backends = recipe.backends.get(cfg.task)
-    if backends is None:
-        raise ConfigError(
-            f"`unlearn {command}` runs with task={' or task='.join(recipe.backends)}, not task={cfg.task}"
-        )
-    if cfg.backend.name not in backends:
-        others = [c for c, r in RECIPES.items() if cfg.backend.name in r.backends.get(cfg.task, ())]
-        raise ConfigError(
-            f"`unlearn {command}` of task={cfg.task} runs on backend.name={' or '.join(backends)}; "
-            f"backend.name={cfg.backend.name} runs `unlearn {'|'.join(others) or '(no command)'}` of task={cfg.task}"
-        )
-    require_extras(command, cfg)
-    return recipe
+    if cfg.backend.name == "ray":
+        from engine.launch.ray_train import run_on_ray
+
+        return run_on_ray(cfg, recipe, **kwargs)
+    return recipe.run(cfg, **kwargs)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.checkpoint.export import check_output_dir, staged_dir
-from engine.config import RunConfig, dump_config
+from engine.config import RunConfig
 from engine.errors import ConfigError
-from engine.eval.report import fmt, json_safe, md_table, write_text_atomic
+from engine.eval.report import fmt, md_table
+from engine.io import json_safe, write_text_atomic
+from engine.recipes.session import Session
 
 # kind -> (`unlearn train` target it runs, what it is)
 REFERENCES = {"retrain": ("retrain", "trained on D_r"), "original": ("original", "trained on D (LiRA's IN)")}
@@ -66,10 +67,10 @@ def _task(item: dict) -> dict:
     quiet = lambda _msg: None  # noqa: E731  (the audit logs per model, not per epoch)
     if kind == "unlearn":
         out = run_unlearning(cfg, log=quiet)
-        rewound = bool(getattr(cfg.method, "rewind", False))
-        model_dir = out / ("model_rewound" if rewound else "model")
         report = json.loads((out / "report.json").read_text())
-        metrics = report["rewound"]["metrics"] if rewound else report["metrics"]
+        rewound = report.get("rewound")  # an earlier epoch the method chose (SCRUB+R): the model it audits
+        model_dir = out / ("model_rewound" if rewound else "model")
+        metrics = rewound["metrics"] if rewound else report["metrics"]
     else:
         target = REFERENCES[kind][0]
         out = run_training(cfg, targets=(target,), log=quiet)
@@ -107,10 +108,7 @@ def forget_margins(cfg: RunConfig, data, model_dir: str) -> np.ndarray:
 def _item(cfg: RunConfig, kind: str, seed: int, output_dir: Path) -> dict:
     """One task: the config of one model, quiet, and evaluated only at the end (SCRUB+R and SCRUB's calibrated
     schedule excepted: they pick an epoch, or decide the next one's max-steps, from per-epoch errors)."""
-    method = cfg.method
-    per_epoch = kind == "unlearn" and (
-        getattr(method, "rewind", False) or getattr(method, "schedule", "") == "calibrated"
-    )
+    per_epoch = kind == "unlearn" and cfg.method.every_epoch_reason() is not None
     run_cfg = cfg.model_copy(
         update={
             "seed": seed,
@@ -128,16 +126,8 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
 
     t_start = time.perf_counter()
     a = cfg.audit
-    if cfg.model.path is None:
-        raise ConfigError("`unlearn audit` needs model.path: the Original to unlearn K times")
-    if cfg.model.arch is None:
-        raise ConfigError(
-            "`unlearn audit` trains the retrained references from scratch: set model.arch (and model.width) as "
-            "in the `unlearn train` that made model.path"
-        )
-    if not Path(cfg.model.path).exists():
-        raise ConfigError(f"model.path {cfg.model.path!r} does not exist: run `unlearn train` first")
-    check_output_dir(cfg.output_dir, cfg.overwrite)
+    session = Session(cfg, "audit", log, with_backend=False)  # its models train in Ray tasks of their own
+    log = session.log
     data = prepare_data(cfg.data, cfg.forget)
     key, recipe = reference_key(cfg, data.forget_summary())
     cache = Path(a.cache_dir or Path(cfg.model.path).resolve().parent / "audit_references") / key
@@ -153,8 +143,7 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
         f"per side, seeds {seeds[0]}..{seeds[-1]}; references in {cache}"
     )
 
-    with staged_dir(cfg.output_dir, cfg.overwrite) as stage:
-        dump_config(cfg, stage / "config.yaml")
+    with session.stage() as stage:
         cached, items = {}, []
         for kind in kinds:
             for s in seeds:
@@ -165,7 +154,7 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
                     items.append(_item(cfg, kind, s, folder))
         items += [_item(cfg, "unlearn", s, stage / "unlearned" / f"seed_{s}") for s in seeds]
         log(f"{len(cached)} references reused from the cache, {len(items)} models to make as Ray tasks")
-        from engine.launchers.ray_tasks import fan_out
+        from engine.launch.ray_tasks import fan_out
 
         t_tasks = time.perf_counter()
         made = fan_out(_task, items, num_cpus=a.num_cpus, address=a.ray_address)
@@ -191,7 +180,7 @@ def run_audit(cfg: RunConfig, log=print) -> Path:
         write_text_atomic(stage / "audit.json", json.dumps(json_safe(result), indent=2))
         plot_epsilons(stage / "epsilon_histogram.png", result)
         write_text_atomic(stage / "audit.md", render(result))
-    out = Path(cfg.output_dir)
+    out = session.close()
     log(
         f"score {result['score']:.4f} (forgetting quality {result['forgetting_quality']:.4f} x retain ratio "
         f"{result['retain_ratio']:.3f} x test ratio {result['test_ratio']:.3f}); report in {out / 'audit.md'}"

@@ -22,11 +22,12 @@ import os
 from pathlib import Path
 
 from engine import faults
-from engine.checkpoint.receipt import sha256_file
-from engine.config import RunConfig
-from engine.data.selection import ids_sha256
-from engine.errors import ConfigError
-from engine.eval.report import write_text_atomic
+from engine.artifacts.receipt import sha256_file
+from engine.backends import build_backend
+from engine.config import RunConfig, check
+from engine.data.selection import ids_sha256, read_ids_file
+from engine.io import write_text_atomic
+from engine.recipes import launch
 from engine.requests.chain import chain_section
 from engine.requests.ledger import Ledger, LedgerError, version_name
 
@@ -40,9 +41,7 @@ def sorted_ids(ids) -> list:
 
 
 def add_request(cfg: RunConfig, ids_file: str, note: str | None = None, log=print) -> int:
-    from engine.data.vision import _read_ids_file
-
-    ids = _read_ids_file(ids_file, "--ids")
+    ids = read_ids_file(ids_file, "--ids")
     ledger = Ledger(ledger_path(cfg))
     try:
         done = set(ledger.forgotten_ids())
@@ -99,19 +98,6 @@ def job_config(
     return RunConfig.model_validate(data)
 
 
-def run_job(job: RunConfig) -> None:
-    """One `unlearn run` of the job config, on its backend (in this process, or as a Ray Train job)."""
-    from engine.recipes import recipe_for
-
-    recipe = recipe_for("run", job)
-    if job.backend.name == "ray":
-        from engine.launchers.ray_train import run_on_ray
-
-        run_on_ray(job, recipe)
-    else:
-        recipe.run(job)
-
-
 def audit_drift(report_path: Path) -> dict:
     """How far an unlearned version's error on every example forgotten so far is from the error unseen examples
     of the same classes have (engine/eval/metrics.py ``forgotten_scores``), in points."""
@@ -133,11 +119,11 @@ def make_version(cfg: RunConfig, name: str, input_model: str, batch: list, earli
         policy = {"reason": "retrain_every", "every": every}
         source = jobs / name
         if not source.exists():
-            run_job(job_config(cfg, source, input_model, batch, earlier, retrain=True))
+            launch("run", job_config(cfg, source, input_model, batch, earlier, retrain=True))
         return source, "retrain", policy
     candidate = jobs / name
     if not candidate.exists():  # else: the job completed before a crash
-        run_job(job_config(cfg, candidate, input_model, batch, earlier, retrain=False))
+        launch("run", job_config(cfg, candidate, input_model, batch, earlier, retrain=False))
     if bound is None:
         return candidate, "unlearn", None
     drift = audit_drift(candidate / "report.json")
@@ -148,7 +134,7 @@ def make_version(cfg: RunConfig, name: str, input_model: str, batch: list, earli
         f"points from unseen data's {drift['forgotten_val_error']:.2f} (bound {bound}): retraining instead")  # fmt: skip
     source = jobs / f"{name}-retrain"
     if not source.exists():
-        run_job(job_config(cfg, source, input_model, batch, earlier, retrain=True))
+        launch("run", job_config(cfg, source, input_model, batch, earlier, retrain=True))
     return source, "retrain", {**policy, "reason": "retrain_bound"}
 
 
@@ -184,38 +170,20 @@ def process_requests(cfg: RunConfig, log=print) -> Path | None:
     Under a multi-process launcher (deepspeed, torchrun, Slurm) with backend.name=deepspeed every rank calls this:
     the main rank claims the batch and tells the others (one broadcast), all run the version's job together, and
     the main rank alone publishes it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and cfg.backend.name != "deepspeed":
-        raise ConfigError("under a multi-process launcher `unlearn request process` needs backend.name=deepspeed "
-                          "(every rank runs the version's job); for Ray workers start it as one process with "
-                          "backend.name=ray")  # fmt: skip
-    if cfg.model.path is None:
-        raise ConfigError(
-            "`unlearn request process` needs model.path: the Original the first version unlearns"
-        )
-    if cfg.ledger.retrain_bound is not None and cfg.task != "image_classification":
-        raise ConfigError("ledger.retrain_bound measures drift on image_classification (forgotten_val_error); "
-                          "use ledger.retrain_every for other tasks")  # fmt: skip
-    main = True
-    if world > 1:
-        import torch.distributed as dist
-
-        from engine.backends.deepspeed import init_process_group
-
-        init_process_group(cfg.backend)  # the version's DeepSpeed backend adopts this group
-        main = dist.get_rank() == 0
+    check(cfg, "request")  # the config's refusals (engine/config/rules.py), before any work
+    # several ranks agree on the batch through a backend of their launcher's group (each job's adopts it)
+    backend = build_backend(cfg.backend) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    main = backend is None or backend.is_main
     folder = Path(cfg.output_dir)
     ledger = Ledger(ledger_path(cfg)) if main else None
     try:
         plan = claim_batch(ledger) if main else None
-        if world > 1:
-            box = [plan]
-            dist.broadcast_object_list(box, src=0)
-            plan = box[0]
+        if backend is not None:
+            plan = backend.broadcast_object(plan)
         if plan is None:
             log("no pending requests")
-            if world > 1:
-                dist.destroy_process_group()
+            if backend is not None:
+                backend.close()
             return None
         name, request_ids, batch, earlier = plan
         number = int(name[1:])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.checkpoint.receipt import VerifyError, sha256_file, verify
+from engine.artifacts.receipt import VerifyError, sha256_file, verify
 from engine.data.selection import ids_sha256
 from engine.errors import EngineError
 

@@ -16,7 +16,7 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.checkpoint.receipt import now
+from engine.artifacts.receipt import now
 from engine.data.selection import ids_sha256
 from engine.errors import EngineError
 

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint.export import run_card, save_checkpoint
+from engine.artifacts.export import run_card, save_checkpoint
+from engine.config import train_targets
 from engine.data.store import TokenStore, write_rows
 from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text, prepare_tofu
 from engine.errors import ConfigError, ModelError, first_line
-from engine.eval.report import write_text_atomic
 from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu
+from engine.io import write_text_atomic
 from engine.models.causal_lm import (
     check_attn_implementation,
     check_vocab,
@@ -41,6 +42,7 @@ from engine.models.causal_lm import (
     token_logits,
 )
 from engine.models.loading import resolve_model
+from engine.tasks.base import Task, config_key
 
 HEADLINES = {
     "tofu": ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak"),
@@ -51,13 +53,6 @@ HEADLINES = {
 def describe(m: dict) -> str:
     keys = dict.fromkeys(HEADLINES["tofu"] + HEADLINES["text"])  # a history row shows the NLLs
     return "  ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
-
-
-def token_rows(cfg) -> tuple[object, dict[str, list[dict]]]:
-    """The formatter and the forget and retain rows that a Ray driver tokenizes once, into the token stores
-    its workers read (engine/launchers/ray_train.py)."""
-    task = CausalLM(cfg, cfg.model.path)
-    return task.formatter, {"forget": task.data.forget, "retain": task.data.retain}
 
 
 @torch.no_grad()
@@ -88,29 +83,31 @@ def _fingerprint(reference: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=float).encode()).hexdigest()
 
 
-class CausalLM:
+class CausalLM(Task):
     name = "causal_lm"
     forward = staticmethod(token_logits)
-    token_rows = staticmethod(token_rows)
 
-    @staticmethod
-    def targets(cfg) -> tuple[str, ...]:
-        """`unlearn train`'s models, the reference first (the original's forget quality and privleak are
-        measured against it), with the same recipe and seed: TOFU's retain model, or Retrain."""
-        return ("retain", "original") if cfg.data.preset == "tofu" else ("retrain", "original")
+    @classmethod
+    def token_rows(cls, cfg) -> tuple[object, dict[str, list[dict]]]:
+        """The formatter and the forget and retain rows that a Ray driver tokenizes once, into the token stores
+        its workers read (engine/launch/ray_train.py)."""
+        task = cls(cfg, cfg.model.path)
+        return task.formatter, {"forget": task.data.forget, "retain": task.data.retain}
 
     def __init__(self, cfg, model_path: str | None):
-        if model_path is None:
+        if model_path is None:  # refused before any work by the config's rules (engine/config/rules.py)
             raise ConfigError("task=causal_lm needs model.path: the causal LM (a folder or a hub id)")
         self.cfg = cfg
         self.suite = "tofu" if cfg.data.preset == "tofu" else "text"
         self.headline = HEADLINES[self.suite]
-        self.train_targets = self.targets(cfg)
+        # `unlearn train`'s models, the reference first (the original's forget quality and privleak are measured
+        # against it), with the same recipe and seed: TOFU's retain model, or Retrain
+        self.train_targets = train_targets(cfg)
         self.reference_target = self.train_targets[0]
         self.model_path = model_path
         # the model is checked (a readable folder, or a hub id resolved to a commit) before anything is read;
         # the tokenizer and the weights are then read at that same commit
-        revision = resolve_model(model_path, cfg.model.revision)
+        revision = resolve_model(model_path, cfg.model.revision, config_key(cfg, model_path))
         self.tokenizer = load_tokenizer(model_path, revision, cfg.model.trust_remote_code)
         d = cfg.data
         if self.suite == "tofu":
@@ -178,7 +175,7 @@ class CausalLM:
         check_attn_implementation(m.attn_implementation)
         if trust_remote_code and not revision:  # refused by load_causal_lm, before a hub id is resolved
             return load_causal_lm(path, revision, trust_remote_code, m.dtype, **switches)
-        what = "eval.reference" if path == self.cfg.eval.reference else "model.path"  # for the errors
+        what = config_key(self.cfg, path)  # for the errors
         pinned = resolve_model(path, revision, what)
         try:
             return load_causal_lm(path, pinned, trust_remote_code, m.dtype, **switches)
@@ -307,9 +304,6 @@ class CausalLM:
         save_checkpoint(model, path, self.tokenizer, card, record, state_dict=weights)
 
     describe = staticmethod(describe)
-
-    def method_context(self, backend):
-        return None  # no method with a `prepare` serves causal LMs (their needs say so: engine/tasks)
 
     def row_ids(self, stream: str) -> list | None:
         rows = {"forget": self.data.forget, "retain": self.data.retain}.get(stream)

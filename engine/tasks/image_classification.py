@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.checkpoint.export import image_processor, run_card, save_checkpoint
+from engine.artifacts.export import image_processor, run_card, save_checkpoint
+from engine.config import train_targets
 from engine.data.vision import ImageSet, ImageStream, ImageTransform, UnlearningData, prepare_data
 from engine.eval.metrics import error_percent, evaluate, predict
 from engine.eval.shard import is_shared, share
@@ -25,6 +26,7 @@ from engine.models.loading import (
     load_classifier,
     resolve_model,
 )
+from engine.tasks.base import Task, config_key
 
 if TYPE_CHECKING:
     from engine.backends.base import Backend
@@ -48,7 +50,9 @@ def splits(data: UnlearningData) -> tuple[str, ...]:
 
 def load_data_and_transform(cfg, model_path: str | None):
     # the model is checked (a readable folder, or a hub id resolved to a commit) before the data is read
-    revision = resolve_model(model_path, cfg.model.revision) if model_path else None
+    revision = (
+        resolve_model(model_path, cfg.model.revision, config_key(cfg, model_path)) if model_path else None
+    )
     data = prepare_data(cfg.data, cfg.forget)
     image = image_settings(model_path, cfg.data.mean, cfg.data.std, cfg.data.image_size, revision)
     return data, image, ImageTransform(image["mean"], image["std"], image["size"])
@@ -80,16 +84,9 @@ def describe(metrics: dict) -> str:
     return "  ".join(f"{k}={metrics[k]:.2f}" for k in HEADLINE if k in metrics)
 
 
-class ImageClassification:
+class ImageClassification(Task):
     name = suite = "image_classification"
     forward = staticmethod(classifier_logits)
-    # `unlearn train`: the Original on D = D_r + D_f, and Retrain on D_r alone (exact unlearning)
-    train_targets = ("original", "retrain")
-
-    @classmethod
-    def targets(cls, cfg) -> tuple[str, ...]:
-        return cls.train_targets
-
     reference_target = None  # an image classifier's scores do not depend on a reference model's
     trained_on = {"original": "D (forget + retain)", "retrain": "D_r (retain only)"}
     headline = HEADLINE
@@ -97,6 +94,8 @@ class ImageClassification:
     def __init__(self, cfg, model_path: str | None):
         self.cfg = cfg
         self.model_path = model_path  # the model a run starts from (None: `train` builds model.arch)
+        # `unlearn train`: the Original on D = D_r + D_f, and Retrain on D_r alone (exact unlearning)
+        self.train_targets = train_targets(cfg)
         self.data, self.image, self.transform = load_data_and_transform(cfg, model_path)
         d = self.data
         self.description = (
@@ -119,8 +118,9 @@ class ImageClassification:
         return ImageStream(rows, self.transform, augment=self.cfg.train.augment)
 
     def load(self, path: str, revision: str | None = None, trust_remote_code: bool = False):
-        what = "eval.reference" if path == self.cfg.eval.reference else "model.path"  # for the errors
-        return load_classifier(path, self.data.num_labels, revision, trust_remote_code, what)
+        return load_classifier(
+            path, self.data.num_labels, revision, trust_remote_code, config_key(self.cfg, path)
+        )
 
     def build(self):
         """A from-scratch model (``model.arch``) or, without one, ``model.path`` to fine-tune."""
@@ -128,9 +128,6 @@ class ImageClassification:
         if m.arch:
             return build_classifier(m.arch, self.data.num_labels, m.width, self.data.class_names)
         return self.load(m.path, m.revision, m.trust_remote_code)
-
-    def check(self, model) -> None:
-        pass
 
     def evaluate(self, model, device, reference=None, cache_dir=None, backend=None) -> dict:
         """Errors and membership attacks of ``model`` (or of what the function ``model`` loads). With a
@@ -147,9 +144,6 @@ class ImageClassification:
         shared = shared_predictions(model, self.data, self.transform, c.batch_size, device, backend)
         return evaluate(model, self.data, self.transform, c.batch_size, device, attacks=True, seed=c.mia_seed,
                         predictions=shared)  # fmt: skip
-
-    def keep_scores(self, folder, metrics: dict, reference: dict | None = None) -> None:
-        pass  # scoring an image classifier is cheap: nothing is cached
 
     def history_row(self, model, device, epoch: int, lr, losses: dict, metrics: dict | None = None) -> dict:
         """One row of the per-epoch history (errors without the attacks; ``metrics`` already computed for

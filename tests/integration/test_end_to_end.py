@@ -9,7 +9,7 @@ import json
 import pytest
 from transformers import AutoModelForImageClassification
 
-from engine.checkpoint.receipt import weight_hashes
+from engine.artifacts.receipt import weight_hashes
 from engine.cli import main
 from tests.conftest import tiny_overrides
 

@@ -55,7 +55,7 @@ def test_fan_out_runs_independent_runs_as_ray_tasks_and_gathers_their_results(ti
     session's head node (in Node._init_gcs_client), which the command-line drivers of the other tests join."""
     import ray
 
-    from engine.launchers.ray_tasks import fan_out
+    from engine.launch.ray_tasks import fan_out
 
     def run_cli(argv: list[str]) -> int:  # defined here: Ray pickles it by value into each task
         import torch
@@ -172,7 +172,7 @@ def test_ray_data_tokenizes_a_set_of_several_blocks_into_the_in_memory_streams_b
     embedded Ray in this process): the store holds exactly the batches the in-memory stream gives."""
     import ray
 
-    import engine.launchers.ray_train as ray_train
+    import engine.launch.ray_train as ray_train
     from engine.data.text import QAFormatter
     from engine.models.causal_lm import load_tokenizer
     from tests.conftest import TOFU

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint.export import staged_dir
+from engine.artifacts.export import staged_dir
 from engine.cli import main
 from engine.config import load_config
 from engine.data.vision import prepare_data

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.backends.sampling import epoch_order
 from engine.backends.single import SingleProcessBackend
 from engine.config import load_config
-from engine.data.sampling import epoch_order
 from engine.data.vision import prepare_data
 from engine.errors import ConfigError, PreemptedError
 from engine.eval.metrics import evaluate, unseen_error

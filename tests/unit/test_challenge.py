@@ -573,7 +573,7 @@ def test_audit_json_and_report_carry_the_reasons() -> None:
     import json
     from types import SimpleNamespace
 
-    from engine.eval.report import json_safe
+    from engine.io import json_safe
     from engine.recipes.audit import render, render_level_or_spread, score
 
     u, r, eps = _sep_margins()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from engine.artifacts.gguf import convert_gguf, smollm2_gguf_path
 from engine.errors import ConfigError, ModelError, OutputError
-from engine.models.gguf import convert_gguf, smollm2_gguf_path
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
 
 TEXTS = [

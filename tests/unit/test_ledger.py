@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint.receipt import VerifyError, sha256_file, write_receipt
+from engine.artifacts.receipt import VerifyError, sha256_file, write_receipt
 from engine.cli import main
 from engine.config import load_config
 from engine.data.selection import ids_sha256
@@ -134,7 +134,7 @@ def test_forgotten_tofu_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
     forgot are in no set it trains on (retain rows, their token stores, the Ray driver's rows) nor in the retain
     rows that model utility is scored on; an earlier id naming no kept row (5000) is ignored, as for images."""
     from engine.data.text import load_tofu_split, prepare_tofu
-    from engine.tasks.causal_lm import CausalLM, token_rows
+    from engine.tasks.causal_lm import CausalLM
 
     cfg = load_config(
         "configs/tofu.yaml", tofu_overrides(tiny_lm, tmp_path, **{"tofu.utility_examples": None})
@@ -159,7 +159,7 @@ def test_forgotten_tofu_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
     stores = task.streams(folder=tmp_path / "tokens")
     assert task.row_ids("retain") == retain and len(stores["retain"]) == len(retain)
     assert stores["retain"].example(len(retain) - 1) == task.formatter.encode_row(data.retain[-1])
-    assert [r["id"] for r in token_rows(job)[1]["retain"]] == retain
+    assert [r["id"] for r in CausalLM.token_rows(job)[1]["retain"]] == retain
     # a batch id an earlier version forgot already: one line
     with pytest.raises(
         DataError, match=r"^1 forget ids were forgotten by an earlier version .*e\.g\. \[2\]"
@@ -171,7 +171,7 @@ def test_forgotten_tofu_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
 def test_forgotten_text_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
     """Any text data, ids matched as forget.ids are: the data.id_column value (documents of TOFU's authors, cut into
     windows), or the row index (prompt/answer pairs of TOFU's rows; "38" names row 38, as a forget id would)."""
-    from engine.tasks.causal_lm import CausalLM, token_rows
+    from engine.tasks.causal_lm import CausalLM
 
     corpus, holdout = write_author_documents(tmp_path / "docs", range(6), range(6, 7))
     over = text_overrides(tiny_lm, corpus, holdout, tmp_path / "out", **{"data.id_column": "author"})
@@ -181,7 +181,7 @@ def test_forgotten_text_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
     task = CausalLM(job, job.model.path)
     assert {r["source_id"] for r in task.data.forget} == {"author_2"} and len(task.data.forget) > 1  # windows
     assert {r["source_id"] for r in task.data.retain} == {"author_1", "author_3", "author_5"}
-    assert [r["id"] for r in token_rows(job)[1]["retain"]] == task.row_ids("retain")
+    assert [r["id"] for r in CausalLM.token_rows(job)[1]["retain"]] == task.row_ids("retain")
     assert len(task.streams(folder=tmp_path / "tokens")["retain"]) == len(task.data.retain)
     with pytest.raises(DataError, match=r"^1 forget ids were forgotten by an earlier version") as err:
         CausalLM(

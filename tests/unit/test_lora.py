@@ -1,4 +1,4 @@
-"""LoRA students (engine/models/lora.py) and their export (engine/checkpoint/export.py): only the adapters train,
+"""LoRA students (engine/models/lora.py) and their export (engine/artifacts/export.py): only the adapters train,
 the teacher (adapters disabled) is exactly the base model, and both exports load back as the live student."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint.export import image_processor, model_card, save_checkpoint
-from engine.config import LoraSettings
+from engine.artifacts.export import image_processor, model_card, save_checkpoint
 from engine.errors import ConfigError
 from engine.models.lora import (
     AdapterDisabled,
+    LoraSettings,
     apply_lora,
     is_lora,
     lora_summary,
@@ -263,7 +263,7 @@ def test_an_adapter_on_a_tied_weight_is_refused(tiny_lm):
 
 
 def test_the_receipt_says_which_export(tmp_path):
-    from engine.checkpoint.receipt import write_receipt
+    from engine.artifacts.receipt import write_receipt
 
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     args = dict(forget={"kind": "class"}, input_model=str(tmp_path), revision=None, outputs={}, method={},

@@ -12,8 +12,8 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from engine.checkpoint.export import model_card
-from engine.checkpoint.hub import push_run
+from engine.artifacts.export import model_card
+from engine.artifacts.hub import push_run
 from engine.cli import main
 from engine.errors import OutputError
 from engine.models.vision import build_vision_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint.receipt import VerifyError, verify, write_receipt
+from engine.artifacts.receipt import VerifyError, verify, write_receipt
 from engine.cli import main
 
 
@@ -83,7 +83,7 @@ def test_the_receipt_names_the_commit_of_a_hub_model_and_what_else_was_read(run)
 @pytest.fixture
 def no_mirror_online(tmp_path, monkeypatch):
     """A hub id with no local copy, the hub allowed (resolve() refuses hub ids under HF_HUB_OFFLINE)."""
-    from engine.checkpoint import provenance
+    from engine import provenance
 
     (tmp_path / "mirror").mkdir()
     monkeypatch.setenv("UNLEARN_DATA_MIRROR", str(tmp_path / "mirror"))
@@ -99,7 +99,7 @@ def test_a_hub_dataset_is_read_at_the_commit_the_receipt_records(no_mirror_onlin
     import datasets
     from huggingface_hub import HfApi, ResolvedRevision
 
-    from engine.checkpoint import provenance
+    from engine import provenance
     from engine.data.sources import load_rows
 
     asked, loads = [], []
@@ -123,7 +123,7 @@ def test_a_hub_dataset_is_read_at_the_commit_the_receipt_records(no_mirror_onlin
 
 
 def test_mirrored_and_local_data_and_local_models_are_recorded_without_a_revision(no_mirror_online, tmp_path):
-    from engine.checkpoint import provenance
+    from engine import provenance
     from engine.data.sources import resolve
     from engine.models.loading import resolve_model
 

@@ -207,10 +207,10 @@ def test_cached_scrub_run_equals_the_uncached_run(tiny_lm, tmp_path):
 )
 def test_auto_turns_itself_off_with_a_reason(settings, said):
     from engine.methods.scrub import Scrub, ScrubConfig
-    from engine.recipes.unlearn import teacher_cache_wanted
+    from engine.teacher_cache import teacher_cache_wanted
 
     lines = []
     config = ScrubConfig(**settings)
-    assert not teacher_cache_wanted(config, Scrub(config), lines.append)
+    assert not teacher_cache_wanted(Scrub(config), lines.append)
     assert (said is None and not lines) or (said in lines[0] and "teacher_cache: off" in lines[0])
-    assert teacher_cache_wanted(ScrubConfig(), Scrub(ScrubConfig()), lines.append)
+    assert teacher_cache_wanted(Scrub(ScrubConfig()), lines.append)

@@ -187,7 +187,7 @@ def test_a_hub_id_is_read_from_its_mirror_copy_and_offline_without_one_is_one_li
     assert "\n" not in str(err.value) and "'locuslab/TOFU'" in str(err.value)
     assert "HF_HUB_OFFLINE" in str(err.value) and "UNLEARN_DATA_MIRROR/tofu" in str(err.value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    from engine.checkpoint import provenance
+    from engine import provenance
 
     monkeypatch.setattr(provenance, "hub_reachable", lambda: True)
     assert resolve("locuslab/TOFU") == "locuslab/TOFU"  # the hub, when it may be reached and answers

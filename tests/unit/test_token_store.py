@@ -64,7 +64,7 @@ def _assert_same_batches(folder, rows, formatter, pad):
 def test_a_set_of_one_block_is_tokenized_in_the_driver_without_ray_data(encoded, tmp_path, monkeypatch):
     """write_stores (the Ray driver) tokenizes a set of at most one block itself, without Ray Data (made to
     fail here if it is reached): the same store as the in-memory stream's batches."""
-    import engine.launchers.ray_train as ray_train
+    import engine.launch.ray_train as ray_train
 
     rows, formatter, pad = encoded
 

@@ -200,6 +200,22 @@ def test_a_model_hub_id_that_does_not_resolve_offline(
             "hf download acme/no-such-model --local-dir DIR", out=out)  # fmt: skip
 
 
+def test_train_names_model_base_when_it_reads_model_base(empty_hub_cache, docs, tmp_path, capsys):
+    """`unlearn train` fine-tunes model.base when it is set: an unreachable one is named by that key, not as
+    model.path (the key `run` reads, here another folder)."""
+    out = tmp_path / "out"
+    argv = lm_run(
+        "acme/no-such-base", docs, out, command="train", **{"model.path": str(tmp_path / "trained")}
+    )
+    refused(
+        capsys,
+        argv,
+        "model.base 'acme/no-such-base' is not a local folder",
+        "then set model.base=DIR",
+        out=out,
+    )
+
+
 def test_a_model_path_that_is_neither_a_folder_nor_a_hub_id(empty_hub_cache, tiny_lm, docs, tmp_path, capsys):
     missing = tmp_path / "models" / "original"
     refused(capsys, lm_run(missing, docs, tmp_path / "out"), f"model.path '{missing}' is neither a local folder "
@@ -237,7 +253,7 @@ def test_a_push_that_cannot_happen_is_refused_before_the_run(repo, online, named
 def test_an_unreachable_hub_is_one_line_at_once(tiny_cifar, tmp_path, classifier, monkeypatch, capsys):
     """Without HF_HUB_OFFLINE and without a copy, a hub that does not answer is said in one line before `datasets`
     is asked (which retries with back-off for about 30 s, printing each retry)."""
-    from engine.checkpoint import provenance
+    from engine import provenance
 
     monkeypatch.setenv("UNLEARN_DATA_MIRROR", str(tmp_path / "empty-mirror"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -3,7 +3,7 @@ as README.md) with the run's receipt.json to a hub repository.
 
 The upload comes after the run folder is in place and never touches it: a failed upload loses nothing, and the
 error says where the results are and how to upload them by hand. What can be known before any work (a repository
-id the hub would refuse, no token, the hub forbidden) is refused before any work.
+id the hub would refuse, no token, the hub forbidden) is refused before any work (engine/config/rules.py).
 """
 
 from __future__ import annotations
@@ -12,37 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.checkpoint.run_folder import RunFolder
-from engine.errors import ConfigError, OutputError, first_line
-
-
-def check_push(repo_id: str | None) -> None:
-    """Refuse, before any work, a push that cannot happen: an invalid repository id, no token, the hub forbidden."""
-    if not repo_id:
-        return
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise ConfigError(
-            f"output.push_to_hub={repo_id!r} is not a hub repository id: use owner/name (e.g. you/scrub-cifar10)"
-        ) from None
-    if "/" not in repo_id:
-        raise ConfigError(
-            f"output.push_to_hub={repo_id!r} names no owner: use owner/name (your user or organisation name)"
-        )
-    if constants.HF_HUB_OFFLINE:
-        raise ConfigError(
-            f"output.push_to_hub={repo_id!r} needs the hub, but HF_HUB_OFFLINE is set: unset it, or drop "
-            "output.push_to_hub and upload the model later with `hf upload`"
-        )
-    if get_token() is None:
-        raise ConfigError(
-            f"output.push_to_hub={repo_id!r} needs a hub token: run `hf auth login` or set HF_TOKEN"
-        )
+from engine.artifacts.run_folder import RunFolder
+from engine.errors import OutputError, first_line
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool, log=print) -> str:

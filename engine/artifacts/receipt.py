@@ -81,11 +81,11 @@ def write_receipt(
 ) -> dict:
     """Write ``stage/receipt.json`` (atomically) once the models and ``config.yaml`` are in ``stage``.
     ``outputs``: name -> folder inside ``stage`` (``model``, ``model_rewound``). ``sources``: what the run read
-    (engine/checkpoint/provenance.py ``loaded()``); the input model's ``revision`` is the commit it was read at
+    (engine/provenance.py ``loaded()``); the input model's ``revision`` is the commit it was read at
     when it came from the hub, else ``revision`` as configured. ``lora``: a LoRA student's summary
     (engine/models/lora.py ``lora_summary``: its settings and ``export``, ``merged`` or ``adapter``); with an adapter
     export the output's weight files are the adapter's, and the model is that adapter over the input model."""
-    from engine.eval.report import json_safe, write_text_atomic
+    from engine.io import json_safe, write_text_atomic
 
     sources = sources or {"models": [], "datasets": []}
     read = next((e for e in sources["models"] if e["source"] == input_model), None)

@@ -9,7 +9,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from engine.checkpoint.export import check_output_dir, staged_dir
+from engine.artifacts.export import check_output_dir, staged_dir
 from engine.errors import ConfigError, ModelError, OutputError
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from engine.checkpoint.run_folder import RunFolder
+from engine.artifacts.run_folder import RunFolder
 
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 # Ray Train's print patch sends a worker's print() both to stdout and through its logger: every line of
@@ -136,7 +136,7 @@ def run_on_ray(cfg, recipe, log=print, **kwargs) -> Path:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from engine.checkpoint.export import check_output_dir
+    from engine.artifacts.export import check_output_dir
     from engine.checkpoint.signals import StopRequest
     from engine.errors import PreemptedError
     from engine.tasks import task_class
@@ -148,10 +148,14 @@ def run_on_ray(cfg, recipe, log=print, **kwargs) -> Path:
     out = Path(cfg.output_dir).resolve()
     run = RunFolder(out)
     stores, pad_id = {}, None
-    token_rows = getattr(task_class(cfg.task), "token_rows", None)
-    if token_rows and "streams" in inspect.signature(recipe.run).parameters:
-        # a task of text, a recipe that trains: tokenized once, here, for every worker
-        formatter, rows = token_rows(cfg)
+    # a recipe that trains, on a task of text: its rows tokenized once, here, for every worker
+    tokens = (
+        task_class(cfg.task).token_rows(cfg)
+        if "streams" in inspect.signature(recipe.run).parameters
+        else None
+    )
+    if tokens is not None:
+        formatter, rows = tokens
         stores, pad_id = write_stores(rows, formatter, out), formatter.tokenizer.pad_token_id
         log(f"{', '.join(f'{n} {len(part)} rows' for n, part in rows.items())}: tokenized into {run.tokens}")
     worker_cfg = cfg.model_copy(update={"backend": b.model_copy(update={"name": "deepspeed"})}, deep=True)

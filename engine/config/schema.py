@@ -1,70 +1,25 @@
-"""The typed run configuration: YAML file + ``key=value`` overrides, validated by pydantic.
-
-Unknown keys are errors (with a suggestion), values are type-checked, and the resolved config is
-written next to every result so a run can be repeated exactly.
-"""
+"""The run config's schema: one typed section per concern (model, data, forget, method, backend, ...), every
+field with its help (``description``) and its range; unknown keys are errors (``StrictModel``). Rules between
+sections live in rules.py, reading and overrides in loading.py."""
 
 from __future__ import annotations
 
-import copy
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from engine.errors import ConfigError, first_line
-from engine.methods import METHODS, ErmConfig, MethodConfig, ScrubConfig
-from engine.methods.base import StrictModel
-from engine.tasks import ALIASES, PROVIDES
-
-# The shipped configs and DeepSpeed JSONs, package data (a link to the checkout's configs/ in a source tree).
-SHIPPED = Path(__file__).parent / "configs"
-
-
-def shipped_configs(kind: str = "") -> dict[str, Path]:
-    """Name -> file of the shipped run configs (``kind=""``: configs/*.yaml) or DeepSpeed JSONs
-    (``kind="deepspeed"``: configs/deepspeed/*.json)."""
-    folder, pattern = (SHIPPED / kind, "*.json") if kind else (SHIPPED, "*.yaml")
-    return {p.stem: p for p in sorted(folder.glob(pattern))}
-
-
-def resolve_shipped(path: str | Path, kind: str = "") -> Path | None:
-    """``path`` itself when it is a file; else the shipped file it names: by name (``demo``, ``zero3``), by file
-    name (``demo.yaml``) or by its path in a checkout (``configs/demo.yaml``), so a pip user needs no checkout.
-    None when it is neither."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    shipped = shipped_configs(kind)
-    name = p.name.removesuffix(".json" if kind else ".yaml")
-    in_checkout = p.parent == Path("configs", kind) or p.parent == Path()
-    return shipped.get(name) if in_checkout else None
-
-
-class LoraSettings(StrictModel):
-    """A LoRA student (peft): only the adapters train; the teacher is the same base weights with the adapters
-    disabled, so one copy of the model is in memory."""
-
-    rank: int = Field(16, ge=1, description="r: the rank of each adapter.")
-    alpha: float = Field(
-        32.0, gt=0, description="lora_alpha: the adapter's output is scaled by alpha / rank."
-    )
-    dropout: float = Field(0.0, ge=0, lt=1, description="lora_dropout: dropout on the adapters' input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear",
-        description="Modules that get adapters: names or name suffixes (q_proj, v_proj; conv1, fc for an image "
-        "classifier), or all-linear (every linear layer but the output head; causal LMs).",
-    )
-    merge: bool = Field(
-        True,
-        description="Export the merged model (base + adapters, a plain checkpoint); false: the adapter alone "
-        "(adapter_model.safetensors + adapter_config.json, loaded over the base with peft).",
-    )
+from engine.config.rules import ALIASES, check_sections
+from engine.config.shipped import resolve_shipped
+from engine.methods import ErmConfig, MethodConfig, ScrubConfig
+from engine.models.lora import LoraSettings
+from engine.settings import StrictModel
 
 
 class ModelConfig(StrictModel):
+    # which key the user gave ``path`` by: model.base when `unlearn train` reads it in place of path (for errors)
+    _path_key: str = PrivateAttr("model.path")
+
     path: str | None = Field(
         None,
         description="Checkpoint to start from: a local Hugging Face folder or a hub id. Required by `run` and `eval`.",
@@ -464,13 +419,6 @@ class LedgerConfig(StrictModel):
     )
 
 
-NEEDS = {
-    "teacher": "a frozen teacher",
-    "paired": "a paired forget+retain stream",
-    "classifier_head": "a classifier head (class logits it edits or reads per class)",
-}
-
-
 class RunConfig(StrictModel):
     task: Literal["image_classification", "causal_lm"] = Field(
         "image_classification",
@@ -522,259 +470,6 @@ class RunConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _task_serves_method(self) -> RunConfig:
-        """The one place where a method the task cannot serve is refused (engine/tasks: PROVIDES; each
-        method's ``needs``), and the data section checked against the task."""
-        provides = PROVIDES[self.task]
-        missing = [n for n in METHODS[self.method.name][1].needs if n not in provides]
-        if missing:
-            served = [
-                name for name, (_, m) in METHODS.items() if name != "erm" and set(m.needs) <= set(provides)
-            ]
-            raise ValueError(
-                f"method={self.method.name} needs {' and '.join(NEEDS[n] for n in missing)}, which task={self.task} "
-                f"does not provide; with task={self.task} use one of {', '.join(served)}"
-            )
-        if self.model.lora is not None and getattr(self.method, "param_distance", 0):
-            raise ValueError(
-                "method.param_distance compares the student's weights with the teacher's, which a LoRA student "
-                "shares: unset model.lora or set method.param_distance=0"
-            )
-        if self.task == "image_classification" and self.model.gradient_checkpointing:
-            raise ValueError(
-                "model.gradient_checkpointing is for causal LMs (task=causal_lm): unset it for image classifiers"
-            )
-        # refused here, not only when `unlearn request process` reaches the N-th version's job
-        if self.task == "causal_lm" and self.ledger.retrain_every:
-            raise ValueError(
-                "ledger.retrain_every makes a version with method=retrain, which serves image classifiers only: "
-                "unset ledger.retrain_every for task=causal_lm"
-            )
-        if self.task == "causal_lm" and getattr(self.method, "augment", False):
-            raise ValueError(
-                "method.augment (random crops and flips) is for images: set method.augment=false"
-            )
-        self._calibrated_schedule_fits()
-        self._data_fits_task()
+    def _sections_fit(self) -> RunConfig:
+        check_sections(self)  # rules.py: a method the task cannot serve, data the task cannot read, ...
         return self
-
-    def _calibrated_schedule_fits(self) -> None:
-        """SCRUB's calibrated schedule steers by what unseen data shows: a class-aware validation error for image
-        classifiers, the holdout rows' NLL for causal LMs (that it needs eval.every_epoch is checked by `unlearn
-        run`, as for SCRUB+R: the audit's reference trainings turn it off). Its tolerance defaults to one unit
-        step of the task's measure: 1 point of error, 0.05 nats (about 2% of an unseen answer's NLL)."""
-        if hasattr(self.method, "target_tolerance") and self.method.target_tolerance is None:
-            self.method.target_tolerance = 1.0 if self.task == "image_classification" else 0.05
-        if getattr(self.method, "schedule", "paper") != "calibrated":
-            return
-        if self.task == "causal_lm":
-            if self.data.preset != "tofu" and self.holdout.dataset is None:
-                raise ValueError(
-                    "method.schedule=calibrated steers the forget NLL towards the NLL of rows the model never "
-                    "saw: set holdout.dataset (or use method.schedule=paper)"
-                )
-            return
-        if self.data.val_fraction == 0:
-            raise ValueError(
-                "method.schedule=calibrated compares the forget error with validation errors: set "
-                "data.val_fraction above 0"
-            )
-
-    def _data_fits_task(self) -> None:
-        d, f = self.data, self.forget
-        text_columns = [k for k in ("text_column", "prompt_column", "answer_column") if getattr(d, k)]
-        if self.task == "image_classification":
-            if d.preset is not None:
-                raise ValueError(
-                    f"data.preset={d.preset} holds text: set task=causal_lm, or unset data.preset"
-                )
-            if text_columns or f.kind in ("where", "dataset"):
-                what = ", ".join(f"data.{k}" for k in text_columns) or f"forget.kind={f.kind}"
-                raise ValueError(f"{what} is for text data: set task=causal_lm")
-            return
-        if d.preset == "tofu":
-            if text_columns:
-                raise ValueError(
-                    "data.preset=tofu has its own columns: unset "
-                    + ", ".join(f"data.{k}" for k in text_columns)
-                )
-            if f.kind not in ("class", "ids"):
-                raise ValueError(f"TOFU forgets its forget-split authors (forget.kind=class) or rows by id (forget.kind=ids), "
-                                 f"not forget.kind={f.kind}")  # fmt: skip
-            return
-        if d.text_column and (d.prompt_column or d.answer_column):
-            raise ValueError(
-                "data.text_column (raw documents, loss on every token) and data.prompt_column / data.answer_column "
-                "(pairs, loss on the answer) are two ways to read rows: set one of them"
-            )
-        if not d.text_column and not (d.prompt_column and d.answer_column):
-            raise ValueError(
-                "task=causal_lm reads data.dataset as raw documents (data.text_column=COLUMN) or prompt/answer pairs "
-                "(data.prompt_column and data.answer_column), or TOFU (data.preset=tofu): name the columns"
-            )
-        if f.kind in ("class", "selective"):
-            raise ValueError(
-                f"forget.kind={f.kind} needs labels: for text use ids, ids_file, where, random or dataset"
-            )
-        if f.kind == "where" and not f.where:
-            raise ValueError(
-                "forget.kind=where needs forget.where (column: value), e.g. forget.where={author: X}"
-            )
-        if f.kind == "dataset" and not f.dataset:
-            raise ValueError(
-                "forget.kind=dataset needs forget.dataset: the file or hub id holding the forget rows"
-            )
-        if getattr(self.method, "rewind", False) and not self.holdout.dataset:
-            raise ValueError("SCRUB+R on text data steers by the holdout NLL: set holdout.dataset")
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
-    """``["method.alpha=0.5", "forget.ids=[1,2]"]`` -> ``[(["method", "alpha"], 0.5), ...]``; values are parsed
-    as YAML. A method switch (``method=NAME``, or a mapping for ``method``) comes first, wherever it was written:
-    ``method.lr=1e-4 method=npo`` would otherwise set SCRUB's lr and then drop it with SCRUB's section."""
-    items, switches = [], []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (for example: method.alpha=0.5)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or "" in key.split("."):
-            raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or first_line(err)
-            raise ConfigError(
-                f"override {item!r}: the value is not valid YAML ({problem}); quote it for the shell, e.g. "
-                "'forget.ids=[3,17]'"
-            ) from None
-        if key == "method" and isinstance(value, str):
-            value = {"name": value}  # `method=npo`: that method's defaults, not the file's SCRUB keys
-        (switches if key == "method" else items).append((key.split("."), value))
-    if len(switches) > 1:
-        raise ConfigError("method= is given more than once in the overrides: pass one method=NAME")
-    return switches + items
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``data`` (a loaded YAML tree, not changed) with each override applied in turn. An override sets the value
-    its key names, whole: a mapping replaces a mapping (``forget.where={source: X}`` forgets the rows of source X,
-    whatever columns the file's filter named), a list replaces a list; the sections on the way are kept, and an
-    empty one (``model.lora: null``) is started (``model.lora.rank=8``)."""
-    out = copy.deepcopy(data)
-    for keys, value in parse_overrides(overrides):
-        node = out
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {'.'.join(keys)!r}: {'.'.join(keys[: i + 1])} is a value, not a section"
-                )
-            node = child
-        node[keys[-1]] = copy.deepcopy(value)
-    return out
-
-
-def _known_keys(model_cls, loc: tuple) -> list[str]:
-    """Field names available at ``loc`` (for 'did you mean' hints)."""
-    cls = model_cls
-    for part in loc[:-1]:
-        field = cls.model_fields.get(part) if hasattr(cls, "model_fields") else None
-        if field is None:
-            return []
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields")]
-        if not candidates:
-            return []
-        cls = candidates[0]
-    return list(cls.model_fields) if hasattr(cls, "model_fields") else []
-
-
-METHOD_TAGS = tuple(METHODS)  # pydantic's union tags in error locations
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines: list[str] = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if isinstance(p, str) and p not in METHOD_TAGS)
-        where = ".".join(loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            tag = next((p for p in e["loc"] if p in METHOD_TAGS), None)
-            # the keys of the method the error is about (not the first member of the union)
-            keys = (
-                list(METHODS[tag][0].model_fields) if tag and len(loc) == 2 else _known_keys(RunConfig, loc)
-            )
-            hint = difflib.get_close_matches(loc[-1], keys, n=1)
-            msg = (
-                f"unknown key {where!r}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                + f"; known keys here: {', '.join(keys)}"
-                + (
-                    f"; method={tag} has no {loc[-1]!r}: to switch methods pass method=NAME, which starts from "
-                    "that method's defaults (other methods' keys do not carry over)"
-                    if tag
-                    else ""
-                )
-            )
-        elif e["type"] == "value_error" and not loc:  # a rule over several sections: its message says it all
-            msg = e["msg"].removeprefix("Value error, ")
-        elif e["type"] == "value_error":  # a rule of the section: its message names the values
-            msg = f"{where}: {e['msg'].removeprefix('Value error, ')}"
-        else:
-            msg = f"{where}: {e['msg']} (got {e.get('input')!r})"
-        lines.append(msg)
-    # one line, whatever the number of mistakes: the CLI prints `error: ...` and nothing else
-    return f"invalid config ({source}): " + "; ".join(lines)
-
-
-def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, command: str | None = None
-) -> RunConfig:
-    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides; ``command``
-    (train, run, eval, audit) replaces ``{command}`` in ``output_dir``."""
-    data: dict = {}
-    source = "defaults"
-    if path is not None:
-        p = resolve_shipped(path)
-        if p is None:
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist; give a path or a shipped config's name "
-                f"({', '.join(shipped_configs())}; `unlearn configs` lists them)"
-            )
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or first_line(err)
-            raise ConfigError(
-                f"{p}:{where}: not valid YAML ({problem}); fix the file and run again"
-            ) from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {str(p)!r} cannot be read: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}"
-            )
-        data, source = loaded, str(p)
-    if overrides:
-        data = apply_overrides(data, overrides)
-        source += " + overrides " + " ".join(overrides)
-    # A method section that omits `name` means SCRUB; the discriminator needs it spelled out.
-    if isinstance(data.get("method"), dict):
-        data["method"].setdefault("name", "scrub")
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-    if command == "train" and cfg.model.base is not None:  # train fine-tunes the base; run/eval read path
-        cfg.model.path = cfg.model.base
-    if command is not None:  # one config, a folder per command (configs/text.yaml)
-        cfg.output_dir = cfg.output_dir.replace("{command}", command)
-    return cfg
-
-
-def dump_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

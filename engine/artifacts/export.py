@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.checkpoint.run_folder import RunFolder
+from engine.artifacts.run_folder import RunFolder
 from engine.errors import OutputError
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def run_card(
     """The card of a model a run exports to ``path`` (a folder of the staged run): ``model_path`` is the model it
     started from (None: built from scratch), ``sources`` the data as the config names it (paths or hub ids; the
     first is the data the metrics were measured on), ``target`` the model `unlearn train` made."""
-    from engine.checkpoint import provenance
+    from engine import provenance
 
     base = model_path if model_path and not provenance.is_local(model_path) else None
     revision = provenance.model_revision(model_path, cfg.model.revision) if model_path else None

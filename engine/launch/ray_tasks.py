@@ -1,9 +1,9 @@
 """A Ray task pool: independent runs (the audit's K retrains and K unlearnings with different seeds) as
-Ray tasks over a cluster's CPUs, or an embedded Ray's (engine/launchers/ray_train.py starts or joins it)."""
+Ray tasks over a cluster's CPUs, or an embedded Ray's (engine/launch/ray_train.py starts or joins it)."""
 
 from __future__ import annotations
 
-from engine.launchers.ray_train import init_ray
+from engine.launch.ray_train import init_ray
 
 
 def fan_out(fn, items: list, num_cpus: float = 1.0, address: str | None = None) -> list:

@@ -16,9 +16,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.methods.base import MethodContext, OptimizerSettings
+from engine.methods.base import MethodContext
 from engine.methods.blocks import freeze_all_but_last, last_blocks, reinitialise
-from engine.methods.erm import Erm
+from engine.methods.erm import Erm, ErmConfig
+from engine.methods.finetune import FinetuneConfig
 
 _K = (
     "Blocks trained (the last k of engine.methods.blocks: the model's children with Sequential/ModuleList "
@@ -27,33 +28,23 @@ _K = (
 )
 
 
-class CfKConfig(OptimizerSettings):
+class CfKConfig(FinetuneConfig):
     """Defaults: 10 epochs of SGD lr 0.01, as the paper's Finetune (CF-k is fine-tuning with frozen blocks)."""
 
     name: Literal["cf_k"] = Field("cf_k", description="Method name.")
     k: int = Field(2, ge=1, description=_K)
-    epochs: int = Field(10, ge=1, description="Epochs over D_r.")
-    lr: float = Field(0.01, gt=0, description="Initial learning rate.")
-    lr_decay_epochs: list[int] = Field(
-        default_factory=list, description="Epochs after which the lr decays (none by default)."
-    )
-    batch_size: int = Field(64, ge=1, description="Retain examples per step.")
-    augment: bool = Field(False, description="Random crop (4-pixel padding) + horizontal flip.")
 
 
-class EuKConfig(OptimizerSettings):
+class EuKConfig(ErmConfig):
     """Defaults: 10 epochs of SGD lr 0.05 decayed after 5 and 8, with augmentation: the last k blocks are
     trained from scratch, as Retrain trains the whole network."""
 
     name: Literal["eu_k"] = Field("eu_k", description="Method name.")
     k: int = Field(2, ge=1, description=_K)
     epochs: int = Field(10, ge=1, description="Epochs over D_r.")
-    lr: float = Field(0.05, gt=0, description="Initial learning rate.")
     lr_decay_epochs: list[int] = Field(
         default_factory=lambda: [5, 8], description="Epochs after which the lr decays."
     )
-    batch_size: int = Field(64, ge=1, description="Retain examples per step.")
-    augment: bool = Field(True, description="Random crop (4-pixel padding) + horizontal flip.")
 
 
 class CfK(Erm):

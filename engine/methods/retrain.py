@@ -9,22 +9,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.methods.base import MethodContext, OptimizerSettings
+from engine.methods.base import MethodContext
 from engine.methods.blocks import reinitialise
-from engine.methods.erm import Erm
+from engine.methods.erm import Erm, ErmConfig
 
 
-class RetrainConfig(OptimizerSettings):
-    """Defaults are the engine's training recipe (``train``: 16 epochs, SGD lr 0.05 decayed after 8 and 12)."""
+class RetrainConfig(ErmConfig):
+    """The engine's training recipe (``train``'s defaults: 16 epochs of SGD lr 0.05 decayed after 8 and 12, batches
+    of 64, augmented), from a fresh initialisation on D_r."""
 
     name: Literal["retrain"] = Field("retrain", description="Method name.")
-    epochs: int = Field(16, ge=1, description="Training epochs on D_r, from a fresh initialisation.")
-    lr: float = Field(0.05, gt=0, description="Initial learning rate.")
-    lr_decay_epochs: list[int] = Field(
-        default_factory=lambda: [8, 12], description="Epochs after which the lr decays."
-    )
-    batch_size: int = Field(64, ge=1, description="Retain examples per step.")
-    augment: bool = Field(True, description="Random crop (4-pixel padding) + horizontal flip.")
 
 
 class Retrain(Erm):

@@ -1,6 +1,6 @@
 """How far does the demo's ResNet (BatchNorm) on 2 DeepSpeed ranks land from the single process?
 
-    python benchmarks/batchnorm_ranks.py --out DIR [--quick]
+    python -m benchmarks.batchnorm_ranks --out DIR [--quick]
 
 `configs/demo.yaml` as a user runs it: `unlearn train --only original` of the PreAct-ResNet18, then SCRUB
 (`unlearn run`) from it on one process and on 2 ranks (torchrun, gloo on CPU, ZeRO-2). A net without
@@ -15,30 +15,28 @@ Writes DIR/results.json and DIR/results.md. ``--quick``: 3 classes of a tiny rea
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.batchnorm_ranks
-    from _common import REPO, header_markdown, md_table, run_header, write_json, write_text
-except ImportError:
-    from benchmarks._common import REPO, header_markdown, md_table, run_header, write_json, write_text
-
-sys.path.insert(0, str(REPO))
-from tests.conftest import free_port, make_tiny_cifar, tiny_overrides  # noqa: E402
+from benchmarks import kit
+from engine.testing import free_port, make_tiny_cifar, tiny_overrides
 
 METRICS = ("forget_error", "retain_error", "test_error", "mia")
+DIFF_COLUMNS = [("tensors", "tensors"), ("max abs diff", "max", ".3g"),
+                ("median of per-tensor max", "median", ".3g"), ("largest at", lambda d: f"`{d['where']}`"),
+                ("max move by the run", "moved_by_the_run", ".3g")]  # fmt: skip
+MODEL_COLUMNS = [("model", "model"), *((k, k, ".1f") for k in METRICS)]
 
 
 def unlearn(args: list[str], ranks: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "engine.cli"]
     if ranks > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-                  "127.0.0.1", "--master_port", str(free_port()), "-m", "engine.cli"]  # fmt: skip
-    proc = subprocess.run([*launch, *args], cwd=REPO, env=env, capture_output=True, text=True)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                  "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                  "-m", "engine.cli"]  # fmt: skip
+    proc = subprocess.run([*launch, *args], cwd=kit.REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(
             f"{' '.join(args[:2])} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
@@ -53,16 +51,20 @@ def differences(a: dict, b: dict, base: dict, running: bool) -> dict:
     return {"max": diff[-1], "median": diff[len(diff) // 2], "where": worst, "moved_by_the_run": moved}
 
 
+def render(result: dict) -> str:
+    diffs = [
+        {"tensors": kind.replace("_", " "), **result[kind]} for kind in ("weights", "running_statistics")
+    ]
+    models = [{"model": n, **m} for n, m in result["metrics"].items()]
+    lines = [*kit.table(diffs, DIFF_COLUMNS), "", *kit.table(models, MODEL_COLUMNS)]
+    return kit.document("BatchNorm on 2 DeepSpeed ranks against one process", result, lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
-    parser.add_argument("--quick", action="store_true", help="width 0.125 (about 1 minute)")
-    args = parser.parse_args(argv)
-    header = run_header(argv)
+    args = kit.parser(__doc__, "width 0.125 (about 1 minute)").parse_args(argv)
+    header = kit.run_header(argv)
     work = args.out / "work"
     cifar = work / "cifar"
     if not cifar.exists():
@@ -84,22 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = out
     a, b = (load_file(runs[n] / "model" / "model.safetensors") for n in ("single", "2 ranks"))
     base = load_file(train / "original" / "model.safetensors")
-    import json
-
-    metrics = {n: json.loads((runs[n] / "report.json").read_text())["metrics"] for n in runs}
+    metrics = {n: kit.read_json(runs[n] / "report.json")["metrics"] for n in runs}
     result = {**header, "quick": args.quick, "weights": differences(a, b, base, running=False),
               "running_statistics": differences(a, b, base, running=True),
               "metrics": {n: {k: metrics[n][k] for k in METRICS} for n in runs}}  # fmt: skip
-    write_json(args.out / "results.json", result)
-    rows = [[kind, f"{d['max']:.3g}", f"{d['median']:.3g}", f"`{d['where']}`", f"{d['moved_by_the_run']:.3g}"]
-            for kind, d in (("weights", result["weights"]), ("running statistics", result["running_statistics"]))]  # fmt: skip
-    lines = [*header_markdown(header),
-             *md_table(["tensors", "max abs diff", "median of per-tensor max", "largest at", "max move by the run"], rows),
-             "", *md_table(["model", *METRICS], [[n, *(f"{metrics[n][k]:.1f}" for k in METRICS)] for n in runs])]  # fmt: skip
-    write_text(args.out / "results.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(kit.write_results(args.out, result, render(result)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    kit.main(main)

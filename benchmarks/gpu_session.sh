@@ -2,36 +2,17 @@
 # The prepared script for a lent GPU machine (one NVIDIA H100/H200, torch + transformers there, no package
 # index): run it through the device tool as
 #   bash benchmarks/gpu_session.sh          with carry: [".whl"], timeout_s 560   (results under $OUT)
-# .whl/ (git-ignored) holds cp312 / py3 manylinux x86_64 wheels of what the machine lacks:
-# - deepspeed, built here with `DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`,
-#   and what DeepSpeed 0.19 imports that the machine lacks: hjson, pydantic, pydantic-core (cp312),
-#   annotated-types, typing-inspection (`pip download --no-deps --python-version 3.12 --only-binary=:all:
-#   --platform manylinux2014_x86_64 -d .whl pydantic-core==2.50.5`; the others are py3-none-any);
-# - peft (the engine's LoRA students, engine/models/lora.py) and accelerate, which peft imports at its top
-#   level and transformers does not require: `pip download peft==0.21.0 accelerate==1.15.0 --no-deps -d .whl`
-#   (both py3-none-any; peft's other needs, numpy, packaging, psutil, pyyaml, safetensors, huggingface_hub,
-#   tqdm, come with torch, transformers and DeepSpeed's needs).
-# Besides, the engine imports on these paths only torch, transformers, safetensors, huggingface_hub, tqdm and
-# yaml (transformers' own requirements); no datasets, no matplotlib. flash_attn is used only if the machine
-# already has it (the switches part records which attention ran).
-# Parts, in this order, each under a wall-clock guard (`timeout`) within one deadline for the whole session
-# (SESSION_SECONDS, default 450 s; a part that cannot get 30 s is skipped), each writing its results as it
-# goes (a part cut short keeps the modes it finished); $OUT/parts.tsv says how each part ended (rc 124/137:
-# cut by its guard: SIGINT, then SIGKILL 15 s later) and $OUT/summary.md gathers the tables:
-# 1. switches: gpu_scrub_throughput.py --config switches at its default size: tokens/s, MFU and peak memory of
-#    fine-tuning and SCRUB steps (teacher forward, or cached teacher logits) on the TinyLlama-1.1B shape with
-#    the engine's one-process backend, bf16 autocast, gradient checkpointing, sdpa (flash_attention_2 if it
-#    imports);
-# 2. lora_memory: gpu_lora_memory.py at its default size: peak memory of SCRUB's min and max steps with a
-#    rank-16 all-linear LoRA student (teacher = adapters disabled) on a 7B-shaped Llama, then without LoRA;
-# 3. sync_batchnorm: backend.sync_batchnorm on CUDA: the paper's PreAct-ResNet18 prepared by the DeepSpeed
-#    backend has its BatchNorm layers as SyncBatchNorm, and a training step runs (CPU runs refuse the setting);
-# 4. zero3: gpu_scrub_throughput.py --config zero3 (the earlier protocol: DeepSpeed ZeRO-3 at world size 1,
-#    bf16, no checkpointing), now with the cached modes and MFU;
-# 5. switches_nockpt: part 1 without gradient checkpointing (what the recompute costs), if time is left.
-# Expected about 4-5 minutes in all (estimated, not measured); the deadline bounds it at SESSION_SECONDS.
-# SESSION_QUICK=1 runs the same script on CPU with --quick (no wheels installed, no sync_batchnorm: CUDA only).
-# PARTS="lora_memory zero3" (say) runs only those parts (a rerun of what a first run did not finish).
+# .whl/ (git-ignored) holds the wheels the machine lacks (deepspeed and what it imports, peft, accelerate;
+# how they were made: benchmarks/README.md, "gpu_session.sh").
+# Parts, in this order: switches (gpu_scrub_throughput.py --config switches), lora_memory
+# (gpu_lora_memory.py), sync_batchnorm (backend.sync_batchnorm on CUDA: SyncBatchNorm layers and a training
+# step), zero3 (gpu_scrub_throughput.py --config zero3), switches_nockpt (switches without gradient
+# checkpointing). Each runs under a wall-clock guard (`timeout`: SIGINT, then SIGKILL 15 s later) within one
+# deadline for the whole session (SESSION_SECONDS, default 450 s; a part that cannot get 30 s is skipped) and
+# writes its results as it goes; $OUT/parts.tsv says how each part ended (rc 124/137: cut by its guard),
+# $OUT/summary.md gathers the tables. SESSION_QUICK=1 runs the same script on CPU with --quick (no wheels, no
+# sync_batchnorm: CUDA only); PARTS="lora_memory zero3" (say) runs only those parts (a rerun of what a first
+# run did not finish).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session}
 DEADLINE=${SESSION_SECONDS:-450}
@@ -90,9 +71,9 @@ print("cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_
 PYEOF
 
 # each benchmark gets its guard minus a margin as --max-seconds: it starts no mode it could not finish
-begin switches 120 && guarded switches "$PY" benchmarks/gpu_scrub_throughput.py --config switches \
+begin switches 120 && guarded switches "$PY" -m benchmarks.gpu_scrub_throughput --config switches \
     --out "$OUT/switches" --max-seconds $((GUARD - 25)) "${QUICK[@]}"
-begin lora_memory 120 && guarded lora_memory "$PY" benchmarks/gpu_lora_memory.py --out "$OUT/lora_memory" \
+begin lora_memory 120 && guarded lora_memory "$PY" -m benchmarks.gpu_lora_memory --out "$OUT/lora_memory" \
     --max-seconds $((GUARD - 45)) "${QUICK[@]}"
 
 cat >/tmp/sync_batchnorm_check.py <<'PYEOF'
@@ -120,9 +101,9 @@ PYEOF
 [[ -z "${SESSION_QUICK:-}" ]] && begin sync_batchnorm 90 && guarded sync_batchnorm env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
     "$PY" /tmp/sync_batchnorm_check.py
 
-begin zero3 120 && guarded zero3 "$PY" benchmarks/gpu_scrub_throughput.py --config zero3 --out "$OUT/zero3" \
+begin zero3 120 && guarded zero3 "$PY" -m benchmarks.gpu_scrub_throughput --config zero3 --out "$OUT/zero3" \
     --max-seconds $((GUARD - 30)) "${QUICK[@]}"
-begin switches_nockpt 90 && guarded switches_nockpt "$PY" benchmarks/gpu_scrub_throughput.py --config switches \
+begin switches_nockpt 90 && guarded switches_nockpt "$PY" -m benchmarks.gpu_scrub_throughput --config switches \
     --gradient-checkpointing off --out "$OUT/switches_nockpt" --max-seconds $((GUARD - 25)) "${QUICK[@]}"
 
 {

@@ -1,23 +1,22 @@
-"""What does Ray add to a run? Seconds from `unlearn run` to the first optimizer step, and per `ray.train.report`.
+"""What does Ray add to a run? Seconds from `unlearn run` to the first optimizer step, and per
+`ray.train.report`.
 
-    python benchmarks/ray_overhead.py --out DIR [--quick] [--repeats N]
+    python -m benchmarks.ray_overhead --out DIR [--quick] [--repeats N]
 
 The same tiny job (a 2-layer Llama on real TOFU rows, 10 authors, SCRUB for 2 epochs) is started as a user
 starts it, ``python -m engine.cli run configs/tofu.yaml ...``, on three backends: the single process, an
 embedded local Ray with 1 Ray Train worker and with 2 (DeepSpeed ZeRO-2 inside them). For each start it
-records the seconds from launching the command to the end of the first optimizer step (``first_step_at``
-in report.json, the clock of this machine) and the seconds each worker's ``ray.train.report`` of an epoch's
+records the seconds from launching the command to the end of the first optimizer step (``first_step_at`` in
+report.json, the clock of this machine) and the seconds each worker's ``ray.train.report`` of an epoch's
 checkpoint took (``ray_report_seconds`` in the history). A warm-up run first fills the model's evaluation
-cache and DeepSpeed's compiled op, so every measured start finds the same caches. Starts are interleaved
-round by round; medians are reported. Writes DIR/results.json
-``{"rows": [{"backend", "workers", "seconds_to_first_step", "ray_overhead_s", "report_seconds", ...}]}``
-and DIR/results.md. ``--quick``: one round (about 3 minutes on 2 cores); default: 3 rounds.
+cache and DeepSpeed's compiled op, so every measured start finds the same caches. Starts are interleaved round
+by round; medians are reported. Writes DIR/results.json (``rows``: ``seconds_to_first_step``,
+``ray_overhead_s``, ``report_seconds``, ... per backend) and DIR/results.md. ``--quick``: one round (about 3
+minutes on 2 cores); default: 3 rounds.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -25,19 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.ray_overhead
-    from _common import REPO, header_markdown, md_table, run_header, write_json, write_text
-except ImportError:
-    from benchmarks._common import REPO, header_markdown, md_table, run_header, write_json, write_text
-
-sys.path.insert(0, str(REPO))
-from tests.conftest import make_tiny_lm, ray_env, tofu_overrides  # noqa: E402
+from benchmarks import kit
+from engine.testing import make_tiny_lm, ray_env, tofu_overrides
 
 BACKENDS = {  # name -> (workers, overrides)
     "single": (1, {}),
     "ray, 1 worker": (1, {"backend.name": "ray", "backend.num_workers": "1", "backend.zero_stage": "2"}),
     "ray, 2 workers": (2, {"backend.name": "ray", "backend.num_workers": "2", "backend.zero_stage": "2"}),
 }
+COLUMNS = [("backend", "backend"), ("s to first step", "seconds_to_first_step", ".1f"),
+           ("Ray overhead s", lambda r: "" if r["ray_overhead_s"] is None else f"{r['ray_overhead_s']:+.1f}"),
+           ("s per ray.train.report", lambda r: "" if r["report_seconds"] is None
+            else f"{r['report_seconds']:.2f} (max {r['report_seconds_max']:.2f})"),
+           ("whole run s", "wall_seconds", ".0f")]  # fmt: skip
 JOB = {"eval.reference": "null", "method.lr": "0.003", "method.forget_batch_size": "3", "method.epochs": "2"}
 
 
@@ -47,28 +46,24 @@ def start(lm: Path, out: Path, overrides: dict) -> dict:
     cmd = [sys.executable, "-m", "engine.cli", "run", "configs/tofu.yaml",
            *tofu_overrides(lm, out.parent, output_dir=out, **JOB, **overrides)]  # fmt: skip
     launched = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=kit.REPO, env=ray_env(), capture_output=True, text=True, timeout=1800)
     wall = time.time() - launched
     if proc.returncode != 0:
         raise RuntimeError(
             f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
         )
-    report = json.loads((out / "report.json").read_text())
+    report = kit.read_json(out / "report.json")
     reports = [row["ray_report_seconds"] for row in report["history"] if "ray_report_seconds" in row]
     return {"seconds_to_first_step": report["first_step_at"] - launched, "wall_seconds": wall,
             "report_seconds": reports}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", required=True, type=Path, help="folder for results.json and results.md")
-    parser.add_argument("--quick", action="store_true", help="one round (about 3 minutes)")
+    parser = kit.parser(__doc__, "one round (about 3 minutes)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3, 1 with --quick)")
     args = parser.parse_args(argv)
     rounds = args.repeats or (1 if args.quick else 3)
-    header = run_header(argv)
+    header = kit.run_header(argv)
     work = args.out / "work"
     lm = work / "tiny_lm"
     if not (lm / "model.safetensors").is_file():
@@ -78,13 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[dict]] = {name: [] for name in BACKENDS}
     for r in range(rounds):
         for name, (_, overrides) in BACKENDS.items():
-            s = start(
-                lm, work / f"run_{len(samples[name])}_{name.replace(' ', '').replace(',', '_')}", overrides
-            )
+            folder = work / f"run_{len(samples[name])}_{name.replace(' ', '').replace(',', '_')}"
+            s = start(lm, folder, overrides)
             samples[name].append(s)
-            print(f"round {r + 1}/{rounds} {name}: first step {s['seconds_to_first_step']:.1f} s after launch, "
-                  f"reports {[round(x, 2) for x in s['report_seconds']]} s, whole run {s['wall_seconds']:.0f} s",
-                  flush=True)  # fmt: skip
+            print(f"round {r + 1}/{rounds} {name}: first step {s['seconds_to_first_step']:.1f} s after "
+                  f"launch, reports {[round(x, 2) for x in s['report_seconds']]} s, whole run "
+                  f"{s['wall_seconds']:.0f} s", flush=True)  # fmt: skip
     single = statistics.median(s["seconds_to_first_step"] for s in samples["single"])
     rows = []
     for name, (workers, _) in BACKENDS.items():
@@ -99,18 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": round(statistics.median(s["wall_seconds"] for s in samples[name]), 1),
             "samples": samples[name],
         })  # fmt: skip
-    write_json(args.out / "results.json", {**header, "quick": args.quick, "rounds": rounds, "rows": rows})
-    table = [[r["backend"], f"{r['seconds_to_first_step']:.1f}",
-              "" if r["ray_overhead_s"] is None else f"{r['ray_overhead_s']:+.1f}",
-              "" if r["report_seconds"] is None else f"{r['report_seconds']:.2f} (max {r['report_seconds_max']:.2f})",
-              f"{r['wall_seconds']:.0f}"] for r in rows]  # fmt: skip
-    lines = [*header_markdown(header), f"Medians of {rounds} round(s).", "",
-             *md_table(["backend", "s to first step", "Ray overhead s", "s per ray.train.report", "whole run s"],
-                       table)]  # fmt: skip
-    write_text(args.out / "results.md", "\n".join(lines) + "\n")
-    print("\n".join(lines[-len(rows) - 2 :]))
+    lines = [f"Medians of {rounds} round(s).", "", *kit.table(rows, COLUMNS)]
+    kit.write_results(args.out, {**header, "quick": args.quick, "rounds": rounds, "rows": rows},
+                      kit.document("What Ray adds to a run", header, lines))  # fmt: skip
+    print("\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    kit.main(main)

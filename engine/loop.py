@@ -180,7 +180,8 @@ def train_step(
     for batch in micro_batches:
         teacher_logits = None
         if cached:  # computed once before the first step (engine/teacher_cache.py)
-            teacher_logits = teacher_outputs.lookup(phase.stream, batch)
+            with timed("teacher"):
+                teacher_logits = teacher_outputs.lookup(phase.stream, batch)
         elif method.needs_teacher:
             with timed("teacher"), torch.no_grad(), backend.autocast():
                 teacher_logits = forward(phase_teacher, batch)

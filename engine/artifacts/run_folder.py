@@ -5,7 +5,7 @@
 - ``OUTPUT.partial/checkpoints``: the resumable checkpoints (a training run: one folder per target);
 - ``OUTPUT.partial/STOP``: a driver's request to its workers to checkpoint and stop (signals.py);
 - ``OUTPUT.tokens``: the tokenized forget/retain rows every process reads by row (text tasks; removed when the
-  run ends, whether it succeeds or fails: ``removed_after``);
+  run ends, whether it succeeds or fails: engine/recipes/session.py);
 - ``OUTPUT.ray``: Ray Train's own run records (unless backend.storage_path says elsewhere);
 - ``OUTPUT.old``: the previous result, for the instant of an overwrite;
 - ``OUTPUT.upload``: what ``output.push_to_hub`` uploads (links to the model's files and the receipt; removed after).
@@ -13,23 +13,8 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-
-@contextmanager
-def removed_after(path: Path | None, backend) -> Iterator[Path | None]:
-    """``path`` (a scratch folder of the run, such as ``OUTPUT.tokens``) is removed by the main process when the
-    block ends, whether it succeeds or fails: tokenized forget rows are never left behind (forget-data hygiene).
-    None: nothing to remove (a launcher owns the folder)."""
-    try:
-        yield path
-    finally:
-        if path is not None and backend.is_main:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Many-model unlearning audits: the NeurIPS 2023 challenge's forgetting score and a LiRA-style attack (numpy only).
+"""Many-model unlearning audits: the NeurIPS 2023 challenge's forgetting score (numpy only); the LiRA-style attack
+is engine/eval/lira.py, the audit's diagnostics engine/eval/audit.py.
 
 Both audits compare *distributions over models*: many unlearned models (one unlearning run per seed) against many
 models retrained from scratch without the forget set. The caller computes, once per model and forget example, the
@@ -8,7 +9,7 @@ logit-scaled confidence on the true label,
 
 and hands over matrices of shape [K models, N forget examples]. No model or tensor library is involved here.
 
-Part A, :func:`challenge_score`: the NeurIPS 2023 Machine Unlearning Challenge's score (Triantafillou et al., 2024,
+:func:`challenge_score`: the NeurIPS 2023 Machine Unlearning Challenge's score (Triantafillou et al., 2024,
 "Are we making progress in unlearning? Findings from the first NeurIPS unlearning competition"; the scoring code of
 the challenge's starter kit / Kaggle evaluation, functions ``best_threshold_attack``, ``compute_epsilon_s``,
 ``bin_index_fn`` and ``F``). Per forget example:
@@ -20,10 +21,10 @@ the challenge's starter kit / Kaggle evaluation, functions ``best_threshold_atta
 3. Epsilons are put in bins 0.5 wide (:func:`epsilon_bins`); bin n scores 2 / 2**n, so epsilon < 0.5 scores 1, and
    the forgetting quality F is the mean over the forget set (:func:`forgetting_quality`).
 4. The final score is F times the retain- and test-accuracy ratios, unlearned over retrained.
-5. Diagnostic, not part of the score: :func:`separable_reasons` says, per example with epsilon > 0, whether the
-   unlearned models are too confident, over-forgotten, or only differ near the decision boundary; and
-   :func:`level_or_spread` what the unlearned models' spread over seeds costs F, and how many examples their level
-   separates.
+5. Diagnostic, not part of the score (engine/eval/audit.py): ``separable_reasons`` says, per example with
+   epsilon > 0, whether the unlearned models are too confident, over-forgotten, or only differ near the decision
+   boundary; and ``level_or_spread`` what the unlearned models' spread over seeds costs F, and how many examples
+   their level separates.
 
 Deliberate differences from the starter kit, each a keyword argument away from the original:
 
@@ -54,15 +55,6 @@ distribution score well below F = 1. Measured on Gaussian draws (1000 examples):
 (twice the attacks, twice the chances to overfit the noise). Two-sided scores are therefore not comparable with the
 challenge's leaderboard; compare methods with each other, at equal K and mode, next to a retrained-vs-retrained
 score computed the same way.
-
-Part B, :func:`lira_audit`: a per-example likelihood-ratio attack after Carlini et al. (2022), "Membership inference
-attacks from first principles" (LiRA; reference code ``tensorflow/privacy`` ``research/mi_lira_2021``). For each
-forget example, Gaussians are fitted to s over IN models (trained with the example, e.g. originals from several
-seeds) and OUT models (trained without it: the retrained models); a target model's score is the log-likelihood ratio
-Lambda = log N(s; mu_in, sigma_in^2) - log N(s; mu_out, sigma_out^2), > 0 meaning "looks like a member". A perfect
-unlearning method gives unlearned models whose Lambda is distributed like a held-out retrained model's; the AUC
-between the two is 0.5. Differences from the reference code, all documented at :func:`lira_scores`: means instead of
-medians, the unbiased variance, and a within-example pooled variance for ``fixed_variance``.
 """
 
 from __future__ import annotations
@@ -73,18 +65,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
-    "SEPARABLE_REASONS",
     "S_CLIP",
-    "auc",
     "challenge_score",
     "epsilon_bins",
     "epsilon_from_rates",
     "example_epsilon",
     "forgetting_quality",
-    "level_or_spread",
-    "lira_audit",
-    "lira_scores",
-    "separable_reasons",
+    "stats_2d",
     "threshold_rates",
 ]
 
@@ -93,15 +80,6 @@ __all__ = [
 # they are clipped. 1e4 is far outside anything a finite logit margin produces in practice, so the clip only ever
 # acts on the infinities, and it keeps their order (all +inf stay tied at the top, all -inf at the bottom).
 S_CLIP = 1e4
-
-# Carlini et al. recommend one variance shared by all examples when there are fewer than 64 reference models: a
-# per-example variance from a handful of values is too noisy and makes Lambda explode where it happens to be tiny.
-LIRA_FIXED_VARIANCE_BELOW = 64
-
-# Floor on a fitted standard deviation (logit units). A statistic that is identical in every reference model (the
-# same clipped +-inf, or deterministic training) has variance 0 and log N(.) would divide by zero. Seed-to-seed spread
-# of s is typically 0.1-1 or more, so 1e-3 acts only on such degenerate examples.
-LIRA_MIN_SIGMA = 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -124,7 +102,7 @@ def _stats_1d(values: ArrayLike, name: str, min_models: int = 2) -> np.ndarray:
     return np.clip(arr, -S_CLIP, S_CLIP)
 
 
-def _stats_2d(values: ArrayLike, name: str, min_models: int = 2) -> np.ndarray:
+def stats_2d(values: ArrayLike, name: str, min_models: int = 2) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 2:
         raise ValueError(
@@ -338,8 +316,8 @@ def challenge_score(
         ValueError: shapes disagree, fewer than 2 models on a side, NaN statistics, accuracies outside [0, 1], a
             retrained mean accuracy of 0, or invalid delta/binning.
     """
-    u = _stats_2d(unlearned, "unlearned")
-    r = _stats_2d(retrained, "retrained")
+    u = stats_2d(unlearned, "unlearned")
+    r = stats_2d(retrained, "retrained")
     if u.shape[1] != r.shape[1]:
         raise ValueError(
             f"unlearned and retrained must score the same forget examples: {u.shape[1]} vs {r.shape[1]} columns"
@@ -384,325 +362,5 @@ def challenge_score(
         "two_sided": bool(two_sided),
         "n_unlearned": int(u.shape[0]),
         "n_retrained": int(r.shape[0]),
-        "n_examples": int(u.shape[1]),
-    }
-
-
-# Why a forget example with epsilon > 0 is still told apart from retraining, in the order the rule checks them.
-SEPARABLE_REASONS = ("near_boundary", "too_confident", "over_forgotten")
-
-
-def separable_reasons(unlearned: ArrayLike, retrained: ArrayLike, epsilons: ArrayLike) -> list[str | None]:
-    """Why each forget example with epsilon > 0 stays distinguishable from retraining, from the margins s alone.
-
-    Per example, with s clipped as everywhere here, mu = median of the unlearned models' s, m = median of the
-    retrained models' s, and [lo, hi] = the retrained models' range; s = 0 is p_y = 1/2 (s > 0 implies the model
-    predicts the true label). The first rule that applies wins:
-
-    1. ``None`` if epsilon == 0: no threshold attack does better than chance allows, nothing is left to forget.
-    2. ``"near_boundary"`` if lo < 0 < hi, min(U) < 0 < max(U) and lo <= mu <= hi: the retrained models disagree
-       about the example (p_y above 1/2 in some, below in others), so do the unlearned ones, and the unlearned
-       median sits inside the retrained spread: the attack exploits a shift smaller than retraining's own
-       seed-to-seed spread, on an example where models flip anyway. Checked first because there the direction of
-       the shift says little.
-    3. ``"too_confident"`` if mu > m (or, when the medians tie, mean(U) > mean(R)): the unlearned models are more
-       confident in the true label than models that never saw the example: the method still remembers it.
-    4. ``"over_forgotten"`` if mu < m (or, on tied medians, mean(U) < mean(R)): less confident than never having
-       seen it, a membership signal of its own (pushed below the level of unseen data).
-    5. ``"near_boundary"`` otherwise (medians and means both equal: the groups differ only in spread, there is no
-       direction to name; it happens only with constructed or heavily tied values).
-
-    Args:
-        unlearned: s of the unlearned models, [K_u, N], K_u >= 2.
-        retrained: s of the retrained models, [K_r, N], K_r >= 2, same example order.
-        epsilons: the examples' epsilons [N] (:func:`challenge_score`'s ``epsilons``; inf allowed).
-
-    Returns:
-        One entry per example: ``None`` where epsilon is 0, else one of :data:`SEPARABLE_REASONS`.
-
-    Raises:
-        ValueError: shapes disagree, too few models, NaN statistics, or an epsilon that is NaN or negative.
-    """
-    u = _stats_2d(unlearned, "unlearned")
-    r = _stats_2d(retrained, "retrained")
-    eps = np.asarray(epsilons, dtype=np.float64).reshape(-1)
-    if not (u.shape[1] == r.shape[1] == eps.size):
-        raise ValueError(
-            "unlearned, retrained and epsilons must cover the same forget examples: "
-            f"{u.shape[1]}, {r.shape[1]} and {eps.size}"
-        )
-    if np.isnan(eps).any() or (eps < 0.0).any():
-        raise ValueError("epsilons must be >= 0 and not NaN (use challenge_score to compute them)")
-    mu, m = np.median(u, axis=0), np.median(r, axis=0)
-    lo, hi = r.min(axis=0), r.max(axis=0)
-    # both groups have models on each side of p_y = 1/2, and the unlearned median is inside the retrained range
-    boundary = (
-        (lo < 0.0) & (hi > 0.0) & (u.min(axis=0) < 0.0) & (u.max(axis=0) > 0.0) & (lo <= mu) & (mu <= hi)
-    )
-    # the direction of the shift: medians, and the means only where the medians tie exactly
-    shift = np.where(mu != m, mu - m, u.mean(axis=0) - r.mean(axis=0))
-    reasons: list[str | None] = []
-    for i in range(eps.size):
-        if eps[i] == 0.0:
-            reasons.append(None)
-        elif boundary[i]:
-            reasons.append("near_boundary")
-        elif shift[i] > 0.0:
-            reasons.append("too_confident")
-        elif shift[i] < 0.0:
-            reasons.append("over_forgotten")
-        else:
-            reasons.append("near_boundary")  # no shift in level at all: only the spread differs
-    return reasons
-
-
-def level_or_spread(
-    unlearned: ArrayLike,
-    retrained: ArrayLike,
-    delta: float = 1e-5,
-    two_sided: bool = True,
-    draws: int = 20,
-    seed: int = 0,
-    original: ArrayLike | None = None,
-) -> dict:
-    """How much of F the unlearned models' spread over seeds costs, and how many examples their level separates.
-
-    K unlearnings of one original inherit that original's per-example s and vary little around it (only the
-    unlearning's seed differs), while K retrainings differ in everything a training seed changes. Per example, s on
-    each side is modelled as a Gaussian (median, standard deviation over that side's models), and F is computed, as
-    :func:`challenge_score` does, on ``draws`` Monte Carlo draws of K_u models set against the measured retrained
-    models, for each mix of level and spread:
-
-    - ``f_unlearned``: the unlearned models' level and spread (checks the model: it should be near the measured F);
-    - ``f_retrained_level``: retraining's level, their spread: F if every median were right, the cost of the
-      spread alone;
-    - ``f_retrained_spread``: their level, retraining's spread. With one-sided attacks (``two_sided=False``) a
-      median *below* retraining's is not seen once the spread is retraining's (it can even score above
-      ``f_retrained``), so this mix understates the level's cost there;
-    - ``f_retrained``: both retraining's (this model's indistinguishable level).
-
-    And per example, from the measured models: ``distinguishable`` (epsilon > 0), of which ``beyond_spread`` have
-    the unlearned median more than one retrained standard deviation from the retrained median (told apart by
-    level) and ``within_spread`` the others (told apart by how little the unlearned models vary). With ``original``
-    (the original's own s per example, [N]), ``inherited_from_original`` counts the ``beyond_spread`` examples whose
-    original s was already beyond that standard deviation on the same side (None without it).
-    ``spread_ratio``: the mean over examples of the unlearned models' standard deviation of s over the retrained
-    models' (1: they vary as much). s is clipped as everywhere here. The same seed gives the same draws, so two
-    mixes with equal centres and scales give equal F.
-
-    Raises:
-        ValueError: shapes disagree, fewer than 2 models a side, NaN statistics, or draws < 1.
-    """
-    u = _stats_2d(unlearned, "unlearned")
-    r = _stats_2d(retrained, "retrained")
-    if u.shape[1] != r.shape[1]:
-        raise ValueError(
-            f"unlearned and retrained must cover the same forget examples: {u.shape[1]} and {r.shape[1]} columns"
-        )
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    level = {"unlearned": np.median(u, axis=0), "retrained": np.median(r, axis=0)}
-    spread = {"unlearned": u.std(axis=0, ddof=1), "retrained": r.std(axis=0, ddof=1)}
-
-    def f(centre: np.ndarray, scale: np.ndarray) -> float:
-        rng = np.random.default_rng(seed)  # the same draws for every mix: differences come from the mix alone
-        scores = [
-            challenge_score(centre + scale * rng.standard_normal(u.shape), r, 1, 1, 1, 1, delta, two_sided)[
-                "F"
-            ]
-            for _ in range(draws)
-        ]
-        return float(np.mean(scores))
-
-    eps = np.asarray(challenge_score(u, r, 1, 1, 1, 1, delta, two_sided)["epsilons"], dtype=float)
-    shift = level["unlearned"] - level["retrained"]
-    beyond = np.abs(shift) > spread["retrained"]
-    inherited = None
-    if original is not None:
-        o = np.asarray(original, dtype=np.float64)
-        if o.shape != (u.shape[1],) or np.isnan(o).any():
-            raise ValueError(
-                f"original must hold one s per forget example, shape ({u.shape[1]},), no NaN: got {o.shape}"
-            )
-        o_shift = np.clip(o, -S_CLIP, S_CLIP) - level["retrained"]
-        already = (np.abs(o_shift) > spread["retrained"]) & (np.sign(o_shift) == np.sign(shift))
-        inherited = int(np.sum((eps > 0) & beyond & already))
-    return {
-        "spread_ratio": float(spread["unlearned"].mean() / max(spread["retrained"].mean(), 1e-12)),
-        "distinguishable": int(np.sum(eps > 0)),
-        "beyond_spread": int(np.sum((eps > 0) & beyond)),
-        "within_spread": int(np.sum((eps > 0) & ~beyond)),
-        "inherited_from_original": inherited,
-        "f_unlearned": f(level["unlearned"], spread["unlearned"]),
-        "f_retrained_spread": f(level["unlearned"], spread["retrained"]),
-        "f_retrained_level": f(level["retrained"], spread["unlearned"]),
-        "f_retrained": f(level["retrained"], spread["retrained"]),
-        "draws": draws,
-    }
-
-
-# ------------------------------------------------------------------------------------------------ B: LiRA
-
-
-def auc(pos: ArrayLike, neg: ArrayLike) -> float:
-    """P(a positive's score > a negative's score), ties counting 1/2 (the Mann-Whitney U statistic / (P * N)).
-
-    Raises:
-        ValueError: a side is empty or holds NaN.
-    """
-    p = np.asarray(pos, dtype=np.float64).reshape(-1)
-    n = np.asarray(neg, dtype=np.float64).reshape(-1)
-    for name, arr in (("pos", p), ("neg", n)):
-        if arr.size == 0:
-            raise ValueError(f"auc needs a non-empty {name}")
-        if np.isnan(arr).any():
-            raise ValueError(f"auc: {name} contains NaN")
-    n_sorted = np.sort(n)
-    below = np.searchsorted(n_sorted, p, side="left")  # #{neg < p}
-    at_or_below = np.searchsorted(n_sorted, p, side="right")  # #{neg <= p}
-    wins = below.sum() + 0.5 * (at_or_below - below).sum()
-    return float(wins / (p.size * n.size))
-
-
-def _resolve_fixed_variance(fixed_variance: bool | None, k_in: int, k_out: int) -> bool:
-    if fixed_variance is None:
-        return min(k_in, k_out) < LIRA_FIXED_VARIANCE_BELOW
-    return bool(fixed_variance)
-
-
-def _fit(ref: np.ndarray, fixed_variance: bool, min_sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example mean and standard deviation of reference models [K, N] (unbiased variance, floored sigma)."""
-    mu = ref.mean(axis=0)
-    var = ref.var(axis=0, ddof=1)
-    if fixed_variance:
-        var = np.full_like(var, var.mean())
-    return mu, np.maximum(np.sqrt(var), min_sigma)
-
-
-def _gauss_logpdf(x: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    return -0.5 * np.log(2.0 * np.pi) - np.log(sigma) - 0.5 * ((x - mu) / sigma) ** 2
-
-
-def lira_scores(
-    targets: ArrayLike,
-    inside: ArrayLike,
-    outside: ArrayLike,
-    fixed_variance: bool | None = None,
-    min_sigma: float = LIRA_MIN_SIGMA,
-) -> np.ndarray:
-    """Per-example LiRA log-likelihood ratios Lambda = log N(t; mu_in, s_in^2) - log N(t; mu_out, s_out^2).
-
-    Fits, per forget example i: mu_in_i / mu_out_i = the mean of s over the IN / OUT reference models; the variance
-    either per example (unbiased, ddof = 1) or, with ``fixed_variance``, the mean over examples of those per-example
-    variances (one value for IN, one for OUT). ``fixed_variance=None`` pools when either side has fewer than 64
-    models, as Carlini et al. recommend. Sigmas are floored at ``min_sigma``.
-
-    Differences from Carlini et al.'s reference code (``mi_lira_2021/plot.py``, ``generate_ours``): it uses the
-    median for the means (we use the mean: with a handful of models the median of 2-4 values is no more robust and
-    is coarser); ``np.std`` with ddof = 0 (we use ddof = 1, which matters when K is 2-8); and with fixed variance
-    it takes ``np.std`` of *all* IN values together, which mixes in the spread of the means across examples, and
-    uses that IN value for the OUT side too (we pool the within-example variance, separately per side). The
-    reference code's ``score`` is -Lambda (negative log densities); the sign here makes "member" positive.
-
-    Args:
-        targets: s of the models under test, [T, N], or [N] for one model (then the result is [N]).
-        inside: s of IN models (trained with the examples), [K_in, N], K_in >= 2.
-        outside: s of OUT models (trained without them), [K_out, N], K_out >= 2.
-        fixed_variance: pool the variance over examples; None = pool when min(K_in, K_out) < 64.
-        min_sigma: floor on the fitted standard deviations (> 0).
-
-    Returns:
-        Lambda with the shape of ``targets``; > 0 means the target looks more like an IN model on that example.
-    """
-    t = np.asarray(targets, dtype=np.float64)
-    one_model = t.ndim == 1
-    t = _stats_2d(t[None, :] if one_model else t, "targets", min_models=1)
-    ins = _stats_2d(inside, "inside (IN models)")
-    outs = _stats_2d(outside, "outside (OUT models)")
-    if not (t.shape[1] == ins.shape[1] == outs.shape[1]):
-        raise ValueError(
-            "targets, inside and outside must score the same forget examples: "
-            f"{t.shape[1]}, {ins.shape[1]} and {outs.shape[1]} columns"
-        )
-    if not (math.isfinite(min_sigma) and min_sigma > 0.0):
-        raise ValueError(f"min_sigma must be positive and finite, got {min_sigma}")
-    fixed = _resolve_fixed_variance(fixed_variance, ins.shape[0], outs.shape[0])
-    mu_in, sd_in = _fit(ins, fixed, min_sigma)
-    mu_out, sd_out = _fit(outs, fixed, min_sigma)
-    lam = _gauss_logpdf(t, mu_in, sd_in) - _gauss_logpdf(t, mu_out, sd_out)
-    return lam[0] if one_model else lam
-
-
-def lira_audit(
-    unlearned: ArrayLike,
-    retrained: ArrayLike,
-    inside: ArrayLike,
-    fixed_variance: bool | None = None,
-    min_sigma: float = LIRA_MIN_SIGMA,
-) -> dict:
-    """Do unlearned models look like members of the forget set where retrained models do not?
-
-    * Each unlearned model is scored with the OUT fit on all K_r retrained models.
-    * Each retrained model is scored with a leave-one-out OUT fit on the *other* K_r - 1 retrained models, so it is
-      never scored against a distribution it is part of (that would pull its Lambda towards "non-member" and make
-      the comparison unfair to the unlearned models). An unbiased variance from K_r - 1 values needs K_r >= 3.
-    * ``fixed_variance`` is resolved once, from min(K_in, K_r - 1) < 64 when None, and used for both groups, so that
-      both are scored the same way.
-
-    The retrained models' Lambdas are the null distribution: what a perfect unlearning method's would look like
-    (their OUT fit has one model fewer; with small K_r this makes their Lambdas slightly more spread out).
-
-    Args:
-        unlearned: s of the unlearned models, [K_u, N], K_u >= 1.
-        retrained: s of the retrained models (OUT), [K_r, N], K_r >= 3.
-        inside: s of IN models, e.g. originals trained with the forget set from several seeds, [K_in, N], K_in >= 2.
-        fixed_variance, min_sigma: as in :func:`lira_scores`.
-
-    Returns:
-        A dict with ``lambda_unlearned`` [K_u, N], ``lambda_retrained`` [K_r, N], ``member_rate_unlearned`` and
-        ``member_rate_retrained`` (fraction of (model, example) pairs with Lambda > 0), ``mean_lambda_unlearned``,
-        ``mean_lambda_retrained``, ``auc`` (P(an unlearned pair's Lambda > a retrained pair's), ties 1/2: 0.5 =
-        indistinguishable from retraining, 1.0 = the unlearned models still look trained on the examples, below 0.5 =
-        they look *less* like members than retrained models, i.e. over-forgetting), ``per_example_lambda_unlearned``
-        and ``per_example_lambda_retrained`` [N] (means over models), ``worst_examples`` [N] (example indices by
-        decreasing mean unlearned Lambda, ties in index order), ``fixed_variance`` (as resolved) and the counts
-        ``n_unlearned``, ``n_retrained``, ``n_inside``, ``n_examples``.
-
-    Raises:
-        ValueError: shapes disagree, too few models, NaN statistics.
-    """
-    u = _stats_2d(unlearned, "unlearned", min_models=1)
-    r = _stats_2d(retrained, "retrained", min_models=3)
-    ins = _stats_2d(inside, "inside (IN models)")
-    if not (u.shape[1] == r.shape[1] == ins.shape[1]):
-        raise ValueError(
-            "unlearned, retrained and inside must score the same forget examples: "
-            f"{u.shape[1]}, {r.shape[1]} and {ins.shape[1]} columns"
-        )
-    k_r = r.shape[0]
-    fixed = _resolve_fixed_variance(fixed_variance, ins.shape[0], k_r - 1)
-
-    lam_u = lira_scores(u, ins, r, fixed_variance=fixed, min_sigma=min_sigma)
-    lam_r = np.empty_like(r)
-    for k in range(k_r):
-        others = np.delete(r, k, axis=0)
-        lam_r[k] = lira_scores(r[k], ins, others, fixed_variance=fixed, min_sigma=min_sigma)
-
-    per_example_u = lam_u.mean(axis=0)
-    return {
-        "lambda_unlearned": lam_u,
-        "lambda_retrained": lam_r,
-        "member_rate_unlearned": float(np.mean(lam_u > 0.0)),
-        "member_rate_retrained": float(np.mean(lam_r > 0.0)),
-        "mean_lambda_unlearned": float(lam_u.mean()),
-        "mean_lambda_retrained": float(lam_r.mean()),
-        "auc": auc(lam_u, lam_r),
-        "per_example_lambda_unlearned": per_example_u,
-        "per_example_lambda_retrained": lam_r.mean(axis=0),
-        "worst_examples": np.argsort(-per_example_u, kind="stable"),
-        "fixed_variance": fixed,
-        "n_unlearned": int(u.shape[0]),
-        "n_retrained": int(k_r),
-        "n_inside": int(ins.shape[0]),
         "n_examples": int(u.shape[1]),
     }

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from engine.eval import registry
 from engine.io import atomic_write, json_safe
 
 __all__ = [
@@ -30,53 +31,11 @@ __all__ = [
     "verdict",
 ]
 
-# (key in a metrics dict, row label); errors and MIA values are all in percent.
-_ROWS = [
-    ("forget_error", "Forget error (%)"),
-    ("retain_error", "Retain error (%)"),
-    ("test_error", "Test error (%)"),
-    ("val_error", "Val error (%)"),
-    ("mia", "Basic MIA (%)"),
-    ("mia_efficacy", "MIA-efficacy (%)"),
-]
-# SalUn's summary: mean |value - Retrain| over UA, RA, TA and MIA-efficacy (gaps in accuracy equal gaps in error).
-_GAP_KEYS = ("forget_error", "retain_error", "test_error", "mia_efficacy")
-# TOFU's metrics, open-unlearning's names
-_TOFU_ROWS = [
-    ("forget_quality", "Forget quality (KS p vs retain model; higher = closer)"),
-    ("model_utility", "Model utility (harmonic mean of 9)"),
-    ("forget_Q_A_ROUGE", "Forget ROUGE-L recall"),
-    ("forget_Q_A_Prob", "Forget answer probability"),
-    ("forget_truth_ratio", "Forget truth ratio"),
-    ("privleak", "privleak (%)"),
-    ("mia_loss", "MIA AUC: LOSS"),
-    ("mia_zlib", "MIA AUC: zlib"),
-    ("mia_min_k", "MIA AUC: Min-K%"),
-    ("mia_min_k_plus_plus", "MIA AUC: Min-K%++"),
-    ("retain_Q_A_ROUGE", "Retain ROUGE-L recall"),
-    ("retain_Q_A_Prob", "Retain answer probability"),
-    ("ra_Q_A_ROUGE", "Real authors ROUGE-L recall"),
-    ("wf_Q_A_ROUGE", "World facts ROUGE-L recall"),
-]
 _TOFU_NOTE = (
     "Forget quality: p-value of a KS test between this model's and the retain-only model's truth ratios on the "
     "forget set (open-unlearning's definition); p >= 0.05 means no detectable difference. MIA AUC: forget vs "
     "holdout authors, 0.5 = cannot tell members apart."
 )
-
-
-# any text data (engine/eval/text.py)
-_TEXT_ROWS = [
-    ("forget_nll", "Forget NLL per token"),
-    ("holdout_nll", "Holdout NLL per token (never trained on)"),
-    ("retain_nll", "Retain NLL per token"),
-    ("forget_verbatim_rouge", "Forget verbatim ROUGE-L recall"),
-    ("mia_loss", "MIA AUC: LOSS"),
-    ("mia_zlib", "MIA AUC: zlib"),
-    ("mia_min_k", "MIA AUC: Min-K%"),
-    ("mia_min_k_plus_plus", "MIA AUC: Min-K%++"),
-    ("privleak", "privleak (%)"),
-]
 _TEXT_NOTE = (
     "Forgotten rows should look like rows the model never saw: forget NLL near the holdout NLL (far below it: "
     "memorised; far above it: over-forgotten, itself a membership signal), MIA AUC near 0.5, privleak near 0 "
@@ -86,10 +45,10 @@ _TEXT_NOTE = (
 
 @dataclass(frozen=True)
 class _Layout:
-    """What a task's report shows: its metric rows, number format, the reference model's name, the history
-    columns (None: a history row's own keys) and which of them the history plot draws."""
+    """What a suite's report shows besides its metric rows (engine/eval/registry.py): the history's number format,
+    the reference model's name, the history columns (None: a history row's own keys) and which of them the history
+    plot draws."""
 
-    rows: list
     spec: str
     reference: str
     history: list | None
@@ -101,18 +60,18 @@ class _Layout:
 
 LAYOUTS = {
     "image_classification": _Layout(
-        _ROWS, ".2f", "Retrain",
+        ".2f", "Retrain",
         ["epoch", "lr", "forget_error", "retain_error", "test_error", "val_error", "max_loss", "min_loss"],
         {"forget_error": "tab:red", "retain_error": "tab:blue", "test_error": "tab:green"}, "error (%)",
         ("errors.png", "Errors per epoch"),
     ),
     "text": _Layout(
-        _TEXT_ROWS, ".4g", "Retrain", None,
+        ".4g", "Retrain", None,
         {"forget_nll": "tab:red", "retain_nll": "tab:blue", "holdout_nll": "tab:green"}, "NLL per token",
         ("nll.png", "NLL per epoch"), _TEXT_NOTE,
     ),
     "tofu": _Layout(
-        _TOFU_ROWS, ".4g", "Retain model", None,
+        ".4g", "Retain model", None,
         {"forget_nll": "tab:red", "retain_nll": "tab:blue", "holdout_nll": "tab:green"}, "answer NLL",
         ("nll.png", "Answer NLL per epoch"), _TOFU_NOTE,
     ),
@@ -139,7 +98,7 @@ def write_report(run_dir: str | Path, report: dict) -> None:
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    suite = report.get("suite") or {"causal_lm": "tofu"}.get(report.get("task"), "image_classification")
+    suite = _suite(report)
     layout = LAYOUTS[suite]
     plots: dict[str, str] = {}
     file, title = layout.plot
@@ -151,8 +110,12 @@ def write_report(run_dir: str | Path, report: dict) -> None:
         report = {**report, "verdict": verdict(report)}
     text = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
     atomic_write(run_dir / "report.json", lambda f: f.write(text.encode("utf-8")))
-    markdown = _markdown(report, plots, layout)
+    markdown = _markdown(report, plots, suite)
     atomic_write(run_dir / "report.md", lambda f: f.write(markdown.encode("utf-8")))
+
+
+def _suite(report: dict) -> str:
+    return report.get("suite") or {"causal_lm": "tofu"}.get(report.get("task"), "image_classification")
 
 
 def num(value: Any) -> float | None:
@@ -189,7 +152,7 @@ def verdict(report: dict) -> list[str]:
     """Three lines a non-expert can read: forgotten or not, utility kept or not, time against retraining.
     Empty when the run has no reference (Retrain) to judge against."""
     metrics, original, reference = (report.get(k) or {} for k in ("metrics", "original", "reference"))
-    suite = report.get("suite") or {"causal_lm": "tofu"}.get(report.get("task"), "image_classification")
+    suite = _suite(report)
     if not metrics or not reference:
         return []
     ref_name = LAYOUTS[suite].reference
@@ -235,7 +198,8 @@ def verdict(report: dict) -> list[str]:
     return lines
 
 
-def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
+def _markdown(report: dict, plots: dict[str, str], suite: str) -> str:
+    layout = LAYOUTS[suite]
     method = report.get("method") or {}
     name = str(method.get("name") or "This run")
     out = [f"# {report.get('title') or 'Unlearning report'}", ""]
@@ -255,9 +219,8 @@ def _markdown(report: dict, plots: dict[str, str], layout: _Layout) -> str:
     reference = report.get("reference")
     if reference:
         columns.append((layout.reference, reference))
-    rows = [[label] + [fmt(m.get(key), layout.spec) for _, m in columns] for key, label in layout.rows]
-    if reference and layout is LAYOUTS["image_classification"]:
-        rows.append(["Avg. gap to Retrain (SalUn)"] + [fmt(_gap(m, reference)) for _, m in columns])
+    rows = [[m.label] + [fmt(_gap(c, reference, m.depends) if m.reference_gap else c.get(m.key), m.fmt)
+                         for _, c in columns] for m in registry.rows(suite) if reference or not m.reference_gap]  # fmt: skip
     out += ["## Metrics", "", *md_table(["Metric"] + [c for c, _ in columns], rows), ""]
     out += [layout.note, ""] if layout.note else []
     if rewound:
@@ -366,9 +329,9 @@ def markdown_footer(report: dict, plots: dict[str, str]) -> list[str]:
     return out
 
 
-def _gap(metrics: dict, reference: dict) -> float | None:
+def _gap(metrics: dict, reference: dict, keys: tuple[str, ...]) -> float | None:
     gaps = []
-    for key in _GAP_KEYS:
+    for key in keys:
         a, b = num(metrics.get(key)), num(reference.get(key))
         if a is None or b is None:
             return None

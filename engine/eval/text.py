@@ -19,15 +19,8 @@ import numpy as np
 import torch
 
 from engine.data.text import IGNORE
-from engine.eval.tofu import (
-    MIA_ATTACKS,
-    PRIVLEAK_REF_AUC,
-    generate_from_ids,
-    mia_auc,
-    privleak,
-    rouge_l_recall,
-    score_encoded,
-)
+from engine.eval.scoring import generate_from_ids, score_encoded
+from engine.eval.tofu import MIA_ATTACKS, PRIVLEAK_REF_AUC, mia_auc, privleak, rouge_l_recall
 
 if TYPE_CHECKING:
     from engine.backends.base import Backend
@@ -49,19 +42,9 @@ def token_mean(scored: Sequence[dict]) -> float | None:
     return sum(s["avg_nll"] * s["tokens"] for s in scored) / tokens if tokens else None
 
 
-def evaluate_text(
-    model,
-    formatter,
-    data,
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int = 32,
-    max_rows: int | None = None,
-    device: str | torch.device = "cpu",
-    reference: dict | None = None,
-    progress: bool = False,
-    backend: Backend | None = None,
-) -> dict:
+def evaluate_text(model, formatter, data, *, batch_size: int = 16, max_new_tokens: int = 32,
+                  max_rows: int | None = None, device: str | torch.device = "cpu", reference: dict | None = None,
+                  progress: bool = False, backend: Backend | None = None) -> dict:  # fmt: skip
     """Every number above for ``model`` (already on ``device``) on ``data`` (engine/data/text.py: TextData),
     scoring at most ``max_rows`` rows of each set. ``reference``: this function's result for the reference
     model (privleak's baseline AUC). ``backend`` (several ranks): the scoring and the generations are split

@@ -48,7 +48,3 @@ def split_paired(student_logits: torch.Tensor, labels: torch.Tensor, batch: dict
         )
     f = batch["forget_token"]
     return (student_logits[f], labels[f]), (student_logits[~f], labels[~f])
-
-
-def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(logits, labels) / max(int(labels.shape[0]), 1)

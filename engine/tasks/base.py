@@ -12,62 +12,43 @@ from engine.methods.base import MethodContext
 
 
 class Task(Protocol):
-    """``name`` (the config's task), ``suite`` (its evaluation suite: which metrics and report layout),
-    ``description`` (the data, one line), ``headline`` (the metrics a model card and the log show),
-    ``train_targets`` (what `unlearn train` makes, engine/config/rules.py) and ``reference_target`` (the one the
-    others are scored against, or None), ``trained_on`` (target -> its data, for the report),
-    ``calibration_measure`` (what SCRUB's calibrated schedule steers, for its log)."""
-
-    name: str
-    suite: str
-    description: str
-    headline: tuple[str, ...]
-    train_targets: tuple[str, ...]
-    reference_target: str | None
-    trained_on: dict[str, str]
-    calibration_measure: ClassVar[str]
+    name: str  # the config's task
+    suite: str  # its evaluation suite: which metrics (engine/eval/registry.py) and report layout
+    description: str  # the data, one line
+    headline: tuple[str, ...]  # the metrics a model card and the log show
+    train_targets: tuple[str, ...]  # what `unlearn train` makes (engine/config/rules.py)
+    reference_target: str | None  # the target the others are scored against
+    trained_on: dict[str, str]  # target -> its data, for the report
+    calibration_measure: ClassVar[str]  # what SCRUB's calibrated schedule steers, for its log
     forward: Callable[[torch.nn.Module, dict], torch.Tensor]  # (model, batch) -> the logits a loss counts
 
-    # --- data
-    def forget_summary(self) -> dict:
-        """{kind, description, size, ids_sha256} of the forget set."""
-        ...
+    def forget_summary(self) -> dict: ...  # {kind, description, size, ids_sha256} of the forget set
 
     def streams(self, augment: bool = False, folder=None, backend=None) -> dict:
         """The forget and retain streams (``folder``: where a text task tokenizes them once, for every rank)."""
         ...
 
-    def train_stream(self, target: str):
-        """What `unlearn train`'s ``target`` trains on."""
-        ...
+    def train_stream(self, target: str): ...  # what `unlearn train`'s ``target`` trains on
 
-    def row_ids(self, stream: str) -> list | None:
-        """The example ids of a stream's rows, in row order (shards.json names ids, never content)."""
-        ...
+    def row_ids(self, stream: str) -> list | None: ...  # a stream's example ids in row order (shards.json)
 
-    # --- models
     def load(
         self, path: str, revision: str | None = None, trust_remote_code: bool = False
     ) -> torch.nn.Module: ...
 
-    def build(self) -> torch.nn.Module:
-        """What `unlearn train` starts from: a fresh ``model.arch``, or the checkpoint it fine-tunes."""
-        ...
+    def build(self) -> torch.nn.Module: ...  # `unlearn train`'s start: a fresh model.arch, or the checkpoint
 
     def save(self, model, path, title: str, settings: dict, metrics: dict, weights=None, record=None,
-             forget: bool = True) -> None:  # fmt: skip
-        """Export ``model`` as a Hugging Face checkpoint with its processor, model card and record."""
-        ...
+             forget: bool = True) -> None: ...  # fmt: skip  # a Hugging Face export with its card and record
 
-    # --- scores
     def evaluate(self, model, device, reference: dict | None = None, cache_dir=None, backend=None) -> dict:
         """The suite's metrics of ``model`` (or of what the function ``model`` loads: called only when a cached
         score misses), against ``reference``'s (Retrain's) where a metric needs one."""
         ...
 
-    def history_row(self, model, device, epoch: int, lr, losses: dict, metrics: dict | None = None) -> dict:
-        """One row of the per-epoch history (cheap scores; ``eval_seconds`` what they took)."""
-        ...
+    def history_row(
+        self, model, device, epoch: int, lr, losses: dict, metrics: dict | None = None
+    ) -> dict: ...
 
     def rewind_series(self, history: list[dict], final: dict) -> tuple[list[float], float, dict]:
         """SCRUB+R: the forget measure per epoch, its target and how the report names them."""
@@ -77,14 +58,10 @@ class Task(Protocol):
         """(the forget measure, what unseen data of the same kind shows) of a history row."""
         ...
 
-    def forget_error(self, model, device) -> float:
-        """The forget measure alone, now (eval mode): a check inside a max phase."""
-        ...
+    def forget_error(self, model, device) -> float: ...  # the forget measure alone, now (eval mode)
 
     @staticmethod
-    def describe(metrics: dict) -> str:
-        """The headline metrics in one line, for the log."""
-        ...
+    def describe(metrics: dict) -> str: ...  # the headline metrics in one line, for the log
 
     # --- hooks with defaults
     def check(self, model: torch.nn.Module) -> None:

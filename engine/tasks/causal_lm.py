@@ -29,8 +29,10 @@ import torch
 from engine.artifacts.export import run_card, save_checkpoint
 from engine.config import train_targets
 from engine.data.store import TokenStore, write_rows
-from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text, prepare_tofu
+from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text
+from engine.data.tofu import prepare_tofu
 from engine.errors import ConfigError, ModelError, first_line
+from engine.eval import registry
 from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu
 from engine.io import write_text_atomic
@@ -44,15 +46,9 @@ from engine.models.causal_lm import (
 from engine.models.loading import resolve_model
 from engine.tasks.base import Task, config_key
 
-HEADLINES = {
-    "tofu": ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob", "privleak"),
-    "text": ("forget_nll", "holdout_nll", "retain_nll", "forget_verbatim_rouge", "mia_min_k", "privleak"),
-}
-
 
 def describe(m: dict) -> str:
-    keys = dict.fromkeys(HEADLINES["tofu"] + HEADLINES["text"])  # a history row shows the NLLs
-    return "  ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
+    return registry.describe(m, "tofu", "text")  # a history row shows the NLLs
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ class CausalLM(Task):
             raise ConfigError("task=causal_lm needs model.path: the causal LM (a folder or a hub id)")
         self.cfg = cfg
         self.suite = "tofu" if cfg.data.preset == "tofu" else "text"
-        self.headline = HEADLINES[self.suite]
+        self.headline = registry.headline(self.suite)
         # `unlearn train`'s models, the reference first (the original's forget quality and privleak are measured
         # against it), with the same recipe and seed: TOFU's retain model, or Retrain
         self.train_targets = train_targets(cfg)

@@ -16,6 +16,7 @@ import torch
 from engine.artifacts.export import image_processor, run_card, save_checkpoint
 from engine.config import train_targets
 from engine.data.vision import ImageSet, ImageStream, ImageTransform, UnlearningData, prepare_data
+from engine.eval import registry
 from engine.eval.metrics import error_percent, evaluate, predict
 from engine.eval.shard import is_shared, share
 from engine.methods.base import MethodContext
@@ -31,15 +32,6 @@ from engine.tasks.base import Task, config_key
 if TYPE_CHECKING:
     from engine.backends.base import Backend
 
-HEADLINE = (
-    "forget_error",
-    "retain_error",
-    "test_error",
-    "val_error",
-    "mia",
-    "mia_efficacy",
-    "forgotten_error",
-)
 SPLITS = ("forget", "retain", "val", "forget_val", "test")  # what engine/eval/metrics.py evaluates on
 
 
@@ -81,7 +73,7 @@ def shared_predictions(
 
 
 def describe(metrics: dict) -> str:
-    return "  ".join(f"{k}={metrics[k]:.2f}" for k in HEADLINE if k in metrics)
+    return registry.describe(metrics, "image_classification")
 
 
 class ImageClassification(Task):
@@ -89,7 +81,7 @@ class ImageClassification(Task):
     forward = staticmethod(classifier_logits)
     reference_target = None  # an image classifier's scores do not depend on a reference model's
     trained_on = {"original": "D (forget + retain)", "retrain": "D_r (retain only)"}
-    headline = HEADLINE
+    headline = registry.headline("image_classification")
 
     def __init__(self, cfg, model_path: str | None):
         self.cfg = cfg
@@ -188,7 +180,7 @@ class ImageClassification(Task):
              forget: bool = True) -> None:  # fmt: skip
         summary = self.forget_summary()
         card = run_card(self.cfg, path, self.model_path, title, summary if forget else None, settings,
-                        {k: metrics[k] for k in HEADLINE if k in metrics}, "Metrics (errors and attacks in percent)",
+                        {k: metrics[k] for k in self.headline if k in metrics}, "Metrics (errors and attacks in percent)",
                         task_type="image-classification", sources=[self.cfg.data.dataset],
                         target=(record or {}).get("target"))  # fmt: skip
         record = {"forget": summary, "method": settings, "base_model": self.model_path, "metrics": metrics,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.testing import ray_env, tiny_overrides
 from tests.conftest import ROOT as REPO
-from tests.conftest import ray_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,10 @@ def test_audit_k2_scores_every_forget_example_and_reuses_its_references(tiny_cif
     retrained = json.loads((Path(result["cache"]["dir"]) / "retrain_seed5" / "stats.json").read_text())
     assert retrained["kind"] == "retrain" and len(retrained["margin"]) == 12
 
-    # a second method reuses the references: nothing retrained, the same reference statistics
-    proc = _unlearn("audit", "configs/demo.yaml", *over, f"output_dir={tmp_path / 'audit_ft'}",
+    # a second method reuses the references: nothing retrained, the same reference statistics (SCRUB's keys left
+    # out: method= is applied before every method.* override, which then must be the new method's)
+    scrub_free = [o for o in over if not o.startswith("method.")]
+    proc = _unlearn("audit", "configs/demo.yaml", *scrub_free, f"output_dir={tmp_path / 'audit_ft'}",
                     "method=finetune", "method.epochs=1")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     second = json.loads((tmp_path / "audit_ft" / "audit.json").read_text())

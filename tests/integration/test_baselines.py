@@ -2,11 +2,17 @@
 trained original the way it should: Retrain/EU-k forget a class the way never seeing it does, CF-k
 changes only its last blocks, Finetune lowers the retain loss, NegGrad+ raises the forget loss more than
 the retain loss, Bad-Teacher pulls forget predictions towards its random teacher, Fisher adds noise of
-the Fisher rule's scale and wipes the forgotten class's head row. One original per module."""
+the Fisher rule's scale and wipes the forgotten class's head row. One original per module.
+
+The bounds are directions with a margin, or ratios to a control run in the same test, never constants fitted
+to one install's numbers: a tiny model's losses and errors move with the image decoder, the library versions
+and the CPU. Each was measured over training seeds 0-8 (the margins are in the comments)."""
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -21,7 +27,7 @@ from engine.methods.blocks import head_parameter_names, last_blocks, model_block
 from engine.methods.fisher import Fisher, fisher_diagonal, fisher_mean_var
 from engine.models.loading import classifier_logits, load_classifier
 from engine.tasks.image_classification import load_data_and_transform
-from tests.conftest import tiny_overrides
+from engine.testing import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +39,15 @@ def setup(tiny_cifar, tmp_path_factory):
     over = [o for o in tiny_overrides(tiny_cifar, tmp) if not o.startswith("method.")]
     over += [
         "forget.label=airplane",
-        "train.epochs=12",  # 6 left this tiny original at 57.5% airplane error: it must know the class it forgets
-        "train.lr=0.05",
+        # an original that knows its 120 training images: no augmentation, a learning rate it can settle at,
+        # decayed for the last 4 epochs. The earlier recipe (lr 0.05 with augmentation) left it nearly collapsed
+        # (20% forget but 61% retain error: it predicted airplane for most images), and every number downstream
+        # then moved by chance from one install to the next.
+        "train.epochs=12",
+        "train.augment=false",
+        "train.batch_size=16",
+        "train.lr=0.01",
+        "train.lr_decay_epochs=[8]",
         "model.width=0.25",
         "eval.every_epoch=false",
     ]
@@ -42,6 +55,10 @@ def setup(tiny_cifar, tmp_path_factory):
         main(["train", "configs/demo.yaml", *over, f"output_dir={tmp / 'models'}", "--only", "original"]) == 0
     )
     original = tmp / "models" / "original"
+    # what every check below relies on: the original knows the class it forgets, and the others (seeds 0-8:
+    # forget error 0-10%, retain error 0-3.75%)
+    known = json.loads((original / "report.json").read_text())["metrics"]
+    assert known["forget_error"] < 25.0 and known["retain_error"] < 15.0, known
     over += [f"model.path={original}", "eval.reference=null"]
     cfg = load_config("configs/demo.yaml", over)
     data, _, transform = load_data_and_transform(cfg, str(original))
@@ -81,18 +98,18 @@ def test_retrain_forgets_like_never_seeing_the_class(setup):
     before = original_model(setup).state_dict()
     # every weight tensor was re-initialised, then trained on D_r only: the forgotten class is never predicted
     assert all(not torch.equal(before[k], after[k]) for k in after if k.endswith("weight"))
-    assert report["original"]["forget_error"] < 50.0
-    assert report["metrics"]["forget_error"] >= 95.0
+    assert report["metrics"]["forget_error"] >= 95.0  # seeds 0-8: 100
     assert report["train_seconds"] >= report["prepare_seconds"] > 0
 
 
 def test_eu_k_retrains_only_the_last_blocks_from_scratch(setup):
-    report, after, model = unlearn(setup, "eu_k", "method.epochs=2", "method.lr_decay_epochs=[]")
+    # batches of 16: 5 steps an epoch (the default 64 gives 2, and left 77.5-82.5% error on 4 of 6 seeds)
+    extra = ("method.epochs=2", "method.lr_decay_epochs=[]", "method.batch_size=16")
+    report, after, model = unlearn(setup, "eu_k", *extra)
     before = original_model(setup).state_dict()
     changed = block_changed(model, before, after)
     assert [n for n, c in changed.items() if c] == ["layer4.1", "linear"]  # the default k=2
-    assert report["original"]["forget_error"] < 50.0
-    # the head was re-initialised and only saw D_r: like Retrain, the class is gone
+    # the head was re-initialised and only saw D_r: like Retrain, the class is gone (seeds 0-8: 100)
     assert report["metrics"]["forget_error"] >= 90.0
 
 
@@ -101,29 +118,48 @@ def test_cf_k_changes_only_the_last_k_blocks(setup):
     before = original_model(setup).state_dict()
     changed = block_changed(model, before, after)
     assert [n for n, c in changed.items() if c] == ["layer4.0", "layer4.1", "linear"]
-    # fine-tuned on D_r without the class: the forget error can only go up, the retain fit holds
+    # fine-tuned on D_r without the class: the forget error can only go up (seeds 0-8: by 45 to 100 points),
+    # the retain fit holds (seeds 0-8: 0% after, 0-3.75% before)
     assert report["metrics"]["forget_error"] > report["original"]["forget_error"]
     assert report["metrics"]["retain_error"] <= report["original"]["retain_error"] + 10.0
 
 
 def test_finetune_lowers_the_retain_loss(setup):
-    _, _, model = unlearn(setup, "finetune", "method.epochs=2", "method.batch_size=16")
-    before = mean_loss(setup, original_model(setup), "retain")
+    # from a model that does not fit D_r: the original with its head zeroed (uniform predictions, loss ln 3).
+    # The original itself already fits D_r (retain loss 0.02-0.09), where 2 epochs at Finetune's lr move that
+    # loss up or down by chance.
+    start = setup["tmp"] / "zero_head"
+    shutil.copytree(setup["original"], start)
+    model = original_model(setup)
+    head = head_parameter_names(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in head:
+                p.zero_()
+    model.save_pretrained(start)
+    before = mean_loss(setup, load_classifier(str(start), 3), "retain")
+    assert before == pytest.approx(math.log(3), abs=1e-4)
+    _, _, model = unlearn(setup, "finetune", f"model.path={start}", "method.epochs=2", "method.batch_size=16")
     after = mean_loss(setup, model, "retain")
-    assert after < 0.8 * before, f"retain loss {before:.3f} -> {after:.3f}"
+    assert after < 0.5 * before, f"retain loss {before:.3f} -> {after:.3f}"  # seeds 0-8: 0.008-0.070
 
 
 def test_neggrad_plus_raises_the_forget_loss_more_than_the_retain_loss(setup):
-    run = ("method.epochs=2", "method.batch_size=8")
+    # 3 epochs: ascent compounds, and after 2 it had barely started on some seeds (forget loss 0.07 -> 1.3)
+    run = ("method.epochs=3", "method.batch_size=8")
     report, _, model = unlearn(setup, "neggrad_plus", *run, "method.beta=0.8")
     original = original_model(setup)
     d_forget = mean_loss(setup, model, "forget") - mean_loss(setup, original, "forget")
     d_retain = mean_loss(setup, model, "retain") - mean_loss(setup, original, "retain")
-    assert d_forget > 1.0 and d_forget > d_retain + 1.0, (d_forget, d_retain)
-    assert list(report["losses"]) == ["paired"] and len(report["losses"]["paired"]) == 2 * 5  # 40 forget / 8
-    # the ascent term is what forgets beyond fine-tuning on the same paired batches (beta=1: no ascent)
+    # ratios, not loss constants: how far ascent has gone varies from model to model (seeds 0-8: d_forget
+    # 10-139, at least 5x d_retain)
+    assert d_forget > 0 and d_forget > 2 * d_retain, (d_forget, d_retain)
+    assert list(report["losses"]) == ["paired"] and len(report["losses"]["paired"]) == 3 * 5  # 40 forget / 8
+    # the ascent term is what forgets beyond fine-tuning on the same paired batches (beta=1: no ascent; seeds
+    # 0-8: at least 4.7x the forget loss of that control)
     _, _, descent_only = unlearn(setup, "neggrad_plus", *run, "method.beta=1.0")
-    assert mean_loss(setup, model, "forget") > mean_loss(setup, descent_only, "forget") + 1.0
+    forget, control = mean_loss(setup, model, "forget"), mean_loss(setup, descent_only, "forget")
+    assert forget > 2 * control, (forget, control)
 
 
 def test_bad_teacher_moves_forget_predictions_towards_the_random_teacher(setup, monkeypatch):
@@ -147,12 +183,15 @@ def test_bad_teacher_moves_forget_predictions_towards_the_random_teacher(setup, 
         return float(F.kl_div(log_q, p, reduction="batchmean"))
 
     original = original_model(setup)
-    for t in (1.0, 4.0):
+    for t in (1.0, 4.0):  # seeds 0-8: after / before 0.14-0.35 (T=1), 0.12-0.32 (T=4)
         before, after = kl_to_random(original, t), kl_to_random(model, t)
         assert after < 0.5 * before, (
             f"KL_T={t}(random teacher || student) on forget {before:.3f} -> {after:.3f}"
         )
-    assert report["metrics"]["forget_error"] >= report["original"]["forget_error"]
+    # and away from the labels: the forget loss rises (seeds 0-8: 3.2x to 18x). The forget error need not: the
+    # argmax often survives (2.5% -> 2.5% on one seed).
+    before, after = mean_loss(setup, original, "forget"), mean_loss(setup, model, "forget")
+    assert after > 2 * before, (before, after)
     assert list(report["losses"]) == ["forget", "retain"] and len(report["losses"]["forget"]) == 2 * 5
 
 
@@ -165,7 +204,10 @@ def test_fisher_adds_noise_by_the_rule_and_forgets_the_class(setup, monkeypatch)
         prepare(self, student, ctx)
 
     monkeypatch.setattr(Fisher, "prepare", keep)
-    report, after, model = unlearn(setup, "fisher", "method.alpha=1e-6")
+    # alpha 1e-8 (the authors pass 1e-6): small enough that the noise leaves this tiny net working (seeds 0-8:
+    # retain error 0%), so the forget set sees the head row's wipe. At 1e-6 the noise alone moved the forget loss
+    # either way (x0.3 to x147 over seeds 0-8) and sent the retain error to 37-72%.
+    report, after, model = unlearn(setup, "fisher", "method.alpha=1e-8")
     (method,) = methods
     original = original_model(setup)
     before = original.state_dict()
@@ -177,7 +219,7 @@ def test_fisher_adds_noise_by_the_rule_and_forgets_the_class(setup, monkeypatch)
     fisher = fisher_diagonal(original, classifier_logits, batches, chunk_size=16)
     head = head_parameter_names(original)
     for name, p in original.named_parameters():
-        _, var = fisher_mean_var(p.detach(), fisher[name], 1e-6, name in head, [0])
+        _, var = fisher_mean_var(p.detach(), fisher[name], 1e-8, name in head, [0])
         assert torch.allclose(method.variance[name], var, rtol=1e-3), name
         delta = after[name] - before[name]
         if name not in head:
@@ -187,12 +229,20 @@ def test_fisher_adds_noise_by_the_rule_and_forgets_the_class(setup, monkeypatch)
                 assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1, name
     # the forgotten class (airplane = 0) has a head row of pure noise around 0
     w = after["linear.weight"][0]
-    assert abs(float(w.mean())) < 0.01 and float(w.std()) == pytest.approx(1e-3**0.5, rel=0.3)
-    # the other rows keep their weights, so an airplane whose other logits are low can still land on row 0's
-    # noise: the class is mostly, not always, lost (at this size 10% -> 67.5% error)
-    assert report["original"]["forget_error"] < 50.0
-    assert report["metrics"]["forget_error"] >= report["original"]["forget_error"] + 40.0
-    assert mean_loss(setup, model, "forget") > mean_loss(setup, original, "forget") + 1.0
+    # centred at 0 within 5 standard errors (seeds 0-8: at most 2.9), of the rule's spread within 30% (at most 14%)
+    assert abs(float(w.mean())) < 5 * float(w.std()) / w.numel() ** 0.5, float(w.mean())
+    assert float(w.std()) == pytest.approx(1e-3**0.5, rel=0.3)
+    # so every airplane loses confidence in its class (seeds 0-8: all 40), and the forget loss rises far more than
+    # the retain loss (seeds 0-8: at least 11x). The other rows keep their weights, and an airplane's other logits
+    # are mostly below row 0's noise around 0: the class becomes uncertain (mean p 0.5-0.66), not always lost
+    # (forget error 5-35%), so the forget error is no check here.
+    forget = setup["data"].forget
+    p_before = predict(original, forget, setup["transform"], 256, "cpu")["conf"]
+    p_after = predict(model, forget, setup["transform"], 256, "cpu")["conf"]
+    assert (p_after < p_before).mean() >= 0.9, (p_before, p_after)
+    d_forget = mean_loss(setup, model, "forget") - mean_loss(setup, original, "forget")
+    d_retain = mean_loss(setup, model, "retain") - mean_loss(setup, original, "retain")
+    assert d_forget > 0 and d_forget > 3 * d_retain, (d_forget, d_retain)
     assert report["train_seconds"] >= report["prepare_seconds"] > 0
     assert [row["epoch"] for row in report["history"]] == [0] and report["losses"] == {}
 

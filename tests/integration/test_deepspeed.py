@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.cli import main
-from tests.conftest import DIST_RUN, free_port, tofu_overrides
+from engine.testing import free_port, tofu_overrides
+from tests.conftest import DIST_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 2e-5

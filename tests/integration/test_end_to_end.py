@@ -11,7 +11,7 @@ from transformers import AutoModelForImageClassification
 
 from engine.artifacts.receipt import weight_hashes
 from engine.cli import main
-from tests.conftest import tiny_overrides
+from engine.testing import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tiny_cifar, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
+    # an original that knows airplanes: no augmentation, lr 0.01 decayed for the last 2 epochs. lr 0.05 with
+    # augmentation left it nearly collapsed (0% forget but 97.5% retain error on one seed, 62.5% forget error on
+    # another), and what SCRUB then did to it proved little.
     over = tiny_overrides(tiny_cifar, tmp, **{"forget.label": "airplane", "output_dir": str(tmp / "models"),
-                                              "train.epochs": "6", "train.lr": "0.05", "model.width": "0.25"})  # fmt: skip
+                                              "train.epochs": "6", "train.lr": "0.01", "train.augment": "false",
+                                              "train.batch_size": "16", "train.lr_decay_epochs": "[4]",
+                                              "model.width": "0.25"})  # fmt: skip
     assert main(["train", "configs/demo.yaml", *over]) == 0
     return tmp, over
 
@@ -35,7 +40,7 @@ def test_train_writes_original_and_retrain(trained):
     retrain = json.loads((tmp / "models" / "retrain" / "report.json").read_text())["metrics"]
     assert retrain["forget_error"] == 100.0  # never saw the class: it cannot predict it
     original = json.loads((tmp / "models" / "original" / "report.json").read_text())["metrics"]
-    assert original["forget_error"] < 60.0
+    assert original["forget_error"] < 60.0  # seeds 0-6: 5-30
 
 
 def test_scrub_r_run_forgets_and_records_what_it_forgot(trained):
@@ -47,7 +52,7 @@ def test_scrub_r_run_forgets_and_records_what_it_forgot(trained):
         f"eval.reference={tmp / 'models' / 'retrain'}",
         "method.rewind=true",
         "method.epochs=3",
-        "method.msteps=2",
+        "method.msteps=1",  # a second max epoch drove this original to one class (test error 50%, seeds 0-3)
         "method.lr=0.005",
     ]
     assert main(["run", "configs/demo.yaml", *run]) == 0
@@ -55,6 +60,7 @@ def test_scrub_r_run_forgets_and_records_what_it_forgot(trained):
     report = json.loads((out / "report.json").read_text())
     assert [row["epoch"] for row in report["history"]] == [0, 1, 2, 3]
     before, after = report["original"]["forget_error"], report["metrics"]["forget_error"]
+    # seeds 0-6: forget error 100 from 5-30; test error 2.5 to 30 points below the original's
     assert after >= before + 30.0, f"SCRUB did not forget: forget error {before} -> {after}"
     assert report["metrics"]["test_error"] <= report["original"]["test_error"] + 15.0
     # SCRUB+R picked the epoch closest to the final forget-validation error.

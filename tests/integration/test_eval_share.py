@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.data.text import QAFormatter, TextData, TofuData
+from engine.data.text import QAFormatter, TextData
+from engine.data.tofu import TofuData
 from engine.eval import shard
 from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu

@@ -1,4 +1,4 @@
-"""Every case of the fault suite (tests/faults.py; benchmarks/faults.py writes its table) as a test: the real command line, real
+"""Every case of the fault suite (engine/testing.py; benchmarks/faults.py writes its table) as a test: the real command line, real
 faults (SIGKILL, SIGTERM, NaN, a hanging rank, a full tmpfs, damaged files) and real bad requests.
 A case passes when the run did what its ``expected`` says: exit status, message, what is left on disk,
 and for every resumed run the exact weights of the uninterrupted run (torch.equal on every tensor)."""
@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.faults import CASES, Context, run_case
+from engine.testing import CASES, Context, run_case
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 
 from engine.cli import main
 from engine.config import load_config
-from engine.data.text import prepare_tofu
-from tests.conftest import tofu_overrides
+from engine.data.tofu import prepare_tofu
+from engine.testing import tofu_overrides
 
 MIN_CHARS = 20  # shorter strings (names, "Yes.") could occur by chance; every TOFU answer is longer
 CANARY = "forget-generation-canary"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, tofu_overrides
+from engine.testing import free_port, tofu_overrides
+from tests.conftest import ROOT
 
 VENV_BIN = Path(sys.executable).parent
 # each run takes about 20 s on 2 idle cores once DeepSpeed's CPU op is compiled (about 45 s more the

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.cli import main
-from tests.conftest import DIST_RUN, free_port, ray_env, ray_submit, tiny_overrides, tofu_overrides
+from engine.testing import free_port, ray_env, tiny_overrides, tofu_overrides
+from tests.conftest import DIST_RUN, ray_submit
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 2e-5

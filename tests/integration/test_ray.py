@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import DIST_RUN, ray_env, ray_submit, tofu_overrides
+from engine.testing import ray_env, tofu_overrides
+from tests.conftest import DIST_RUN, ray_submit
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = DIST_RUN

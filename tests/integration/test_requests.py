@@ -18,8 +18,7 @@ import pytest
 from engine.cli import main
 from engine.config import load_config
 from engine.requests.ledger import Ledger
-from tests.conftest import free_port, ray_env, tiny_overrides
-from tests.faults import REPO, clean_env, same_weights
+from engine.testing import REPO, clean_env, free_port, ray_env, same_weights, tiny_overrides
 
 CONFIG = "configs/demo.yaml"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from tests.conftest import text_overrides, write_author_documents
+from engine.testing import text_overrides, write_author_documents
 from tests.integration.test_matrix import check_equal, on_ray, torchrun
 
 KEYS = ("forget_nll", "retain_nll", "holdout_nll", "forget_verbatim_rouge", "mia_loss", "mia_zlib", "mia_min_k",

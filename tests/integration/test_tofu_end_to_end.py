@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from engine.cli import main
-from tests.conftest import tofu_overrides
+from engine.testing import tofu_overrides
 
 pytestmark = pytest.mark.slow
 

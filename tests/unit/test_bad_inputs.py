@@ -15,7 +15,7 @@ from engine.data.vision import prepare_data
 from engine.errors import ConfigError, DataError, ModelError, OutputError
 from engine.models.loading import load_classifier
 from engine.models.vision import build_vision_model
-from tests.conftest import tiny_overrides
+from engine.testing import tiny_overrides
 
 
 def data_for(tiny_cifar, tmp_path, **extra):
@@ -234,7 +234,7 @@ def test_retain_ids_need_kind_ids():
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     from engine.models.causal_lm import check_vocab
-    from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+    from engine.testing import build_tiny_llama, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(["Who wrote the book?", "The author Jaime Vasquez wrote it."] * 4)
     check_vocab(build_tiny_llama(len(tokenizer)), tokenizer, "ok")  # the tokenizer it was built with
@@ -261,7 +261,7 @@ def _save_pickled(model, folder: Path, name: str) -> Path:
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
 def test_pickle_only_checkpoints_are_refused(tmp_path, name):
     from engine.models.causal_lm import load_causal_lm
-    from tests.conftest import build_tiny_llama
+    from engine.testing import build_tiny_llama
 
     lm = _save_pickled(build_tiny_llama(64), tmp_path / "lm", name)
     with pytest.raises(ModelError, match=PICKLE_REFUSAL) as err:

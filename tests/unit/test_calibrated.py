@@ -21,7 +21,7 @@ from engine.eval.metrics import evaluate, unseen_error
 from engine.loop import LoopHooks, run_loop
 from engine.methods.scrub import Scrub, ScrubConfig
 from engine.recipes.unlearn import run_unlearning
-from tests.conftest import tiny_overrides
+from engine.testing import tiny_overrides
 from tests.unit.test_sharding import Stream, ThreadRank
 
 # --- the target ---------------------------------------------------------------------------------------

@@ -7,19 +7,16 @@ import math
 import numpy as np
 import pytest
 
+from engine.eval.audit import level_or_spread, separable_reasons
 from engine.eval.challenge import (
-    auc,
     challenge_score,
     epsilon_bins,
     epsilon_from_rates,
     example_epsilon,
     forgetting_quality,
-    level_or_spread,
-    lira_audit,
-    lira_scores,
-    separable_reasons,
     threshold_rates,
 )
+from engine.eval.lira import auc, lira_audit, lira_scores
 
 DELTA = 1e-5
 
@@ -573,8 +570,9 @@ def test_audit_json_and_report_carry_the_reasons() -> None:
     import json
     from types import SimpleNamespace
 
+    from engine.eval.audit import score
+    from engine.eval.audit_report import render, render_level_or_spread
     from engine.io import json_safe
-    from engine.recipes.audit import render, render_level_or_spread, score
 
     u, r, eps = _sep_margins()
     seeds, ids = [1, 2, 3, 4], [f"x{i}" for i in range(u.shape[1])]
@@ -661,7 +659,7 @@ def _one_original(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_level_or_spread_prices_the_spread_when_the_medians_are_right() -> None:
-    from engine.recipes.audit import render_level_or_spread
+    from engine.eval.audit_report import render_level_or_spread
 
     u, r = _one_original(np.random.default_rng(3))
     ls = level_or_spread(u, r, DELTA, two_sided=False)
@@ -696,7 +694,7 @@ def test_level_or_spread_under_one_sided_attacks_does_not_see_a_median_below_ret
 
 
 def test_level_or_spread_counts_the_level_when_the_spread_is_right() -> None:
-    from engine.recipes.audit import render_level_or_spread
+    from engine.eval.audit_report import render_level_or_spread
 
     r = np.random.default_rng(4).normal(0, 3, size=60) + np.random.default_rng(5).standard_normal((8, 60))
     u = r + 2.5  # retraining's models, every one more confident by the same amount: the level alone is off

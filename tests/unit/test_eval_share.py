@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.text import QAFormatter, TextData, TofuData
+from engine.data.text import QAFormatter, TextData
+from engine.data.tofu import TofuData
 from engine.data.vision import ImageSet, ImageTransform, UnlearningData
 from engine.eval import tofu as T
 from engine.eval.shard import Share, is_shared, map_rows, share
 from engine.eval.text import evaluate_text
 from engine.tasks.image_classification import ImageClassification
-from tests.conftest import TOFU, build_tiny_llama, build_tiny_tokenizer
+from engine.testing import build_tiny_llama, build_tiny_tokenizer
+from tests.conftest import TOFU
 
 # ---- fake ranks ----------------------------------------------------------------------------------------
 

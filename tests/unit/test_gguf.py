@@ -14,7 +14,7 @@ import torch
 
 from engine.artifacts.gguf import convert_gguf, smollm2_gguf_path
 from engine.errors import ConfigError, ModelError, OutputError
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from engine.testing import build_tiny_llama, build_tiny_tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from engine.cli import main
 from engine.config import load_config, shipped_configs
-from tests.conftest import tiny_overrides
+from engine.testing import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

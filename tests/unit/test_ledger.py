@@ -19,7 +19,8 @@ from engine.errors import ConfigError, DataError
 from engine.recipes.request import job_config
 from engine.requests.chain import chain_section, verify_chain
 from engine.requests.ledger import Ledger, LedgerError
-from tests.conftest import TOFU, text_overrides, tiny_overrides, tofu_overrides, write_author_documents
+from engine.testing import text_overrides, tiny_overrides, tofu_overrides, write_author_documents
+from tests.conftest import TOFU
 
 
 def test_add_claim_publish(tmp_path):
@@ -133,7 +134,7 @@ def test_forgotten_tofu_rows_never_in_a_later_retain_set(tiny_lm, tmp_path):
     """TOFU (the mirror's copy), 10 authors: the job of version 2 forgets its batch, and the rows earlier versions
     forgot are in no set it trains on (retain rows, their token stores, the Ray driver's rows) nor in the retain
     rows that model utility is scored on; an earlier id naming no kept row (5000) is ignored, as for images."""
-    from engine.data.text import load_tofu_split, prepare_tofu
+    from engine.data.tofu import load_tofu_split, prepare_tofu
     from engine.tasks.causal_lm import CausalLM
 
     cfg = load_config(

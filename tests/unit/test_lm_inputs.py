@@ -7,10 +7,12 @@ from types import SimpleNamespace
 import pytest
 
 from engine.config import load_config
-from engine.data.text import IGNORE, QAFormatter, prepare_tofu
+from engine.data.text import IGNORE, QAFormatter
+from engine.data.tofu import prepare_tofu
 from engine.errors import ConfigError, DataError, ModelError
 from engine.models.causal_lm import check_vocab, load_causal_lm, load_tokenizer, set_dropout
-from tests.conftest import TOFU, build_tiny_llama
+from engine.testing import build_tiny_llama
+from tests.conftest import TOFU
 
 
 def test_prompt_is_masked_and_answer_ends_with_eos(tiny_lm):

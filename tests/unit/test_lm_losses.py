@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine.data.paired import PairedStream
-from engine.data.text import IGNORE, QAFormatter, TextStream, collate, prepare_tofu
+from engine.data.text import IGNORE, QAFormatter, TextStream, collate
+from engine.data.tofu import prepare_tofu
 from engine.loop import run_loop
 from engine.methods import (
     GradAscent,
@@ -23,7 +24,8 @@ from engine.methods import (
     ScrubConfig,
 )
 from engine.models.causal_lm import load_causal_lm, load_tokenizer, token_logits
-from tests.conftest import TOFU, build_tiny_llama
+from engine.testing import build_tiny_llama
+from tests.conftest import TOFU
 
 
 class FixedLogits(torch.nn.Module):

@@ -17,7 +17,7 @@ from engine.artifacts.hub import push_run
 from engine.cli import main
 from engine.errors import OutputError
 from engine.models.vision import build_vision_model
-from tests.conftest import text_overrides, tiny_overrides, write_author_documents
+from engine.testing import text_overrides, tiny_overrides, write_author_documents
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 FORGET = {

@@ -16,7 +16,7 @@ from engine.loop import run_loop
 from engine.methods.scrub import Scrub, ScrubConfig
 from engine.models.loading import classifier_logits
 from engine.models.vision import build_vision_model
-from tests.conftest import tiny_overrides
+from engine.testing import tiny_overrides
 
 SEED = 3
 

@@ -4,7 +4,7 @@ JSON array, checked against values computed by hand with `printf '[1, 2, 3]' | s
 from __future__ import annotations
 
 from engine.data.selection import ids_sha256
-from engine.data.text import TofuData
+from engine.data.tofu import TofuData
 
 ONE_TWO_THREE = "a36b1f2c3f84522dd1005145646617d7054c0851e97c72a039c0bdfac9fa07f3"  # b'[1, 2, 3]'
 

@@ -16,7 +16,7 @@ from engine.config import load_config
 from engine.errors import ConfigError, ModelError
 from engine.models.causal_lm import load_causal_lm, set_dropout, token_logits
 from engine.tasks.causal_lm import CausalLM
-from tests.conftest import build_tiny_llama
+from engine.testing import build_tiny_llama
 
 VOCAB = 64
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from engine.backends.base import Backend
 from engine.methods.losses import TopKLogits, distill_kl_sum
 from engine.teacher_cache import fill_teacher_cache
-from tests.conftest import tofu_overrides
+from engine.testing import tofu_overrides
 
 
 class OneProcess(Backend):

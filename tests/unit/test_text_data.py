@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from engine.config import load_config
-from engine.data.text import IGNORE, DocumentFormatter, prepare_text, prepare_tofu
+from engine.data.text import IGNORE, DocumentFormatter, prepare_text
+from engine.data.tofu import prepare_tofu
 from engine.errors import DataError
 from engine.eval.text import token_mean, verbatim_split
 from engine.eval.tofu import rouge_l_recall
-from tests.conftest import TOFU, build_tiny_tokenizer
+from engine.testing import build_tiny_tokenizer
+from tests.conftest import TOFU
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wise owls watch from an old oak tree".split()
 

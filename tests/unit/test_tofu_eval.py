@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.text import QAFormatter, TofuData
+from engine.data.text import QAFormatter
+from engine.data.tofu import TofuData
 from engine.eval import tofu as T
-from tests.conftest import TOFU, build_tiny_llama, build_tiny_tokenizer
+from engine.testing import build_tiny_llama, build_tiny_tokenizer
+from tests.conftest import TOFU
 
 LN = math.log
 

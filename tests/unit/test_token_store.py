@@ -93,7 +93,7 @@ def test_a_run_reads_forget_and_retain_rows_from_stores_and_removes_them(tiny_lm
     never asked for), every batch comes from OUTPUT.tokens, and that folder is gone when the run ends."""
     from engine.cli import main
     from engine.tasks.causal_lm import CausalLM
-    from tests.conftest import tofu_overrides
+    from engine.testing import tofu_overrides
 
     text, get, opened = CausalLM._text, TokenStore.get, []
 

@@ -13,7 +13,7 @@ import pytest
 
 from engine.cli import main
 from engine.models.vision import build_vision_model
-from tests.conftest import text_overrides, tiny_overrides, write_author_documents
+from engine.testing import text_overrides, tiny_overrides, write_author_documents
 
 
 def refused(capsys, argv: list[str], *named: str, out: Path | None = None) -> str:

@@ -1,11 +1,17 @@
-"""The fault suite's harness: every fault and bad request of issue 7 as a case that runs the real command line
-(`python -m engine.cli run|train ...`; two ranks under torchrun over gloo for the distributed cases) on a
-tiny Llama and real TOFU rows, or on a tiny ResNet and a tiny real CIFAR-10 (image-classifier runs,
-`unlearn train`, bad requests), injects its fault with ``UNLEARN_FAULT`` (engine/faults.py) or damages
-files by hand, and checks what happened: exit status, message, what is left on disk, and, for every run
-that resumes, that it ends with exactly the weights of an uninterrupted run of the same backend
-(torch.equal on every tensor). tests/integration/test_faults.py runs every case as a test;
-benchmarks/faults.py runs them and writes the table.
+"""What the tests and the benchmarks share: tiny real data and tiny models built in seconds, the overrides
+that make a run take seconds, free ports, the environment of a Ray run, and the fault suite's cases.
+
+The data are read from the folder of hub copies that ``UNLEARN_DATA_MIRROR`` names (``cifar10/``, ``tofu/``;
+README, "Data"): tests/conftest.py and the Makefile set it to the data folder beside the checkout when there
+is one. Nothing here imports the tests: tests/ and benchmarks/ both import this module.
+
+The fault suite: every fault and bad request of issue 7 as a case that runs the real command line (`python
+-m engine.cli run|train ...`; two ranks under torchrun over gloo for the distributed cases) on a tiny Llama
+and real TOFU rows, or on a tiny ResNet and a tiny real CIFAR-10 (image-classifier runs, `unlearn train`, bad
+requests), injects its fault with ``UNLEARN_FAULT`` (engine/faults.py) or damages files by hand, and checks
+what happened: exit status, message, what is left on disk, and, for every run that resumes, that it ends with
+exactly the weights of an uninterrupted run of the same backend (torch.equal on every tensor).
+tests/integration/test_faults.py runs every case as a test; benchmarks/faults.py writes their table.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +28,179 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.artifacts.run_folder import RunFolder
-from tests.conftest import ROOT as REPO
-from tests.conftest import free_port, make_tiny_cifar, make_tiny_lm, tiny_overrides, tofu_overrides
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: the cases run `python -m engine.cli` from it
+MIRROR = "UNLEARN_DATA_MIRROR"
+
+
+def data_folder(name: str) -> Path:
+    """``$UNLEARN_DATA_MIRROR/name`` (``cifar10``, ``tofu``); a one-line error when it is not there."""
+    root = os.environ.get(MIRROR)
+    if not root:
+        raise FileNotFoundError(f"{MIRROR} is not set: point it at the folder of data copies "
+                                "(cifar10/, tofu/); the Makefile and tests/conftest.py set it when "
+                                "shared/data is beside the checkout")  # fmt: skip
+    folder = Path(root) / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found: {MIRROR}={root} holds no copy of {name}")
+    return folder
+
+
+def make_tiny_cifar(out: Path) -> Path:
+    """3 classes (airplane, automobile, bird) of the real CIFAR-10: 50 train + 20 test images each, as parquet
+    files named like the hub's (train-00000-of-00001.parquet), with the original ClassLabel features."""
+    import datasets
+
+    cifar = data_folder("cifar10")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", 50), ("test", 20)):
+        ds = datasets.load_dataset(
+            "parquet", data_files=str(cifar / f"{split}-00000-of-00001.parquet"), split="train"
+        )
+        labels = ds["label"]
+        keep, counts = [], {0: 0, 1: 0, 2: 0}
+        for i, y in enumerate(labels):
+            if y in counts and counts[y] < per_class:
+                keep.append(i)
+                counts[y] += 1
+            if all(c == per_class for c in counts.values()):
+                break
+        ds.select(keep).to_parquet(str(out / f"{split}-00000-of-00001.parquet"))
+    return out
+
+
+def _overrides(base: dict, extra: dict) -> list[str]:
+    """``base`` updated with ``extra`` as key=value overrides (None: leave the key out). A method switch
+    (``method``) comes first and the ``method.*`` keys before it (the defaults' SCRUB settings) are left out: the
+    CLI applies ``method=`` before every other override, so they would otherwise apply to the new method."""
+    base.update(extra)
+    items = list(base.items())
+    if base.get("method") is not None:
+        switch = [k for k, _ in items].index("method")
+        items = [("method", base["method"])] + [
+            (k, v)
+            for i, (k, v) in enumerate(items)
+            if k != "method" and not (i < switch and k.startswith("method."))
+        ]
+    return [f"{k}={v}" for k, v in items if v is not None]
+
+
+def tiny_overrides(dataset: Path, tmp: Path, **extra) -> list[str]:
+    """Overrides that make a run take seconds: 3 classes, a very narrow ResNet, 1-2 epochs."""
+    return _overrides({
+        "data.dataset": str(dataset), "data.classes": "[0,1,2]", "output_dir": str(tmp / "out"),
+        "model.arch": "preact_resnet18", "model.width": "0.125", "train.epochs": "2",
+        "train.batch_size": "32", "train.lr_decay_epochs": "[]", "method.epochs": "2", "method.msteps": "1",
+        "method.forget_batch_size": "16", "method.retain_batch_size": "16", "logging.progress": "false",
+        "backend.num_threads": "1", "eval.batch_size": "128",
+    }, extra)  # fmt: skip
+
+
+def build_tiny_tokenizer(texts: list[str], vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained in milliseconds on ``texts``, with bos/eos/pad tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **config):
+    """A 2-layer Llama of hidden size 32 built from a config in-process (no hub)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    tie_word_embeddings=True)  # fmt: skip
+    settings.update(config)
+    return LlamaForCausalLM(LlamaConfig(**settings))
+
+
+def make_tiny_lm(out: Path) -> Path:
+    """A folder holding a tiny Llama + its tokenizer (trained on TOFU's questions and answers), saved with
+    save_pretrained (loaded back by path)."""
+    texts = []
+    for name in ("full", "holdout10", "real_authors_perturbed", "world_facts_perturbed"):
+        for line in (data_folder("tofu") / f"{name}.jsonl").read_text().splitlines()[:400]:
+            row = json.loads(line)
+            texts += [row["question"], row["answer"]]
+    tokenizer = build_tiny_tokenizer(texts)
+    model = build_tiny_llama(len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_author_documents(out: Path, authors: range, holdout: range) -> tuple[Path, Path]:
+    """A raw-text corpus built from TOFU: one document per fictitious author (its 20 answers joined), with an
+    ``author`` column, in ``out/corpus.jsonl`` (``authors``) and ``out/holdout.jsonl`` (``holdout``: authors the
+    model never sees)."""
+    rows = [json.loads(line) for line in (data_folder("tofu") / "full.jsonl").read_text().splitlines()]
+
+    def write(name: str, which: range) -> Path:
+        docs = [{"author": f"author_{a}", "text": " ".join(r["answer"] for r in rows[20 * a : 20 * a + 20])}
+                for a in which]  # fmt: skip
+        path = out / name
+        path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        return path
+
+    out.mkdir(parents=True, exist_ok=True)
+    return write("corpus.jsonl", authors), write("holdout.jsonl", holdout)
+
+
+def text_overrides(model: Path, corpus: Path, holdout: Path, out: Path, **extra) -> list[str]:
+    """configs/text.yaml on a corpus of write_author_documents, in seconds: windows of 64 tokens."""
+    return _overrides({
+        "data.dataset": str(corpus), "holdout.dataset": str(holdout), "forget.where": "{author: author_1}",
+        "model.base": str(model),  # what `train` fine-tunes (the config's is a hub id)
+        "model.path": str(model), "output_dir": str(out), "data.max_length": "64", "train.epochs": "3",
+        "train.lr": "0.003", "eval.reference": "null", "eval.max_new_tokens": "8", "method.epochs": "2",
+        "method.lr": "0.003", "logging.progress": "false", "backend.num_threads": "1",
+    }, extra)  # fmt: skip
+
+
+def tofu_overrides(model: Path, tmp: Path, **extra) -> list[str]:
+    """A TOFU run in seconds: 10 authors (1 forgotten), short answers, one epoch."""
+    return _overrides({
+        "task": "causal_lm", "data.preset": "tofu", "tofu.dataset": str(data_folder("tofu")),
+        "tofu.num_authors": "10", "tofu.max_length": "192", "tofu.utility_examples": "8",
+        "tofu.max_new_tokens": "8", "model.base": str(model),  # what `train` fine-tunes (the config's: hub)
+        "model.path": str(model), "output_dir": str(tmp / "out"), "train.epochs": "1",
+        "train.optimizer": "adamw", "train.lr": "0.003", "train.batch_size": "16", "train.augment": "false",
+        "train.lr_decay_epochs": "[]", "logging.progress": "false", "backend.num_threads": "1",
+        "eval.batch_size": "32",
+    }, extra)  # fmt: skip
+
+
+def ray_env() -> dict:
+    """Environment of the processes a Ray run starts: Ray kept on loopback, no usage stats, an explicit auth
+    mode (the same for a head and its clients), one thread per process, and no launcher or fault variables
+    from outside."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    for key in ("RAY_ADDRESS", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "UNLEARN_FAULT"):  # fmt: skip
+        env.pop(key, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the fault suite ----------------------------------------------------------------------------------------
 
 FAULT_EPOCH = 2  # every fault strikes in epoch 2, after epoch 1's checkpoint
 
@@ -615,8 +793,6 @@ def class_mismatch(ctx: Context) -> tuple[bool, str]:
 def vocab_mismatch(ctx: Context) -> tuple[bool, str]:
     from transformers import AutoTokenizer
 
-    from tests.conftest import build_tiny_llama
-
     model = ctx.root / "small_vocab_lm"
     if not (model / "model.safetensors").is_file():
         build_tiny_llama(vocab_size=64).save_pretrained(model)
@@ -650,8 +826,6 @@ def output_taken(ctx: Context) -> tuple[bool, str]:
     side=True,
 )
 def pickle_only(ctx: Context) -> tuple[bool, str]:
-    from tests.conftest import build_tiny_llama
-
     model = ctx.root / "pickle_lm"
     if not (model / "pytorch_model.bin").is_file():
         import torch

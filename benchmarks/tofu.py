@@ -41,10 +41,12 @@ LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRU
 ROW_METRICS = {"forget_quality": "forget_quality", "model_utility": "model_utility",
                "forget_rouge": "forget_Q_A_ROUGE", "mia_auc": "mia_min_k", "forget_prob": "forget_Q_A_Prob",
                "forget_truth_ratio": "forget_truth_ratio", "privleak": "privleak", "mia_loss": "mia_loss",
-               "retain_rouge": "retain_Q_A_ROUGE"}  # fmt: skip
+               "retain_rouge": "retain_Q_A_ROUGE", "extraction_strength": "extraction_strength",
+               "exact_memorization": "exact_memorization"}  # fmt: skip
 COLUMNS = [("method", lambda r: LABELS.get(r["method"], r["method"])),
            *((c, c, ".3g") for c in ("forget_quality", "model_utility", "forget_rouge", "mia_auc", "privleak",
-                                     "seconds", "examples", "final_forget_nll"))]  # fmt: skip
+                                     "extraction_strength", "exact_memorization", "seconds", "examples",
+                                     "final_forget_nll"))]  # fmt: skip
 
 
 def base_model(out: Path, quick: bool, model: str | None) -> str:

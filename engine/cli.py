@@ -14,7 +14,7 @@ HELP = {
     "train": "train the models to unlearn and compare with: Original (on D) and Retrain (on D_r); for "
     "task=causal_lm, retain (on the retain set) and original (on TOFU full)",
     "run": "unlearn a checkpoint (method=scrub | grad_ascent | grad_diff | npo | neggrad_plus | finetune; "
-    "method.rewind=true for SCRUB+R; image classifiers also: method=retrain | cf_k | eu_k | bad_teacher | fisher)",
+    "language models also: simnpo | rmu | undial | idk_nll | idk_dpo; method.rewind=true for SCRUB+R; image classifiers also: method=retrain | cf_k | eu_k | bad_teacher | fisher)",
     "audit": "the challenge-grade audit of model.path: K unlearnings with method=NAME and K retrained references "
     "(cached), as Ray tasks; per-example epsilon, the challenge score, LiRA -> audit.json, audit.md",
     "eval": "score a checkpoint (model.path=...): errors and membership attacks, or the TOFU metrics",

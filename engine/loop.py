@@ -167,6 +167,7 @@ def train_step(
     over ranks, guards it and asks the backend to step; the benchmarks that time a step call this too, with
     ``clock(part)``: a context manager around each "teacher", "student", "loss" and "backward" part."""
     timed = clock or (lambda part: nullcontext())
+    forward = method.outputs(forward)  # what the loss reads: the logits, or (RMU) a layer's hidden states
     phase_teacher = method.teacher_for(phase.name, teacher)
     cached = method.needs_teacher and teacher_outputs is not None and phase.stream in teacher_outputs
     part_totals = None

@@ -30,12 +30,13 @@ ALIASES = {"vision": "image_classification", "tofu": "causal_lm"}
 # What each task gives a method (each method's ``needs``; the tasks themselves are engine/tasks).
 PROVIDES: dict[str, tuple[str, ...]] = {
     "image_classification": ("teacher", "paired", "classifier_head"),
-    "causal_lm": ("teacher", "paired"),
+    "causal_lm": ("teacher", "paired", "idk"),
 }
 NEEDS = {
     "teacher": "a frozen teacher",
     "paired": "a paired forget+retain stream",
     "classifier_head": "a classifier head (class logits it edits or reads per class)",
+    "idk": 'an "I don\'t know" answer to each forget question (text prompt/answer pairs)',
 }
 
 ALL = ("single", "deepspeed", "ray")
@@ -110,6 +111,16 @@ def _data_fits_task(cfg: RunConfig) -> None:
         if f.kind not in ("class", "ids"):
             raise ValueError(f"TOFU forgets its forget-split authors (forget.kind=class) or rows by id (forget.kind=ids), "
                              f"not forget.kind={f.kind}")  # fmt: skip
+        return
+    if d.preset == "muse":
+        if text_columns:
+            raise ValueError(
+                "data.preset=muse reads MUSE's articles: unset "
+                + ", ".join(f"data.{k}" for k in text_columns)
+            )
+        if f.kind not in ("class", "ids"):
+            raise ValueError(f"MUSE forgets its forget articles (forget.kind=class, muse.forget_subset for the first N) or "
+                             f"articles by index (forget.kind=ids), not forget.kind={f.kind}")  # fmt: skip
         return
     if d.text_column and (d.prompt_column or d.answer_column):
         raise ValueError(

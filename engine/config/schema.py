@@ -57,9 +57,10 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    preset: Literal["tofu"] | None = Field(
+    preset: Literal["tofu", "muse"] | None = Field(
         None,
-        description="A dataset with its own evaluation suite: tofu (task=causal_lm; settings in the tofu section). "
+        description="A dataset with its own evaluation suite: tofu (task=causal_lm; settings in the tofu section), "
+        "muse (task=causal_lm; news or books articles, settings in the muse section). "
         "None: `dataset` below (images and labels, or text with the columns named below).",
     )
     dataset: str = Field(
@@ -148,6 +149,53 @@ class TofuConfig(StrictModel):
         None, ge=1, description="Evaluate model utility on at most this many examples per set (None: all)."
     )
     max_new_tokens: int = Field(64, ge=1, description="Greedy generation limit for ROUGE.")
+
+
+class MuseConfig(StrictModel):
+    """MUSE (Shi et al. 2024): news articles (MUSE-News) or books (MUSE-Books) unlearned as raw documents, scored by
+    MUSE's own evaluation sets (task=causal_lm with data.preset=muse; engine/data/muse.py, engine/eval/muse.py)."""
+
+    corpus: Literal["news", "books"] = Field(
+        "news", description="Which MUSE corpus: news (muse-bench/MUSE-News) or books (muse-bench/MUSE-Books)."
+    )
+    path: str | None = Field(
+        None,
+        description="A hub id or a local folder laid out as the MUSE authors' (<subset>/<split>.json); None: the "
+        "corpus's hub id, read from UNLEARN_DATA_MIRROR/muse-news (muse-books) when that copy exists.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision to read the corpus at; None: the one engine/data/muse.py pins."
+    )
+    forget_subset: int | None = Field(
+        None,
+        ge=1,
+        description="Forget only the first N articles of raw/forget (small runs); None: all of them. The "
+        "evaluation rows drawn from forget articles are then those of the kept articles.",
+    )
+    retain_subset: int | None = Field(
+        None, ge=1, description="Train on only the first N retain articles (small runs); None: all of them."
+    )
+    max_length: int = Field(
+        256,
+        ge=8,
+        description="Tokens per training example: a longer article is cut into windows of this many.",
+    )
+    max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Score at most this many rows of each evaluation set (verbmem, knowmem, privleak); None: all.",
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Keep only the last N tokens of a verbmem or knowmem prompt (CPU-sized runs); None: all of it.",
+    )
+    verbmem_max_new_tokens: int = Field(
+        128, ge=1, description="C1: greedy tokens generated after each verbmem prompt (MUSE: 128)."
+    )
+    knowmem_max_new_tokens: int = Field(
+        32, ge=1, description="C2/C4: greedy tokens generated for each knowmem answer (MUSE: 32)."
+    )
 
 
 class ForgetConfig(StrictModel):
@@ -441,6 +489,7 @@ class RunConfig(StrictModel):
     forget: ForgetConfig = Field(default_factory=ForgetConfig)
     holdout: HoldoutConfig = Field(default_factory=HoldoutConfig)
     tofu: TofuConfig = Field(default_factory=TofuConfig)
+    muse: MuseConfig = Field(default_factory=MuseConfig)
     method: Annotated[
         MethodConfig,
         Field(discriminator="name"),

@@ -70,6 +70,38 @@ def _read_jsonl(file: Path) -> list[dict]:
     return rows
 
 
+IDK_FILE = "idontknow.jsonl"  # TOFU's "I don't know" answers, beside the splits: one plain-text answer a line
+
+
+def read_answer_lines(file: str | Path) -> list[str]:
+    """One answer a line (TOFU's ``idontknow.jsonl`` is plain text despite its suffix), blank lines skipped."""
+    file = Path(file)
+    if not file.is_file():
+        raise DataError(f'{file} does not exist: give a file of "I don\'t know" answers, one a line')
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_idk_answers(source: str) -> list[str]:
+    """TOFU's "I don't know" answers: ``{source}/idontknow.jsonl`` when ``source`` (or its mirror copy) is a local
+    folder, else that file of the hub dataset ``source``, at the revision the splits are read at."""
+    from engine.data.sources import resolve
+
+    source = resolve(source, "tofu.dataset")
+    if Path(source).is_dir():
+        return read_answer_lines(Path(source) / IDK_FILE)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from engine.data.sources import hub_revision
+
+        path = hf_hub_download(source, IDK_FILE, repo_type="dataset", revision=hub_revision(source))
+    except Exception as err:
+        raise DataError(
+            f"could not read {IDK_FILE} of {source!r}: {first_line(err)}; set method.idk_file to a local copy"
+        ) from err
+    return read_answer_lines(path)
+
+
 def _check_columns(rows: list[dict], name: str) -> list[dict]:
     if rows and not {"question", "answer"} <= set(rows[0]):
         raise DataError(f"TOFU split {name!r} lacks the question/answer columns (has {sorted(rows[0])})")

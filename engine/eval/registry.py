@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from numbers import Real
 
 IMAGE, TOFU, TEXT = "image_classification", "tofu", "text"
+MUSE = "muse"  # the MUSE preset's suite (engine/eval/muse.py); it shares the attacks and privleak with TOFU and text
 HIGHER, LOWER, REFERENCE = "higher", "lower", "reference"
 
 
@@ -38,7 +39,7 @@ class Metric:
 _UTILITY = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE",
             "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")  # fmt: skip
 _STREAM = "a request stream forgot earlier examples (forget.earlier_ids)"
-_I, _TT = (IMAGE,), (TOFU, TEXT)
+_I, _TT = (IMAGE,), (TOFU, TEXT, MUSE)
 _M = Metric
 
 # Registration order is each suite's row and headline order (errors and attacks in percent).
@@ -67,6 +68,12 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     _M("holdout_nll", "Holdout NLL per token (never trained on)", LOWER, ".4g", (TEXT,), headline=(TEXT,)),
     _M("retain_nll", "Retain NLL per token", LOWER, ".4g", (TEXT,), headline=(TEXT,)),
     _M("forget_verbatim_rouge", "Forget verbatim ROUGE-L recall", REFERENCE, ".4g", (TEXT,), headline=(TEXT,)),
+    # open-unlearning's memorization metrics on the forget rows (engine/eval/memorization.py); TOFU's rows
+    # follow its forget answer probability
+    _M("extraction_strength", "Forget extraction strength", REFERENCE, ".4g", (TOFU, TEXT, MUSE),
+       after=((TOFU, "forget_Q_A_Prob"),)),
+    _M("exact_memorization", "Forget exact memorization", REFERENCE, ".4g", (TOFU, TEXT, MUSE),
+       after=((TOFU, "extraction_strength"),)),
     # TOFU (engine/eval/tofu.py), open-unlearning's names
     _M("forget_quality", "Forget quality (KS p vs retain model; higher = closer)", HIGHER, ".4g", (TOFU,),
        headline=(TOFU,), depends=("forget_truth_ratio",)),
@@ -99,6 +106,12 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     _M("wf_Q_A_PERT_Prob", "World facts perturbed answer probability", LOWER, ".4g", (TOFU,), row=False),
     _M("wf_Q_A_Prob_normalised", "World facts answer probability among the options", HIGHER, ".4g", (TOFU,), row=False),
     _M("wf_Truth_Ratio", "World facts truth ratio (true better)", HIGHER, ".4g", (TOFU,), row=False),
+    # MUSE (engine/eval/muse.py), the MUSE authors' names for C1, C2 and C4; C3 is privleak above, and the paper's own
+    _M("forget_verbmem_ROUGE", "Forget verbatim ROUGE-L F1 (C1)", REFERENCE, ".4g", (MUSE,), headline=(MUSE,)),
+    _M("forget_knowmem_ROUGE", "Forget knowledge ROUGE-L F1 (C2)", REFERENCE, ".4g", (MUSE,), headline=(MUSE,)),
+    _M("retain_knowmem_ROUGE", "Retain knowledge ROUGE-L F1 (C4)", HIGHER, ".4g", (MUSE,), headline=(MUSE,)),
+    _M("privleak_muse", "privleak, MUSE's (AUC - AUC_ref) / AUC_ref (%)", REFERENCE, ".4g", (MUSE,),
+       depends=("mia_min_k",), after=((MUSE, "privleak"),)),
 )}
 # fmt: on
 

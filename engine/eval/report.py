@@ -42,6 +42,13 @@ _TEXT_NOTE = (
     "against Retrain. Verbatim ROUGE: the greedy continuation of each forget row's first half against its second."
 )
 
+_MUSE_NOTE = (
+    "MUSE (Shi et al. 2024): C1 verbatim ROUGE-L F1 of 128-token continuations of forget prompts, C2/C4 ROUGE-L F1 "
+    "of answers to forget/retain questions with MUSE's in-context examples, C3 privleak on Min-K% forget vs holdout "
+    "articles against Retrain (privleak_muse: the paper's (AUC - AUC_ref) / AUC_ref). Forgetting reads as C1 and C2 "
+    "near Retrain's, privleak near 0; utility as C4 kept."
+)
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -74,6 +81,11 @@ LAYOUTS = {
         ".4g", "Retain model", None,
         {"forget_nll": "tab:red", "retain_nll": "tab:blue", "holdout_nll": "tab:green"}, "answer NLL",
         ("nll.png", "Answer NLL per epoch"), _TOFU_NOTE,
+    ),
+    "muse": _Layout(
+        ".4g", "Retrain", None,
+        {"forget_nll": "tab:red", "retain_nll": "tab:blue", "holdout_nll": "tab:green"}, "NLL per token",
+        ("nll.png", "NLL per epoch"), _MUSE_NOTE,
     ),
 }  # fmt: skip
 DASH = "–"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.data.text import IGNORE, QAFormatter, collate
+from engine.eval.memorization import from_hits
 from engine.eval.shard import is_shared, map_rows
 from engine.models.causal_lm import token_logits
 
@@ -63,7 +64,13 @@ def score_encoded(model, tok, encoded: Sequence[dict], *, batch_size: int = 16,
     log p under the model's distribution at that position) without the last target, as
     ``tokenwise_logprobs`` drops the EOS prediction; and ``text``, the counted tokens decoded without
     special tokens (zlib's input). With a ``backend`` of several ranks each scores its share of the
-    examples and all get every result (engine/eval/shard.py)."""
+    examples and all get every result (engine/eval/shard.py).
+
+    Every row also has, from the same forward (engine/eval/memorization.py), ``exact_memorization`` (the
+    share of its counted tokens whose argmax prediction is the token) and ``extraction_strength`` (1 - k/T,
+    k the first position from which every argmax prediction is right): floats in [0, 1], or None for a row
+    with no counted token. The counted tokens are those whose ``labels`` are not -100, as for ``avg_nll``;
+    average them over rows with ``memorization.mean_of``."""
     if is_shared(backend):
         kw = {"batch_size": batch_size, "device": device, "token_stats": token_stats, "progress": progress}
         return map_rows(lambda rows: score_encoded(model, tok, [encoded[i] for i in rows], **kw),
@@ -73,7 +80,11 @@ def score_encoded(model, tok, encoded: Sequence[dict], *, batch_size: int = 16,
         for rows in _chunks(len(encoded), batch_size, progress, "scoring"):
             chunk = [encoded[i] for i in rows]
             batch = {k: v.to(device) for k, v in collate(chunk, _pad_id(tok)).items()}
-            logp_all = torch.log_softmax(token_logits(model, batch).float(), dim=-1)  # [N, vocab]
+            logits = token_logits(model, batch).float()  # [N, vocab]
+            # the model's own argmax (on the logits: log_softmax could round two near-equal ones together)
+            hits = logits.argmax(-1) == batch["labels"]
+            logp_all = torch.log_softmax(logits, dim=-1)
+            del logits  # one [N, vocab] tensor at a time
             target = logp_all.gather(1, batch["labels"][:, None]).squeeze(1)
             # collate's targets are row-major, so each example's tokens are one contiguous run
             counts = torch.bincount(batch["sequence"], minlength=len(chunk)).tolist()
@@ -83,8 +94,8 @@ def score_encoded(model, tok, encoded: Sequence[dict], *, batch_size: int = 16,
                 # = E[lp^2] - mu^2 as open-unlearning writes it, in a form that does not cancel in float32
                 var = (probs * (logp_all - mu[:, None]).square()).sum(-1)
                 stats = list(zip(target.split(counts), mu.split(counts), var.split(counts), strict=True))
-            for i, lp in enumerate(target.split(counts)):
-                row = {"avg_nll": float(-lp.mean()), "tokens": len(lp)}
+            for i, (lp, hit) in enumerate(zip(target.split(counts), hits.split(counts), strict=True)):
+                row = {"avg_nll": float(-lp.mean()), "tokens": len(lp), **from_hits(hit)}
                 if token_stats:
                     keep = slice(0, max(len(lp) - 1, 0))
                     row.update(

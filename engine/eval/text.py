@@ -5,9 +5,11 @@ or 0.5 without one).
 
 Keys: ``forget_nll``, ``retain_nll``, ``holdout_nll`` (mean NLL per counted token: every token of a
 document, the answer tokens of a pair), ``forget_verbatim_rouge`` (ROUGE-L recall of the greedy
-continuation of the first half of each forget row's counted tokens against its second half), ``mia_loss``,
-``mia_zlib``, ``mia_min_k``, ``mia_min_k_plus_plus``, ``privleak``; the MIAs and privleak are None without
-a holdout set. ``per_example`` holds the per-row values by id.
+continuation of the first half of each forget row's counted tokens against its second half),
+``extraction_strength`` and ``exact_memorization`` (open-unlearning's, engine/eval/memorization.py: means over
+the forget rows, from the forward that scores them), ``mia_loss``, ``mia_zlib``, ``mia_min_k``,
+``mia_min_k_plus_plus``, ``privleak``; the MIAs and privleak are None without a holdout set. ``per_example``
+holds the per-row values by id.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.data.text import IGNORE
+from engine.eval.memorization import EM, ES, mean_of
 from engine.eval.scoring import generate_from_ids, score_encoded
 from engine.eval.tofu import MIA_ATTACKS, PRIVLEAK_REF_AUC, mia_auc, privleak, rouge_l_recall
 
@@ -82,6 +85,9 @@ def evaluate_text(model, formatter, data, *, batch_size: int = 16, max_new_token
         "forget_nll_by_id": {str(r["id"]): s["avg_nll"] for r, s in zip(rows, forget, strict=True)},
         "forget_verbatim_rouge_by_id": {str(rows[i]["id"]): v for i, v in zip(kept, rouge, strict=True)},
     }
+    for key in (ES, EM):  # the forget rows' own forward gave them (score_encoded)
+        res[key] = mean_of(forget, key)
+        per[f"{key}_by_id"] = {str(r["id"]): s[key] for r, s in zip(rows, forget, strict=True)}
     if holdout:
         per["mia_scores"] = {}
         for name, attack in MIA_ATTACKS.items():

@@ -18,6 +18,8 @@ Where each definition comes from (paths in locuslab/open-unlearning):
 - MIA: ``src/evals/metrics/mia/{loss,zlib,min_k,min_k_plus_plus,utils}.py``, forget vs holdout, k=0.4
   (``configs/eval/tofu_metrics/mia_min_k*.yaml``). Scores are "higher = less likely a member" and
   ``mia_auc`` labels forget 0, holdout 1, so AUC -> 1 when the model knows the forget set better.
+- exact memorization and extraction strength: ``memorization.py::exact_memorization`` and
+  ``::extraction_strength`` on the forget answers (engine/eval/memorization.py), from the forward that scores them.
 - privleak: ``privacy.py::privleak`` on ``mia_min_k``: ((1-auc) - (1-ref)) / (1-ref + 1e-10) * 100 with
   ref = the retain model's ``mia_min_k`` AUC, or ``ref_value`` 0.5 without it.
 """
@@ -33,6 +35,7 @@ import torch
 
 from engine.data.text import QAFormatter
 from engine.data.tofu import TofuData
+from engine.eval.memorization import EM, ES, mean_of
 from engine.eval.registry import METRICS
 from engine.eval.scoring import eval_mode, generate_answers, score_answers
 
@@ -215,6 +218,9 @@ def evaluate_tofu(model, tokenizer, formatter: QAFormatter, data: TofuData, *, b
                 per["forget_truth_ratio_by_id"] = dict(zip(ids, tr.tolist()))
                 per["forget_Q_A_Prob_by_id"] = dict(zip(ids, np.exp(-answer_nll).tolist()))
                 per["forget_Q_A_ROUGE_by_id"] = dict(zip(ids, rouge))
+                for key in (ES, EM):  # the forget answers' own forward gave them (score_encoded)
+                    res[key] = mean_of(scored, key)
+                    per[f"{key}_by_id"] = {i: s[key] for i, s in zip(ids, scored, strict=True)}
                 forget_scored = scored
         res["model_utility"] = hmean([res[k] for k in UTILITY_KEYS])
 

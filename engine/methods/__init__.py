@@ -12,11 +12,15 @@ from engine.methods.finetune import Finetune, FinetuneConfig
 from engine.methods.fisher import Fisher, FisherConfig
 from engine.methods.grad_ascent import GradAscent, GradAscentConfig
 from engine.methods.grad_diff import GradDiff, GradDiffConfig
+from engine.methods.idk import IdkDpo, IdkDpoConfig, IdkNll, IdkNllConfig
 from engine.methods.last_k import CfK, CfKConfig, EuK, EuKConfig
 from engine.methods.neggrad_plus import NegGradPlus, NegGradPlusConfig
 from engine.methods.npo import Npo, NpoConfig
 from engine.methods.retrain import Retrain, RetrainConfig
+from engine.methods.rmu import Rmu, RmuConfig
 from engine.methods.scrub import Scrub, ScrubConfig
+from engine.methods.simnpo import SimNpo, SimNpoConfig
+from engine.methods.undial import Undial, UndialConfig
 
 # name -> (config class, method class); a plain dict, no plugin machinery.
 METHODS = {
@@ -25,6 +29,11 @@ METHODS = {
     "grad_ascent": (GradAscentConfig, GradAscent),
     "grad_diff": (GradDiffConfig, GradDiff),
     "npo": (NpoConfig, Npo),
+    "rmu": (RmuConfig, Rmu),
+    "simnpo": (SimNpoConfig, SimNpo),
+    "undial": (UndialConfig, Undial),
+    "idk_nll": (IdkNllConfig, IdkNll),
+    "idk_dpo": (IdkDpoConfig, IdkDpo),
     # the SCRUB paper's vision baselines (those that need a classifier head: task=image_classification)
     "retrain": (RetrainConfig, Retrain),
     "finetune": (FinetuneConfig, Finetune),
@@ -63,12 +72,22 @@ __all__ = [
     "GradAscentConfig",
     "GradDiff",
     "GradDiffConfig",
+    "IdkDpo",
+    "IdkDpoConfig",
+    "IdkNll",
+    "IdkNllConfig",
     "NegGradPlus",
     "NegGradPlusConfig",
     "Npo",
     "NpoConfig",
     "Retrain",
     "RetrainConfig",
+    "Rmu",
+    "RmuConfig",
     "Scrub",
     "ScrubConfig",
+    "SimNpo",
+    "SimNpoConfig",
+    "Undial",
+    "UndialConfig",
 ]

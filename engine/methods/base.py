@@ -167,6 +167,14 @@ class Method(Protocol):
     ) -> LossTerms: ...
 
     # --- what a step may add
+    def outputs(
+        self, forward: Callable[[torch.nn.Module, dict], torch.Tensor]
+    ) -> Callable[[torch.nn.Module, dict], Any]:
+        """The forward the loop runs on the teacher and on the student in place of the task's ``forward`` (the
+        logits a loss counts); what it returns is what ``loss`` receives as ``student_logits`` / ``teacher_logits``.
+        By default the task's forward itself; RMU wraps it to return a decoder layer's hidden states instead."""
+        return forward
+
     def penalty(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> torch.Tensor | None:
         """An un-normalised term added to every batch's loss (SCRUB's parameter distance); None: nothing."""
         return None
@@ -182,7 +190,13 @@ class Method(Protocol):
 
     # --- before training
     def check_model(self, student: torch.nn.Module) -> None:
-        """Refuse, before any work, a model this method cannot run on (CF-k's k beyond its blocks)."""
+        """Refuse, before any work, a model this method cannot run on (CF-k's k beyond its blocks).
+
+        It sees the plain loaded model on every backend, before a LoRA adapter is applied and before the backend
+        builds the optimizer or the DeepSpeed engine (both take only parameters with ``requires_grad``), so it is
+        also where a method that trains only some weights (RMU) sets ``requires_grad=False`` on the others: a
+        flag, no weight is read, so it holds under ZeRO-3's partitioned loading; a LoRA student then has every
+        base weight frozen by peft, and its adapters decide what trains."""
 
     def prepare(self, student: torch.nn.Module, ctx: MethodContext) -> None:
         """Called once by `unlearn run` after the original is scored and BEFORE the backend builds the optimizer

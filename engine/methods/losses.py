@@ -220,3 +220,53 @@ def parameter_distance(student: Iterable[torch.Tensor], original: Iterable[torch
     code's optional penalty (docs/algorithm.md). Zero when the two parameter lists are equal."""
     terms = [torch.linalg.vector_norm(s - o.detach()) for s, o in zip(student, original, strict=True)]
     return torch.stack(terms).sum()
+
+
+def simnpo_sum(nll: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+    """Sum over sequences of SimNPO's forget loss (Fan et al. 2024), reference-free and length-normalised:
+    -2/beta * log sigmoid(beta * (nll / |y| - delta)) = -2/beta * log sigmoid(-(beta/|y|) log pi(y|x) - beta delta),
+    with ``nll`` = -log pi(y|x) of each whole answer and ``lengths`` = |y| its counted tokens. The form of the
+    authors' code and open-unlearning's ``SimNPO`` (src/trainer/unlearn/simnpo.py): the margin ``delta`` is
+    inside the beta factor, so the paper's gamma is beta * delta."""
+    per_token = nll / lengths.to(nll.dtype).clamp(min=1)
+    return (-2.0 / beta * F.logsigmoid(beta * (per_token - delta))).sum()
+
+
+def undial_sum(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Sum over rows (answer tokens) of UNDIAL's self-distillation loss (Dong et al. 2024; open-unlearning's
+    ``compute_undial_loss``): the cross-entropy of the student against the teacher's distribution with the label
+    token's logit lowered by ``beta``, -sum_v softmax(t - beta * onehot(y))_v * log softmax(s)_v. The target
+    is fixed (no gradient reaches the teacher)."""
+    adjusted = _upcast(teacher_logits.detach()).clone()
+    rows = torch.arange(len(labels), device=labels.device)
+    adjusted[rows, labels] -= beta
+    return F.cross_entropy(_upcast(student_logits), F.softmax(adjusted, dim=-1), reduction="sum")
+
+
+def dpo_sum(
+    win_nll: torch.Tensor,
+    win_ref_nll: torch.Tensor,
+    lose_nll: torch.Tensor,
+    lose_ref_nll: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Sum over preference pairs of DPO's loss (Rafailov et al. 2023) as open-unlearning scales it
+    (``compute_dpo_loss``: times 2/beta, as NPO): -2/beta * log sigmoid(beta * (log pi(y_w)/pi_ref(y_w) -
+    log pi(y_l)/pi_ref(y_l))), each log pi = -nll of a whole answer; 2/beta * log 2 per pair where the student
+    is the reference."""
+    win_ratio = win_ref_nll - win_nll  # log pi_theta(y_w|x) - log pi_ref(y_w|x)
+    lose_ratio = lose_ref_nll - lose_nll
+    return (-2.0 / beta * F.logsigmoid(beta * (win_ratio - lose_ratio))).sum()
+
+
+def activation_mse_sum(states: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over sequences of each sequence's mean, over its ``mask``ed positions, of ||states - target||^2 / H
+    (RMU; open-unlearning's ``compute_activation_loss`` before its mean over the batch: the squared error's mean
+    over the hidden size, summed over a sequence's masked tokens, over their count). ``states`` [B, S, H],
+    ``target`` broadcastable to it (the control vector c*u [H], or the frozen model's states), ``mask`` [B, S]
+    bool; a sequence with no masked position adds 0."""
+    per_token = (_upcast(states) - _upcast(target)).pow(2).mean(-1)  # [B, S]
+    m = mask.to(per_token.dtype)
+    return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum()

@@ -4,13 +4,15 @@ Rows are raw documents (``data.text_column``: the loss counts every token; a lon
 windows) or prompt/answer pairs (``data.prompt_column`` / ``data.answer_column``: the loss counts answer
 tokens only, the prompt through the chat template when the tokenizer has one), from any file or hub id
 (engine/data/text.py); the forward returns the logits of the counted tokens (engine/models/causal_lm.py).
-Two evaluation suites:
+Three evaluation suites:
 
 - ``text`` (engine/eval/text.py): per-token NLL of forget, retain and holdout rows, verbatim ROUGE of the
   forget rows, the MIAs forget vs holdout and privleak against the reference (Retrain);
 - ``tofu``, the preset (``data.preset=tofu``, the ``tofu`` section): 200 fictitious authors,
   forget01/05/10, open-unlearning's metrics (forget quality against the retain model, model utility, ROUGE,
   truth ratio, the MIAs and privleak; engine/eval/tofu.py).
+- ``muse``, the preset (``data.preset=muse``, the ``muse`` section): MUSE-News or MUSE-Books articles as documents,
+  the MUSE authors' C1-C4 (verbatim and knowledge ROUGE, privleak; engine/data/muse.py, engine/eval/muse.py).
 
 An evaluation of a model is cached in its folder (``tofu_eval.json`` / ``text_eval.json``, keyed by the
 evaluation settings and the reference it was scored against), so the reference and the original are scored
@@ -28,14 +30,19 @@ import torch
 
 from engine.artifacts.export import run_card, save_checkpoint
 from engine.config import train_targets
+from engine.data.muse import CORPORA as MUSE_CORPORA
+from engine.data.muse import prepare_muse
+from engine.data.paired import IdkAnswers
 from engine.data.store import TokenStore, write_rows
 from engine.data.text import DocumentFormatter, QAFormatter, TextStream, prepare_text
-from engine.data.tofu import prepare_tofu
+from engine.data.tofu import load_idk_answers, prepare_tofu, read_answer_lines
 from engine.errors import ConfigError, ModelError, first_line
 from engine.eval import registry
+from engine.eval.muse import evaluate_muse
 from engine.eval.text import evaluate_text
 from engine.eval.tofu import evaluate_tofu
 from engine.io import write_text_atomic
+from engine.methods import METHODS
 from engine.models.causal_lm import (
     check_attn_implementation,
     check_vocab,
@@ -94,7 +101,7 @@ class CausalLM(Task):
         if model_path is None:  # refused before any work by the config's rules (engine/config/rules.py)
             raise ConfigError("task=causal_lm needs model.path: the causal LM (a folder or a hub id)")
         self.cfg = cfg
-        self.suite = "tofu" if cfg.data.preset == "tofu" else "text"
+        self.suite = "tofu" if cfg.data.preset == "tofu" else "muse" if cfg.data.preset == "muse" else "text"
         self.headline = registry.headline(self.suite)
         # `unlearn train`'s models, the reference first (the original's forget quality and privleak are measured
         # against it), with the same recipe and seed: TOFU's retain model, or Retrain
@@ -110,6 +117,10 @@ class CausalLM(Task):
             self.formatter = QAFormatter(self.tokenizer, cfg.tofu.max_length, cfg.tofu.chat_template)
             self.data = prepare_tofu(cfg.tofu, cfg.forget)
             self.trained_on = {"original": "TOFU full (forget + retain)", "retain": "TOFU retain only"}
+        elif self.suite == "muse":  # MUSE's articles as raw documents (engine/data/muse.py)
+            self.formatter = DocumentFormatter(self.tokenizer, cfg.muse.max_length)
+            self.data = prepare_muse(cfg.muse, self.formatter, cfg.forget)
+            self.trained_on = {"original": "the forget and retain articles", "retrain": "the retain articles"}
         else:
             if d.text_column:
                 self.formatter = DocumentFormatter(self.tokenizer, d.max_length)
@@ -143,14 +154,27 @@ class CausalLM(Task):
         and reads only its rows from, so no process holds the whole tokenized retain set; without it, encoded
         in memory (``TextStream``)."""
         if folder is None:
-            return {"forget": self._text("forget"), "retain": self._text("retain")}
+            return self._with_idk({"forget": self._text("forget"), "retain": self._text("retain")})
         rows = {"forget": self.data.forget, "retain": self.data.retain}
         if backend is None or backend.is_main:
             for name, part in rows.items():
                 write_rows(Path(folder) / name, part, self.formatter.encode_row)
         if backend is not None:
             backend.barrier()  # nobody opens a store before it is complete
-        return {name: TokenStore(Path(folder) / name, self.tokenizer.pad_token_id) for name in rows}
+        stores = {name: TokenStore(Path(folder) / name, self.tokenizer.pad_token_id) for name in rows}
+        return self._with_idk(stores)
+
+    def _with_idk(self, streams: dict) -> dict:
+        """For a method that needs "idk" (IdkNLL, IdkDPO): each forget row's "I don't know" answer, on the forget
+        stream, where the paired stream finds it (engine/data/paired.py): from method.idk_file, else TOFU's
+        idontknow.jsonl beside its splits (other data without method.idk_file: refused by the method's rules)."""
+        method = METHODS[self.cfg.method.name][1]
+        if "idk" in method.needs:
+            file = getattr(self.cfg.method, "idk_file", None)
+            answers = read_answer_lines(file) if file else load_idk_answers(self.cfg.tofu.dataset)
+            streams["forget"].idk = IdkAnswers(self.data.forget, answers, self.formatter, self.cfg.seed,
+                                               with_forget=method.idk_with_forget)  # fmt: skip
+        return streams
 
     def train_stream(self, target: str) -> TextStream:
         if target == "original":
@@ -189,6 +213,8 @@ class CausalLM(Task):
         check_vocab(model, self.tokenizer, self.cfg.model.path)
 
     def eval_settings(self) -> dict:
+        if self.suite == "muse":
+            return {"forget": self.forget_summary(), **self.cfg.muse.model_dump(mode="json")}
         if self.suite == "text":
             d, e = self.cfg.data, self.cfg.eval
             return {"forget": self.forget_summary(), "max_length": d.max_length, "max_rows": e.max_rows,
@@ -215,6 +241,8 @@ class CausalLM(Task):
         if cache is not None and cache.is_file():
             stored = json.loads(cache.read_text())
             hit = stored["metrics"] if stored.get("settings") == settings else None
+            if hit is not None and not registry.produced(self.suite) <= hit.keys():
+                hit = None  # written before the suite had a metric it now computes: evaluate again
         if backend is not None:
             hit = backend.broadcast_object(hit)  # the main rank decides: all ranks evaluate, or none
         if hit is not None:
@@ -227,6 +255,13 @@ class CausalLM(Task):
             metrics = evaluate_tofu(model.to(device), self.tokenizer, self.formatter, self.data,
                                     batch_size=e.batch_size, max_new_tokens=self.cfg.tofu.max_new_tokens, device=device,
                                     reference=reference, progress=progress, backend=backend)  # fmt: skip
+        elif self.suite == "muse":
+            u = self.cfg.muse
+            metrics = evaluate_muse(model.to(device), self.tokenizer, self.data, batch_size=e.batch_size,
+                                    verbmem_max_new_tokens=u.verbmem_max_new_tokens,
+                                    knowmem_max_new_tokens=u.knowmem_max_new_tokens,
+                                    max_prompt_tokens=u.max_prompt_tokens, device=device, reference=reference,
+                                    progress=progress, backend=backend)  # fmt: skip
         else:
             metrics = evaluate_text(model.to(device), self.formatter, self.data, batch_size=e.batch_size,
                                     max_new_tokens=e.max_new_tokens, max_rows=e.max_rows, device=device,
@@ -285,12 +320,16 @@ class CausalLM(Task):
         heading = (
             "TOFU metrics (open-unlearning's definitions)"
             if self.suite == "tofu"
+            else "MUSE metrics (the MUSE authors' definitions)"
+            if self.suite == "muse"
             else "Metrics (NLL per token)"
         )
         d = self.cfg.data
         sources = (
             [self.cfg.tofu.dataset]
             if self.suite == "tofu"
+            else [self.cfg.muse.path or MUSE_CORPORA[self.cfg.muse.corpus]]
+            if self.suite == "muse"
             else [d.dataset, self.cfg.forget.dataset if self.cfg.forget.kind == "dataset" else None]
         )
         card = run_card(self.cfg, path, self.model_path, title, summary if forget else None, settings, headline,

@@ -9,6 +9,10 @@
 | `unlearn eval`, both tasks | reference | ZeRO-3, here | image_classification ZeRO-3, here |
 | causal_lm (TOFU): SCRUB | reference | ZeRO-3, test_deepspeed.py (and ZeRO 0-2) | ZeRO-3, test_ray.py |
 | causal_lm (TOFU): GradDiff / NPO | reference | GradDiff ZeRO-3, here | NPO ZeRO-2, here |
+| causal_lm (TOFU): SimNPO | reference | ZeRO-3, here | |
+| causal_lm (TOFU): IdkNLL, IdkDPO | reference | ZeRO-3, here | refused in one line (workers get token stores) |
+| causal_lm (TOFU): UNDIAL | reference | ZeRO-3, here | ZeRO-3, here |
+| causal_lm (TOFU): RMU | reference | ZeRO-3, test_rmu_run.py | ZeRO-2, here |
 
 Image classification runs `configs/demo.yaml` on a tiny real CIFAR-10 (3 classes) with a tiny
 ViTForImageClassification built from a config: no BatchNorm and no dropout, so 2 processes equal one up to
@@ -151,13 +155,19 @@ def test_image_classification_on_two_ray_train_workers(single, tiny_cifar, tiny_
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("method, backend, stage", [("grad_diff", "deepspeed", 3), ("npo", "ray", 2)])
+@pytest.mark.parametrize(
+    "method, backend, stage",
+    [("grad_diff", "deepspeed", 3), ("npo", "ray", 2), ("simnpo", "deepspeed", 3), ("undial", "deepspeed", 3),
+     ("idk_nll", "deepspeed", 3), ("idk_dpo", "deepspeed", 3), ("undial", "ray", 3), ("rmu", "ray", 2)],
+)  # fmt: skip
 def test_causal_lm_baselines_on_two_processes(
     method, backend, stage, tiny_lm, tofu_reference, tmp_path, ray_head
 ):
     # forget batches of 3 (each paired with 3 retain rows): 20 forget rows on 2 ranks, the last batch 2 rows;
     # method= first: a method.* override before the switch would be dropped
     run = {"method": method, "method.forget_batch_size": None, "method.batch_size": "3", "method.epochs": "2"}
+    if method == "rmu":  # the tiny LM has 2 decoder layers; RMU's default (layer 7) is refused on it
+        run["method.layer"] = "1"
     out = tmp_path / backend
     args = tofu_overrides(
         tiny_lm,

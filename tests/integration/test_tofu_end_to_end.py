@@ -69,11 +69,18 @@ def test_tofu_train_run_eval(tiny_lm, trained, tmp_path):
     assert main(["verify", str(tmp_path / "npo"), str(tmp_path / "npo" / "model")]) == 0
     assert cached == {t: (models / t / "tofu_eval.json").stat().st_mtime_ns for t in ("original", "retain")}
 
+    # a cached evaluation written before the suite computed a metric it computes now is not a hit: the reference
+    # is evaluated again (and the cache rewritten) rather than reported without that metric
+    cache = models / "retain" / "tofu_eval.json"
+    record = json.loads(cache.read_text())
+    del record["metrics"]["extraction_strength"]
+    cache.write_text(json.dumps(record))
     out = tmp_path / "eval"
     args = tofu_overrides(tiny_lm, tmp_path, output_dir=out)
     args += [f"model.path={tmp_path / 'scrub' / 'model'}", f"eval.reference={models / 'retain'}"]
     assert main(["eval", "configs/tofu.yaml", *args]) == 0
     assert json.loads((out / "report.json").read_text())["metrics"]["forget_quality"] is not None
+    assert "extraction_strength" in json.loads(cache.read_text())["metrics"]
 
 
 def test_calibrated_scrub_steers_the_forget_nll_to_the_holdout_nll(tiny_lm, trained, tmp_path):

@@ -150,8 +150,8 @@ def test_every_shipped_config_validates(path):
     "overrides, named",
     [(["task=causal_lm", "data.preset=tofu", "method=eu_k"],
       re.escape("method=eu_k needs a classifier head (class logits it edits or reads per class), which task=causal_lm "
-                "does not provide; with task=causal_lm use one of scrub, grad_ascent, grad_diff, npo, finetune, "
-                "neggrad_plus")),
+                "does not provide; with task=causal_lm use one of scrub, grad_ascent, grad_diff, npo, rmu, simnpo, "
+                "undial, idk_nll, idk_dpo, finetune, neggrad_plus")),
      (["task=causal_lm", "data.text_column=text", "method=bad_teacher"], "method=bad_teacher needs a classifier head"),
      (["task=tofu", "method=finetune", "method.augment=true"], "method.augment .* is for images"),
      (["task=causal_lm", "data.text_column=text", "data.prompt_column=q", "data.answer_column=a"],

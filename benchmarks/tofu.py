@@ -32,9 +32,23 @@ import torch
 from benchmarks import kit
 from benchmarks.kit import fmt
 
-METHODS = ("original", "retain", "scrub", "scrub+r", "scrub_calibrated", "grad_diff", "npo", "scrub_faithful")
+METHODS = (
+    "original",
+    "retain",
+    "scrub",
+    "scrub+r",
+    "scrub_calibrated",
+    "grad_diff",
+    "npo",
+    "simnpo",
+    "rmu",
+    "undial",
+    "idk_dpo",
+    "scrub_faithful",
+)
 LABELS = {"original": "Original", "retain": "Retain (reference)", "scrub": "SCRUB", "scrub+r": "SCRUB+R",
-          "grad_diff": "GradDiff", "npo": "NPO", "scrub_faithful": "SCRUB, faithful (no remedy)",
+          "grad_diff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU", "undial": "UNDIAL",
+          "idk_dpo": "IdkDPO", "scrub_faithful": "SCRUB, faithful (no remedy)",
           "scrub_calibrated": "SCRUB, calibrated schedule"}  # fmt: skip
 
 # a row's key -> the report's metric (open-unlearning's names); mia_auc: the Min-K% attack's AUC
@@ -92,7 +106,13 @@ def student_examples(method: str, epochs: int, msteps: int, n_forget: int, n_ret
         return spent + epochs * n_retain  # (a pass's last batch may be short: an upper bound then)
     if method == "scrub":
         return msteps * n_forget + epochs * n_retain
-    return epochs * 2 * n_forget  # GradDiff/NPO: each forget example with one retain example
+    if method == "undial" and report and not report["method"].get("alpha"):
+        return epochs * n_forget  # UNDIAL without its retain term reads the forget stream alone
+    if method == "idk_dpo":
+        return epochs * 3 * n_forget  # each forget example, its idk answer and one retain example
+    return (
+        epochs * 2 * n_forget
+    )  # GradDiff/NPO/SimNPO/RMU/UNDIAL: each forget example with one retain example
 
 
 def start_at_teacher(cfg, model_path: str) -> dict:
@@ -151,6 +171,8 @@ def run_overrides(method: str, args, out: Path, baseline_epochs: int, batch: int
     else:  # GradDiff, NPO: many short epochs at equal compute: measure only the last one
         extra += [f"method={method}", f"method.epochs={baseline_epochs}", f"method.batch_size={batch}",
                   "eval.every_epoch=false"]  # fmt: skip
+    if args.quick and method == "rmu":
+        extra += ["method.layer=1"]  # the tiny Llama has 2 decoder layers
     return extra + (["method.lr=0.0005"] if args.quick else [])  # quick: a tiny model needs a larger step
 
 
@@ -197,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = student_examples("scrub", m.epochs, m.msteps, n_forget, n_retain)
     baseline_epochs = max(1, round(budget / (2 * n_forget)))
     runs = {}
-    for method in ("scrub", "grad_diff", "npo", "scrub_faithful", "scrub_calibrated"):
+    for method in [m for m in METHODS if m not in ("original", "retain", "scrub+r")]:
         extra = run_overrides(method, args, out, baseline_epochs, m.forget_batch_size)
         cfg = load_config(kit.TOFU_CONFIG, common + run_cfg + extra)
         if (out / "runs" / method / "report.json").is_file():

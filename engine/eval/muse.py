@@ -32,7 +32,7 @@ from engine.data.muse import MuseData
 from engine.data.text import IGNORE
 from engine.eval.memorization import mean_of
 from engine.eval.scoring import generate_from_ids, score_encoded
-from engine.eval.tofu import MIA_ATTACKS, PRIVLEAK_REF_AUC, mia_auc, privleak
+from engine.eval.tofu import membership
 
 if TYPE_CHECKING:
     from engine.backends.base import Backend
@@ -121,15 +121,12 @@ def evaluate_muse(model, tokenizer, data: MuseData, *, batch_size: int = 16,
 
     forget = score_encoded(model, tok, documents(data.privleak_forget), token_stats=True, **kw)
     holdout = score_encoded(model, tok, documents(data.privleak_holdout), token_stats=True, **kw)
-    per["mia_scores"] = {}
-    for name, attack in MIA_ATTACKS.items():
-        f_scores, h_scores = [attack(s) for s in forget], [attack(s) for s in holdout]
-        res[name] = mia_auc(f_scores, h_scores)
-        per["mia_scores"][name] = {"forget": f_scores, "holdout": h_scores}
-    ref_auc = reference.get("mia_min_k") if reference else None
-    res["privleak"] = privleak(res["mia_min_k"], PRIVLEAK_REF_AUC if ref_auc is None else float(ref_auc))
+    attacks, attack_per, ref_auc = membership(forget, holdout, reference)
+    res.update(attacks)
     res["privleak_muse"] = None if ref_auc is None else privleak_muse(res["mia_min_k"], float(ref_auc))
-    per["privleak_reference_auc"] = ref_auc
+    per.update(
+        attack_per, privleak_reference_auc=ref_auc
+    )  # None without a reference, as MUSE's has no default
 
     # extraction strength of each ground-truth continuation after its prompt (engine/eval/scoring.py's, if any)
     encoded = []

@@ -23,7 +23,7 @@ import torch
 from engine.data.text import IGNORE
 from engine.eval.memorization import EM, ES, mean_of
 from engine.eval.scoring import generate_from_ids, score_encoded
-from engine.eval.tofu import MIA_ATTACKS, PRIVLEAK_REF_AUC, mia_auc, privleak, rouge_l_recall
+from engine.eval.tofu import MIA_ATTACKS, membership, rouge_l_recall
 
 if TYPE_CHECKING:
     from engine.backends.base import Backend
@@ -89,15 +89,9 @@ def evaluate_text(model, formatter, data, *, batch_size: int = 16, max_new_token
         res[key] = mean_of(forget, key)
         per[f"{key}_by_id"] = {str(r["id"]): s[key] for r, s in zip(rows, forget, strict=True)}
     if holdout:
-        per["mia_scores"] = {}
-        for name, attack in MIA_ATTACKS.items():
-            f_scores, h_scores = [attack(s) for s in forget], [attack(s) for s in holdout]
-            res[name] = mia_auc(f_scores, h_scores)
-            per["mia_scores"][name] = {"forget": f_scores, "holdout": h_scores}
-        ref_auc = reference.get("mia_min_k") if reference else None
-        ref_auc = PRIVLEAK_REF_AUC if ref_auc is None else float(ref_auc)
-        res["privleak"] = privleak(res["mia_min_k"], ref_auc)
-        per["privleak_reference_auc"] = ref_auc
+        attacks, attack_per, _ = membership(forget, holdout, reference)
+        res.update(attacks)
+        per.update(attack_per)
     else:  # no non-members: no membership attack
         res.update({name: None for name in MIA_ATTACKS}, privleak=None)
     res["per_example"] = per

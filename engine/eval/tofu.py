@@ -111,6 +111,21 @@ def privleak(auc: float, ref_auc: float = PRIVLEAK_REF_AUC) -> float:
     return float((score - ref) / (ref + EPS) * 100)
 
 
+def membership(forget_scored: Sequence[dict], holdout_scored: Sequence[dict], reference: dict | None):
+    """The membership attacks every language-model suite shares: each attack's AUC of the forget rows (members)
+    against the holdout rows (never trained on), and privleak on Min-K% against the reference model's AUC (0.5
+    without one). Returns (metrics, per-example entries, the reference's own AUC or None)."""
+    res, scores = {}, {}
+    for name, attack in MIA_ATTACKS.items():
+        f_scores, h_scores = [attack(s) for s in forget_scored], [attack(s) for s in holdout_scored]
+        res[name] = mia_auc(f_scores, h_scores)
+        scores[name] = {"forget": f_scores, "holdout": h_scores}
+    given = reference.get("mia_min_k") if reference else None
+    ref_auc = PRIVLEAK_REF_AUC if given is None else float(given)
+    res["privleak"] = privleak(res["mia_min_k"], ref_auc)
+    return res, {"mia_scores": scores, "privleak_reference_auc": ref_auc}, given
+
+
 def min_k_score(logp: Sequence[float], k: float = MIA_K) -> float:
     """Min-K%: minus the mean of the lowest k fraction of token log-probs (at least one token)."""
     lp = np.sort(np.asarray(logp, dtype=np.float64))
@@ -226,16 +241,9 @@ def evaluate_tofu(model, tokenizer, formatter: QAFormatter, data: TofuData, *, b
 
         # Membership inference: forget answers (members) against holdout authors (never trained on).
         holdout_scored = nll(data.holdout, "answer", token_stats=True)
-    per["mia_scores"] = {}
-    for name, attack in MIA_ATTACKS.items():
-        f_scores, h_scores = [attack(s) for s in forget_scored], [attack(s) for s in holdout_scored]
-        res[name] = mia_auc(f_scores, h_scores)
-        per["mia_scores"][name] = {"forget": f_scores, "holdout": h_scores}
-    per["mia_auc"] = {name: res[name] for name in MIA_ATTACKS}
-
-    ref_auc = float(reference["mia_min_k"]) if reference else PRIVLEAK_REF_AUC
-    res["privleak"] = privleak(res["mia_min_k"], ref_auc)
-    per["privleak_reference_auc"] = ref_auc
+    attacks, attack_per, _ = membership(forget_scored, holdout_scored, reference)
+    res.update(attacks)
+    per.update(attack_per, mia_auc={name: res[name] for name in MIA_ATTACKS})
     if reference:
         ref_tr = list(reference["per_example"]["forget_truth_ratio_by_id"].values())
         res["forget_quality"] = ks_pvalue(list(per["forget_truth_ratio_by_id"].values()), ref_tr)

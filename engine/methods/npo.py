@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from engine.methods.base import LossTerms, Method, Phase
@@ -34,15 +35,24 @@ class Npo(Method):
     def part_counts(self, phase, batch: dict) -> tuple[int, int]:
         return int(batch["is_forget"].sum()), int((~batch["forget_token"]).sum())
 
+    label = "NPO"  # in its error messages
+
+    def forget_sum(self, nll: torch.Tensor, teacher_logits, labels, seq, n: int, is_f) -> torch.Tensor:
+        """The forget term's sum over the forget sequences, from their summed answer NLLs ``nll`` (SimNPO, a
+        subclass, replaces only this)."""
+        ref_nll = sequence_nll(teacher_logits.detach(), labels, seq, n)[is_f]
+        return npo_sum(nll, ref_nll, self.config.beta)
+
     def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
         c = self.config
         if batch is None or "is_forget" not in batch:
-            raise ValueError("NPO needs batches from a PairedStream (forget rows paired with retain rows)")
+            raise ValueError(
+                f"{self.label} needs batches from a PairedStream (forget rows paired with retain rows)"
+            )
         n = int(batch["is_forget"].shape[0])
         seq, is_f = batch["sequence"], batch["is_forget"]
         nll = sequence_nll(student_logits, labels, seq, n)[is_f]
-        ref_nll = sequence_nll(teacher_logits.detach(), labels, seq, n)[is_f]
-        forget = c.gamma * npo_sum(nll, ref_nll, c.beta)
+        forget = c.gamma * self.forget_sum(nll, teacher_logits, labels, seq, n, is_f)
         r = ~batch["forget_token"]
         retain = c.alpha * cross_entropy_sum(student_logits[r], labels[r])
         return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))

@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from engine.methods.base import LossTerms, Method, Phase
 from engine.methods.grad_diff import GradDiffConfig
-from engine.methods.losses import cross_entropy_sum, sequence_nll, simnpo_sum
+from engine.methods.losses import simnpo_sum
+from engine.methods.npo import Npo
 
 
 class SimNpoConfig(GradDiffConfig):
@@ -31,30 +31,13 @@ class SimNpoConfig(GradDiffConfig):
     alpha: float = Field(1.0, ge=0, description="Weight of the retain NLL term.")
 
 
-class SimNpo(Method):
+class SimNpo(Npo):
+    """NPO's paired batches, parts and retain term; only the forget term differs (and needs no teacher)."""
+
     needs_teacher = False  # reference-free
     needs = ("paired",)
+    label = "SimNPO"
 
-    def __init__(self, config: SimNpoConfig):
-        self.config = config
-
-    def phases(self, epoch: int) -> list[Phase]:
-        return [Phase("paired", "paired", self.config.batch_size)]
-
-    parts = ("forget", "retain")  # a mean over the forget sequences, a token mean over the retain answers
-
-    def part_counts(self, phase, batch: dict) -> tuple[int, int]:
-        return int(batch["is_forget"].sum()), int((~batch["forget_token"]).sum())
-
-    def loss(self, phase, student_logits, teacher_logits, labels, batch=None) -> LossTerms:
-        c = self.config
-        if batch is None or "is_forget" not in batch:
-            raise ValueError("SimNPO needs batches from a PairedStream (forget rows paired with retain rows)")
-        n = int(batch["is_forget"].shape[0])
-        seq, is_f = batch["sequence"], batch["is_forget"]
-        nll = sequence_nll(student_logits, labels, seq, n)[is_f]
+    def forget_sum(self, nll: torch.Tensor, teacher_logits, labels, seq, n: int, is_f) -> torch.Tensor:
         lengths = torch.bincount(seq, minlength=n)[is_f]  # |y|: each forget answer's counted tokens
-        forget = c.gamma * simnpo_sum(nll, lengths, c.beta, c.delta)
-        r = ~batch["forget_token"]
-        retain = c.alpha * cross_entropy_sum(student_logits[r], labels[r])
-        return LossTerms(total=forget + retain, count=int(labels.shape[0]), parts=(forget, retain))
+        return simnpo_sum(nll, lengths, self.config.beta, self.config.delta)
